@@ -1,0 +1,27 @@
+"""Start-up of the GUI process: one QApplication, one JobManager, one MainWindow."""
+from __future__ import annotations
+
+import sys
+
+from PySide6.QtWidgets import QApplication
+
+from app.jobs import JobManager
+from app.process_jobs import sweep_stale_scratch
+from widgets.main_window import MainWindow
+
+
+def create_main_window(app: QApplication | None = None) -> MainWindow:
+    app = app or QApplication.instance() or QApplication(sys.argv)
+    app.setApplicationName("MedCompress")
+    sweep_stale_scratch()   # scratch folders a crashed session left behind
+    jobs = JobManager(parent=app)
+    return MainWindow(jobs)
+
+
+def launch(path: str | None = None, demo: bool = False) -> int:
+    app = QApplication.instance() or QApplication(sys.argv)
+    window = create_main_window(app)
+    window.show()
+    if path:
+        window.open_path(path)
+    return app.exec()

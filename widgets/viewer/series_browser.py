@@ -1,0 +1,148 @@
+"""The series browser: Patient → Study → Series, with thumbnails and the files that could not be read.
+
+Thumbnails are read in a background job (never on the UI thread) and arrive one by one.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PySide6.QtCore import QSize, Qt, Signal
+from PySide6.QtGui import QIcon, QImage, QPixmap
+from PySide6.QtWidgets import QLabel, QSplitter, QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget
+
+from app.core.progress import Progress
+
+THUMB_SIZE = 64
+ENTRY_ROLE = Qt.ItemDataRole.UserRole
+COLUMNS = ["Series", "Modality", "Date", "Images"]
+
+
+def series_thumbnails(series_list, size: int = THUMB_SIZE):
+    """Job: one thumbnail per series, yielded as Progress(data=(key, uint8 image)) as it is read."""
+    from app.core.dicom_load import series_thumbnail
+
+    for n, series in enumerate(series_list):
+        try:
+            thumb = series_thumbnail(series, size)
+        except Exception:  # noqa: BLE001 - a thumbnail that cannot be read is left blank
+            thumb = None
+        yield Progress((n + 1) / max(len(series_list), 1), f"thumbnail {n + 1}/{len(series_list)}",
+                       (series.key, thumb))
+    return len(series_list)
+
+
+def thumbnail_icon(thumb: np.ndarray) -> QIcon:
+    grey = np.ascontiguousarray(thumb, dtype=np.uint8)
+    if grey.ndim == 3:
+        grey = np.ascontiguousarray(grey[..., 0])
+    h, w = grey.shape
+    image = QImage(grey.data, w, h, w, QImage.Format.Format_Grayscale8).copy()
+    return QIcon(QPixmap.fromImage(image))
+
+
+def _date(text: str) -> str:
+    """DICOM dates (YYYYMMDD) as YYYY-MM-DD; anything else as it is."""
+    text = str(text or "")
+    return f"{text[:4]}-{text[4:6]}-{text[6:8]}" if len(text) == 8 and text.isdigit() else text
+
+
+class SeriesBrowser(QWidget):
+    """Tree of the index; double-click (or Enter) on a series emits ``series_activated(SeriesEntry)``."""
+
+    series_activated = Signal(object)
+
+    def __init__(self, job_manager=None, parent=None):
+        super().__init__(parent)
+        self.job_manager = job_manager
+        self.index = None
+        self._items: dict[str, QTreeWidgetItem] = {}
+        self._thumb_job = None
+        self.tree = QTreeWidget()
+        self.tree.setHeaderLabels(COLUMNS)
+        self.tree.setIconSize(QSize(THUMB_SIZE, THUMB_SIZE))
+        self.tree.setUniformRowHeights(False)
+        self.tree.itemActivated.connect(self._on_activated)
+        self.problems_title = QLabel("Files that could not be read")
+        self.problems = QTreeWidget()
+        self.problems.setHeaderLabels(["File", "Reason"])
+        self.problems.setRootIsDecorated(False)
+        bottom = QWidget()
+        bottom_layout = QVBoxLayout(bottom)
+        bottom_layout.setContentsMargins(0, 0, 0, 0)
+        bottom_layout.addWidget(self.problems_title)
+        bottom_layout.addWidget(self.problems)
+        splitter = QSplitter(Qt.Orientation.Vertical)
+        splitter.addWidget(self.tree)
+        splitter.addWidget(bottom)
+        splitter.setSizes([500, 120])
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(splitter)
+        if job_manager is not None:
+            job_manager.progress.connect(self._on_thumbnail)
+
+    # --- filling --------------------------------------------------------------------------
+    def set_index(self, index) -> None:
+        """Show a DicomIndex: its patients, studies and series, and its problems."""
+        self.index = index
+        self.tree.clear()
+        self._items.clear()
+        for patient in index.patients:
+            self._add_patient(patient)
+        self.tree.expandAll()
+        for column in range(1, len(COLUMNS)):
+            self.tree.resizeColumnToContents(column)
+        self.tree.setColumnWidth(0, max(self.tree.columnWidth(0), 260))
+        self._show_problems(index.problems)
+        self._start_thumbnails([s for s in index.all_series() if s.kind == "image"])
+
+    def _add_patient(self, patient) -> None:
+        name = str(patient.patient_name or "").replace("^", " ").strip() or "(no name)"
+        item = QTreeWidgetItem([f"{name}  [{patient.patient_id}]"])
+        self.tree.addTopLevelItem(item)
+        for study in patient.studies:
+            study_item = QTreeWidgetItem([study.description or "(study)", "", _date(study.date), ""])
+            item.addChild(study_item)
+            for series in study.series:
+                study_item.addChild(self._series_item(series))
+
+    def _series_item(self, series) -> QTreeWidgetItem:
+        number = "" if series.number in (None, "") else f"{series.number}: "
+        kind = "" if series.kind == "image" else f"  [{series.kind}]"
+        item = QTreeWidgetItem([f"{number}{series.description or '(no description)'}{kind}",
+                                series.modality, _date(series.date), str(series.n_images)])
+        item.setData(0, ENTRY_ROLE, series)
+        item.setToolTip(0, f"{series.rows}×{series.columns}, {series.n_images} images\n{series.series_uid}")
+        item.setTextAlignment(3, Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        self._items[series.key] = item
+        return item
+
+    def _show_problems(self, problems) -> None:
+        self.problems.clear()
+        for problem in problems:
+            self.problems.addTopLevelItem(QTreeWidgetItem([str(problem.path), str(problem.reason)]))
+        self.problems_title.setText(f"Files that could not be read ({len(problems)})")
+        self.problems.resizeColumnToContents(0)
+
+    # --- thumbnails, from a background job -------------------------------------------------------
+    def _start_thumbnails(self, series_list) -> None:
+        if self.job_manager is None or not series_list:
+            return
+        self._thumb_job = self.job_manager.submit("Series thumbnails", series_thumbnails, series_list,
+                                                  owner="series-browser-thumbnails")
+
+    def _on_thumbnail(self, job_id: int, fraction, message: str, data) -> None:
+        if self._thumb_job is None or job_id != self._thumb_job.job_id or not data:
+            return
+        key, thumb = data
+        item = self._items.get(key)
+        if item is not None and thumb is not None:
+            item.setIcon(0, thumbnail_icon(thumb))
+
+    # --- choosing ------------------------------------------------------------------------------
+    def series_item(self, key: str) -> QTreeWidgetItem | None:
+        return self._items.get(key)
+
+    def _on_activated(self, item: QTreeWidgetItem, column: int) -> None:
+        series = item.data(0, ENTRY_ROLE)
+        if series is not None:
+            self.series_activated.emit(series)

@@ -32,7 +32,8 @@ def endless(marker: str | None = None):
     while True:
         i += 1
         if marker:
-            Path(marker).write_text(str(i))
+            with open(marker, "a") as f:   # append: a reader never sees a half-written file
+                f.write(f"{i}\n")
         time.sleep(0.02)
         yield Progress(None, f"tick {i}")
 

@@ -1,0 +1,736 @@
+"""Inference runners: a scan in, findings out, as a generator that reports every batch.
+
+The card drives everything: orientation, resampling, HU window and normalisation, 2D slice
+batching or 3D sliding windows, output activation. Two back ends run the network:
+
+- :class:`OnnxRunner` — ONNX Runtime with an explicit provider order (TensorRT → CUDA → CPU),
+  reporting the provider that really ran; cancel ends the running batch through
+  ``RunOptions.terminate``.
+- :class:`TorchRunner` — eager PyTorch on CPU or CUDA, optional bf16/fp16 autocast.
+
+Each runner's ``run(volume)`` yields :class:`Progress` per batch and returns :class:`Findings`.
+``cancel()`` may be called from any thread; at most the batch already running completes.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Generator, Sequence
+
+import numpy as np
+
+from app.core.findings import Findings, Timing
+from app.core.model_card import ModelCard, ModelError
+from app.core.models import ModelVariant, check_input_shape, check_onnx_model, check_output_shape
+from app.core.progress import Cancelled, Progress
+from app.core.volume import Volume
+
+log = logging.getLogger(__name__)
+
+PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+DEFAULT_PROVIDER_ORDER = ("tensorrt", "cuda", "cpu")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# ORT vs torch on the same fp32 input: different kernels sum in different orders.
+ORT_TORCH_TOLERANCE = 1e-4
+
+
+# ---------------------------------------------------------------- pre-processing
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The network-ready array (z, y, x) plus what it takes to map results back."""
+
+    array: np.ndarray  # float32, canonical orientation, target spacing
+    flips: tuple[bool, bool, bool]
+    permutation: tuple[int, int, int]
+    native_shape: tuple[int, int, int]  # canonical orientation, before resampling
+    spacing: tuple[float, float, float]  # of ``array``
+
+
+def canonical_axes(direction: np.ndarray) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    """Axis permutation and flips that bring (k, j, i) to (S→I axial stack, A→P rows, R→L cols).
+
+    The runners feed axial slices in the radiological LPS layout the demo models learnt,
+    whatever the patient position (feet-first, prone) the scanner recorded.
+    """
+    d = np.asarray(direction, float)
+    # Which array axis (0=k, 1=j, 2=i) runs most along patient z, y, x.
+    array_axis_of = {}
+    columns = {2: d[:, 0], 1: d[:, 1], 0: d[:, 2]}  # array axis -> LPS direction vector
+    for patient_axis in (2, 1, 0):  # z first, so the slice axis is settled before rows/cols
+        free = [a for a in columns if a not in array_axis_of.values()]
+        array_axis_of[patient_axis] = max(free, key=lambda a: abs(columns[a][patient_axis]))
+    permutation = (array_axis_of[2], array_axis_of[1], array_axis_of[0])
+    flips = (
+        columns[permutation[0]][2] < 0,  # slices: head-first order keeps +z (towards S) increasing
+        columns[permutation[1]][1] < 0,  # rows run anterior → posterior (+y)
+        columns[permutation[2]][0] < 0,  # columns run right → left (+x), i.e. radiological
+    )
+    return permutation, flips
+
+
+def _reorient(array: np.ndarray, permutation, flips, axis_offset: int = 0) -> np.ndarray:
+    axes = list(range(axis_offset)) + [axis_offset + p for p in permutation]
+    array = np.transpose(array, axes)
+    for axis, flip in enumerate(flips):
+        if flip:
+            array = np.flip(array, axis_offset + axis)
+    return array
+
+
+def _undo_reorient(array: np.ndarray, permutation, flips, axis_offset: int = 0) -> np.ndarray:
+    for axis, flip in enumerate(flips):
+        if flip:
+            array = np.flip(array, axis_offset + axis)
+    inverse = np.argsort(permutation)
+    return np.transpose(array, list(range(axis_offset)) + [axis_offset + int(p) for p in inverse])
+
+
+def intensity_preprocess(voxels: np.ndarray, card: ModelCard, padding: np.ndarray | None = None) -> np.ndarray:
+    """HU window/clip and normalisation from the card, as float32."""
+    pre = card.preprocessing
+    array = voxels.astype(np.float32, copy=True)
+    if padding is not None:  # padding is outside the body: treat it as air, not as data
+        array[padding] = pre.hu_window[0] if pre.hu_window else -1024.0
+    if pre.hu_window is not None and pre.clip:
+        np.clip(array, pre.hu_window[0], pre.hu_window[1], out=array)
+    if pre.normalisation == "window_0_1" and pre.hu_window is not None:
+        lo, hi = pre.hu_window
+        array -= lo
+        array /= float(hi - lo)
+    elif pre.normalisation == "zscore":
+        body = array if padding is None else array[~padding]
+        array -= float(body.mean())
+        array /= float(body.std()) or 1.0
+    return array
+
+
+def prepare(volume: Volume, card: ModelCard) -> Prepared:
+    permutation, flips = canonical_axes(volume.direction)
+    voxels = _reorient(np.asarray(volume.voxels), permutation, flips)
+    padding = None if volume.padding_mask is None else _reorient(np.asarray(volume.padding_mask), permutation, flips)
+    spacing = tuple(float(volume.spacing[p]) for p in permutation)
+    array = intensity_preprocess(voxels, card, padding)
+    native_shape = array.shape
+    target = _target_spacing(card, spacing)
+    if target != spacing:
+        array = _resample(array, spacing, target, order=1)
+    return Prepared(np.ascontiguousarray(array), flips, permutation, native_shape, target)
+
+
+def _target_spacing(card: ModelCard, spacing: tuple[float, float, float]) -> tuple[float, float, float]:
+    target = card.input.target_spacing
+    if target is None:
+        return spacing
+    if len(target) == 2:  # in-plane only: keep the slice spacing
+        return (spacing[0], float(target[0]), float(target[1]))
+    return tuple(float(t) for t in target)  # type: ignore[return-value]
+
+
+def _resample(array: np.ndarray, spacing, target, order: int, shape=None) -> np.ndarray:
+    from scipy import ndimage
+
+    if shape is None:
+        shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(array.shape[-3:], spacing, target))
+    zoom = [1.0] * (array.ndim - 3) + [new / old for new, old in zip(shape, array.shape[-3:])]
+    return ndimage.zoom(array, zoom, order=order, mode="nearest", grid_mode=True)
+
+
+def restore(prepared: Prepared, array: np.ndarray, order: int, axis_offset: int = 0) -> np.ndarray:
+    """Map a per-voxel result on the network grid back onto the original volume grid."""
+    if array.shape[axis_offset:] != tuple(prepared.native_shape):
+        array = _resample(array, None, None, order, shape=prepared.native_shape)
+    return np.ascontiguousarray(_undo_reorient(array, prepared.permutation, prepared.flips, axis_offset))
+
+
+# ---------------------------------------------------------------- sliding windows
+
+
+def window_starts(image_size: Sequence[int], patch: Sequence[int], overlap: float) -> list[tuple[int, ...]]:
+    """Patch start corners, laid exactly as MONAI's sliding_window_inference lays them."""
+    from monai.data.utils import dense_patch_slices
+
+    interval = [p if p == n else max(1, int(p * (1 - overlap))) for n, p in zip(image_size, patch)]
+    slices = dense_patch_slices(tuple(image_size), tuple(patch), tuple(interval))
+    return [tuple(s.start for s in window) for window in slices]
+
+
+def importance_map(patch: Sequence[int], mode: str = "gaussian") -> np.ndarray:
+    from monai.inferers.utils import compute_importance_map
+
+    weights = compute_importance_map(tuple(patch), mode=mode, sigma_scale=0.125, device="cpu")
+    return weights.numpy().astype(np.float32)
+
+
+def sliding_window(
+    image: np.ndarray, patch: Sequence[int], overlap: float, predict: Callable[[np.ndarray], np.ndarray],
+    batch_size: int, mode: str = "gaussian",
+) -> Generator[int, None, np.ndarray]:
+    """Blend patch predictions over ``image`` (C, *spatial); yields after each batch of patches.
+
+    Equivalent to ``monai.inferers.sliding_window_inference`` (same windows, same Gaussian
+    importance map), but a generator, so every batch is a progress tick and a cancel point.
+    """
+    spatial = image.shape[1:]
+    starts = window_starts(spatial, patch, overlap)
+    weights = importance_map(patch, mode)
+    total = weight_sum = None
+    for first in range(0, len(starts), batch_size):
+        chunk = starts[first:first + batch_size]
+        boxes = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in chunk]
+        logits = predict(np.stack([image[(slice(None),) + box] for box in boxes]))
+        if total is None:
+            total = np.zeros((logits.shape[1],) + tuple(spatial), np.float32)
+            weight_sum = np.zeros(tuple(spatial), np.float32)
+        for box, patch_logits in zip(boxes, logits):
+            total[(slice(None),) + box] += patch_logits * weights
+            weight_sum[box] += weights
+        yield len(chunk)
+    return total / weight_sum
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def activate(logits: np.ndarray, activation: str, axis: int = 1) -> np.ndarray:
+    if activation == "softmax":
+        shifted = logits - logits.max(axis=axis, keepdims=True)
+        exp = np.exp(shifted)
+        return exp / exp.sum(axis=axis, keepdims=True)
+    if activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-logits))
+    return logits
+
+
+def labels_from_probabilities(probabilities: np.ndarray, card: ModelCard) -> np.ndarray:
+    """(C, z, y, x) → uint8 label values from the card (argmax, or 0.5 per sigmoid channel)."""
+    if card.output_activation == "sigmoid":
+        foreground = [label.value for label in card.labels if label.value != 0]
+        out = np.zeros(probabilities.shape[1:], np.uint8)
+        for channel, value in enumerate(foreground):
+            out[probabilities[channel] >= 0.5] = value
+        return out
+    values = np.array([label.value for label in card.labels], np.uint8)
+    return values[np.argmax(probabilities, axis=0)]
+
+
+class _Runner:
+    """What both back ends share: pre-processing, batching, post-processing, cancel."""
+
+    backend = ""
+
+    def __init__(self, variant: ModelVariant, threads: int | None = None, batch_size: int = 4,
+                 keep_probabilities: bool = False):
+        self.variant = variant
+        self.card = variant.card
+        self.threads = threads
+        self.batch_size = max(1, int(batch_size))
+        self.keep_probabilities = keep_probabilities
+        self.batches_run = 0
+        self.provider = ""
+        self._cancel = threading.Event()
+        self._load_s = 0.0
+
+    # Back ends implement these two.
+    def _predict(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _check_io(self) -> None:
+        """Dry run on a minimal input: the model's real output against the card."""
+        shape = self._dry_run_shape()
+        out = self._predict(np.zeros(shape, np.float32))
+        check_output_shape(list(out.shape), self.card, str(self.variant.main_file))
+
+    def _dry_run_shape(self) -> tuple[int, ...]:
+        spec = self.card.input
+        if spec.patch_size is not None:
+            spatial = tuple(spec.patch_size)
+        elif self.card.roi is not None and self.card.roi.patch_size_voxels is not None:
+            spatial = tuple(self.card.roi.patch_size_voxels)
+        else:
+            spatial = (max(32, spec.size_divisor),) * spec.dims
+        return (1, spec.channels) + spatial
+
+    def cancel(self) -> None:
+        """Thread-safe: the next batch boundary raises Cancelled; ORT also ends its run."""
+        self._cancel.set()
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise Cancelled()
+
+    def _network(self, batch: np.ndarray) -> np.ndarray:
+        self._check_cancel()
+        out = self._predict(np.ascontiguousarray(batch, np.float32))
+        self.batches_run += 1
+        self._check_cancel()
+        return out
+
+    def run(self, volume: Volume, lesions=None) -> Generator[Progress, None, Findings]:
+        """Findings for one volume; classifiers with an ROI of lesion centres need ``lesions``."""
+        self._cancel.clear()
+        self.batches_run = 0
+        timing = Timing(load_s=self._load_s)
+        self._load_s = 0.0  # the model load counts once, against the first scan it ran on
+        start = time.perf_counter()
+        self._check_channels(volume)
+        prepared = prepare(volume, self.card)
+        timing.preprocess_s = time.perf_counter() - start
+        if self.card.task == "classification":
+            findings = yield from self._classify(volume, prepared, lesions, timing)
+        else:
+            findings = yield from self._segment(volume, prepared, timing)
+        return findings
+
+    def _check_channels(self, volume: Volume) -> None:
+        # A CT volume is one channel; a model wanting more cannot run on it.
+        if self.card.input.channels != 1:
+            raise ModelError(
+                f"{self.variant.main_file}: the model wants {self.card.input.channels} input channels "
+                f"but series {volume.series_uid or '(unnamed)'} has 1"
+            )
+
+    # -- segmentation
+
+    def _segment(self, volume: Volume, prepared: Prepared, timing: Timing):
+        network_start = time.perf_counter()
+        if self.card.input.dims == 2:
+            probabilities = yield from self._segment_slices(prepared.array)
+        else:
+            probabilities = yield from self._segment_3d(prepared.array)
+        timing.network_s = time.perf_counter() - network_start - self._batch_pre_s
+        timing.preprocess_s += self._batch_pre_s
+        post_start = time.perf_counter()
+        findings = self._segmentation_findings(volume, prepared, probabilities, timing)
+        timing.postprocess_s = time.perf_counter() - post_start
+        yield Progress(1.0, "findings ready")
+        return findings
+
+    def _segment_slices(self, array: np.ndarray):
+        """2D models: batches of axial slices, whole or through an in-plane sliding window."""
+        self._batch_pre_s = 0.0
+        slices_total = array.shape[0]
+        in_plane = self._in_plane_size(array.shape[1:])
+        out = None
+        for first in range(0, slices_total, self.batch_size):
+            t0 = time.perf_counter()
+            batch = array[first:first + self.batch_size, None]  # (N, 1, y, x)
+            self._batch_pre_s += time.perf_counter() - t0
+            probs = self._predict_slices(batch, in_plane)
+            if out is None:
+                out = np.empty((probs.shape[1], slices_total) + array.shape[1:], np.float32)
+            out[:, first:first + len(batch)] = probs.transpose(1, 0, 2, 3)
+            done = min(first + self.batch_size, slices_total)
+            yield Progress(done / slices_total, f"slices {done}/{slices_total}", {"batch": self.batches_run})
+        return out
+
+    def _in_plane_size(self, shape: tuple[int, int]) -> tuple[int, int] | None:
+        patch = self.card.input.patch_size
+        if patch is None:
+            return None
+        if shape[0] < patch[-2] or shape[1] < patch[-1]:
+            raise ModelError(
+                f"{self.variant.main_file}: the series' slices ({shape[0]}×{shape[1]}) are smaller than "
+                f"the model's patch ({patch[-2]}×{patch[-1]})"
+            )
+        return tuple(patch[-2:])  # type: ignore[return-value]
+
+    def _predict_slices(self, batch: np.ndarray, patch: tuple[int, int] | None) -> np.ndarray:
+        if patch is None:
+            padded, crop = _pad_to_multiple(batch, self.card.input.size_divisor)
+            logits = self._network(padded)[(slice(None), slice(None)) + crop]
+        elif tuple(batch.shape[2:]) == tuple(patch):
+            logits = self._network(batch)
+        else:
+            # The slices of the batch ride as channels through one 2D window pass.
+            flat = _drain(sliding_window(batch[:, 0], patch, self.card.input.overlap, self._network_2d_windows, 1))
+            logits = flat.reshape((batch.shape[0], -1) + flat.shape[1:])
+        return activate(logits, self.card.output_activation)
+
+    def _network_2d_windows(self, windows: np.ndarray) -> np.ndarray:
+        # (1, N, y, x): one window over N slices → run the N slices as a batch.
+        out = self._network(windows[0][:, None])  # (N, C, y, x)
+        return out.reshape((1, -1) + out.shape[2:])
+
+    def _segment_3d(self, array: np.ndarray):
+        patch = self.card.input.patch_size
+        self._batch_pre_s = 0.0
+        if patch is None:
+            raise ModelError(f"{self.variant.card_path}: a 3D model's card must give input.patch_size")
+        if any(n < p for n, p in zip(array.shape, patch)):
+            raise ModelError(
+                f"{self.variant.main_file}: the series ({'×'.join(map(str, array.shape))} voxels after "
+                f"resampling) is smaller than the model's patch ({'×'.join(map(str, patch))})"
+            )
+        windows = window_starts(array.shape, patch, self.card.input.overlap)
+        gen = sliding_window(array[None], patch, self.card.input.overlap, self._network, self.batch_size)
+        done = 0
+        while True:
+            try:
+                done += next(gen)
+            except StopIteration as stop:
+                logits = stop.value
+                break
+            yield Progress(done / len(windows), f"patches {done}/{len(windows)}", {"batch": self.batches_run})
+        return activate(logits[None], self.card.output_activation)[0]
+
+    def _segmentation_findings(self, volume: Volume, prepared: Prepared, probabilities: np.ndarray,
+                               timing: Timing) -> Findings:
+        from app.core.lesions import lesion_table
+
+        probabilities = restore(prepared, probabilities, order=1, axis_offset=1)
+        labels = labels_from_probabilities(probabilities, self.card)
+        lesions = lesion_table(labels, volume)
+        foreground = 1.0 - probabilities[0] if self.card.output_activation == "softmax" else probabilities.max(0)
+        scores = {lesion.lesion_id: _lesion_score(foreground, lesion) for lesion in lesions}
+        keep = probabilities.astype(np.float16) if self.keep_probabilities else None
+        return Findings.for_volume(volume, self._identity(), labels=labels, probabilities=keep,
+                                   lesions=lesions, lesion_scores=scores, timing=timing)
+
+    def _identity(self) -> dict:
+        return {"model_name": self.card.name, "model_version": self.card.version,
+                "model_sha256": self.variant.weights_sha256, "provider": self.provider,
+                "threads": self.threads, "backend": self.backend}
+
+    # -- classification
+
+    def _classify(self, volume: Volume, prepared: Prepared, lesions, timing: Timing):
+        roi = self.card.roi.source if self.card.roi else "slice"
+        if roi == "lesion_centres" and lesions is None:
+            raise ModelError(
+                f"{self.variant.card_path}: this classifier looks at lesions; run a segmentation "
+                "model first or give a lesion table"
+            )
+        start = time.perf_counter()
+        if roi == "lesion_centres":
+            inputs = self._lesion_patches(prepared, lesions)
+        else:
+            inputs = prepared.array[:, None]
+        timing.preprocess_s += time.perf_counter() - start
+        start = time.perf_counter()
+        scores = yield from self._classify_items(inputs)
+        timing.network_s = time.perf_counter() - start
+        start = time.perf_counter()
+        if roi == "lesion_centres":
+            findings = Findings.for_volume(volume, self._identity(), lesions=list(lesions),
+                                           lesion_scores={l.lesion_id: s for l, s in zip(lesions, scores)},
+                                           study_scores=_study_scores(scores, self.card), timing=timing)
+        else:
+            findings = Findings.for_volume(volume, self._identity(), slice_scores=_score_matrix(scores, self.card),
+                                           study_scores=_study_scores(scores, self.card), timing=timing)
+        timing.postprocess_s = time.perf_counter() - start
+        yield Progress(1.0, "findings ready")
+        return findings
+
+    def _classify_items(self, inputs: np.ndarray):
+        """Class probabilities per item (lesion patch or slice), in batches."""
+        scores = []
+        for first in range(0, len(inputs), self.batch_size):
+            logits = self._network(inputs[first:first + self.batch_size])
+            for row in activate(logits, self.card.output_activation):
+                scores.append({name: float(p) for name, p in zip(self.card.label_names, row)})
+            done = min(first + self.batch_size, len(inputs))
+            yield Progress(done / max(1, len(inputs)), f"items {done}/{len(inputs)}", {"batch": self.batches_run})
+        return scores
+
+    def _lesion_patches(self, prepared: Prepared, lesions) -> np.ndarray:
+        size = self._roi_voxels(prepared)
+        patches = [extract_patch(prepared.array, self._centre_on_grid(lesion, prepared), size) for lesion in lesions]
+        if not patches:
+            return np.zeros((0, 1) + tuple(self.card.input.patch_size or size), np.float32)
+        patches = [self._fit_to_input(p) for p in patches]
+        return np.stack(patches)[:, None].astype(np.float32)
+
+    def _fit_to_input(self, patch: np.ndarray) -> np.ndarray:
+        """A millimetre-sized ROI resized to the network's fixed patch."""
+        want = self.card.input.patch_size
+        if want is None or tuple(patch.shape) == tuple(want):
+            return patch
+        from scipy import ndimage
+
+        return ndimage.zoom(patch, [w / n for w, n in zip(want, patch.shape)], order=1, grid_mode=True, mode="nearest")
+
+    def _roi_voxels(self, prepared: Prepared) -> tuple[int, ...]:
+        roi = self.card.roi
+        if roi.patch_size_voxels is not None:
+            return tuple(int(v) for v in roi.patch_size_voxels)
+        if roi.patch_size_mm is not None:
+            spacing = prepared.spacing[-len(roi.patch_size_mm):]
+            return tuple(max(1, int(round(mm / s))) for mm, s in zip(roi.patch_size_mm, spacing))
+        return tuple(self.card.input.patch_size)
+
+    def _centre_on_grid(self, lesion, prepared: Prepared) -> tuple[int, int, int]:
+        """A lesion's (k, j, i) centre on the reoriented, resampled network grid."""
+        centre = np.asarray(lesion.centre_index, float)[list(prepared.permutation)]
+        shape = np.asarray(prepared.native_shape, float)
+        for axis, flip in enumerate(prepared.flips):
+            if flip:
+                centre[axis] = shape[axis] - 1 - centre[axis]
+        centre = centre * np.asarray(prepared.array.shape) / shape
+        return tuple(int(round(c)) for c in centre)  # type: ignore[return-value]
+
+
+def _drain(gen):
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def _pad_to_multiple(batch: np.ndarray, divisor: int):
+    """Pad (N, C, y, x) at the far edges to a multiple of ``divisor``; return the crop back."""
+    if divisor <= 1:
+        return batch, (slice(None), slice(None))
+    pads = [(-n) % divisor for n in batch.shape[2:]]
+    if not any(pads):
+        return batch, (slice(None), slice(None))
+    padded = np.pad(batch, [(0, 0), (0, 0)] + [(0, p) for p in pads], mode="edge")
+    return padded, tuple(slice(0, n) for n in batch.shape[2:])
+
+
+def extract_patch(array: np.ndarray, centre: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """A patch of ``size`` around ``centre`` (k, j, i); 2D sizes take the axial slice through it.
+
+    Parts outside the volume are filled with the array's minimum (air, after windowing).
+    """
+    if len(size) == 2:
+        k = int(np.clip(centre[0], 0, array.shape[0] - 1))
+        return extract_patch(array[k], centre[1:], size)
+    out = np.full(tuple(size), float(array.min()), np.float32)
+    src, dst = [], []
+    for c, n, s in zip(centre, array.shape, size):
+        lo = int(c) - s // 2
+        a, b = max(lo, 0), min(lo + s, n)
+        src.append(slice(a, max(a, b)))
+        dst.append(slice(a - lo, a - lo + max(0, b - a)))
+    out[tuple(dst)] = array[tuple(src)]
+    return out
+
+
+def _lesion_score(foreground: np.ndarray, lesion) -> float:
+    """Mean foreground probability inside the lesion's bounding box voxels that are lesion."""
+    k0, k1, j0, j1, i0, i1 = lesion.bbox
+    box = foreground[k0:k1, j0:j1, i0:i1]
+    return float(box.max()) if box.size else 0.0
+
+
+def _score_matrix(scores: list[dict], card: ModelCard) -> np.ndarray:
+    return np.array([[s[name] for name in card.label_names] for s in scores], np.float32)
+
+
+def _study_scores(scores: list[dict], card: ModelCard) -> dict[str, float]:
+    """Per study: the highest probability any item reached for each class."""
+    if not scores:
+        return {}
+    return {name: float(max(s[name] for s in scores)) for name in card.label_names}
+
+
+# ---------------------------------------------------------------- ONNX Runtime
+
+
+@contextlib.contextmanager
+def _stderr_to_log(logger: logging.Logger):
+    """ORT's C++ writes provider-fallback noise straight to fd 2: capture it into our log."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    python_side = io.StringIO()  # its Python layer print()s "EP Error ... falling back"
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(python_side), contextlib.redirect_stderr(python_side):
+                yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = python_side.getvalue() + capture.read().decode("utf-8", "replace")
+            for line in text.splitlines():
+                line = _ANSI.sub("", line).strip(" *")
+                if line:
+                    logger.info("onnxruntime: %s", line)
+
+
+def _torch_cuda_libraries_present() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.version.cuda) and torch.cuda.is_available()
+
+
+def resolve_providers(requested: Sequence[str], available: Sequence[str]) -> list[str]:
+    """Requested short names (tensorrt/cuda/cpu) in order, kept if installed; CPU always last."""
+    names = [PROVIDER_NAMES.get(r.lower(), r) for r in requested]
+    chosen = [n for n in names if n in available]
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def device_providers(device: str) -> tuple[str, ...]:
+    return DEFAULT_PROVIDER_ORDER if device.startswith("cuda") else ("cpu",)
+
+
+class OnnxRunner(_Runner):
+    backend = "onnxruntime"
+
+    def __init__(self, variant: ModelVariant, providers: Sequence[str] = ("cpu",), threads: int | None = None,
+                 batch_size: int = 4, keep_probabilities: bool = False):
+        super().__init__(variant.as_format("onnx") if variant.format != "onnx" else variant,
+                         threads, batch_size, keep_probabilities)
+        self.requested_providers = tuple(providers)
+        self._run_options = None
+        self._lock = threading.Lock()
+        start = time.perf_counter()
+        check_onnx_model(self.variant.main_file, self.card)
+        self.session = self._open_session()
+        self._input_name = self.session.get_inputs()[0].name
+        self._check_io()
+        self._load_s = time.perf_counter() - start
+
+    def _open_session(self):
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(3)
+        chosen = resolve_providers(self.requested_providers, ort.get_available_providers())
+        if any(p != "CPUExecutionProvider" for p in chosen) and _torch_cuda_libraries_present():
+            with contextlib.suppress(Exception):  # only a hint to find CUDA/cuDNN; ORT copes without
+                ort.preload_dlls()
+        options = self._session_options(ort)
+        path = str(self.variant.main_file)
+        with _stderr_to_log(log):
+            try:
+                session = ort.InferenceSession(path, options, providers=chosen)
+            except Exception as exc:  # a provider that cannot start: fall back to CPU, say so
+                if chosen == ["CPUExecutionProvider"]:
+                    raise ModelError(f"{path}: ONNX Runtime cannot load the model ({_first_line(exc)})") from exc
+                log.warning("%s: providers %s failed (%s); running on CPU", path, chosen, _first_line(exc))
+                session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.provider = session.get_providers()[0]
+        if self.provider != chosen[0]:
+            log.info("%s: asked for %s, ONNX Runtime runs %s", path, chosen[0], self.provider)
+        return session
+
+    def _session_options(self, ort):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        # Spinning threads would steal the UI's core while idle between batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        options.inter_op_num_threads = 1
+        if self.threads:
+            options.intra_op_num_threads = int(self.threads)
+        return options
+
+    def cancel(self) -> None:
+        super().cancel()
+        with self._lock:
+            if self._run_options is not None:
+                self._run_options.terminate = True
+
+    def _predict(self, batch: np.ndarray) -> np.ndarray:
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        options.log_severity_level = 3
+        with self._lock:
+            self._run_options = options
+            if self._cancel.is_set():
+                options.terminate = True
+        try:
+            return self.session.run(None, {self._input_name: batch}, options)[0]
+        except Exception as exc:
+            if self._cancel.is_set():
+                raise Cancelled() from exc
+            raise ModelError(f"{self.variant.main_file}: ONNX Runtime failed on input {batch.shape} "
+                             f"({_first_line(exc)})") from exc
+        finally:
+            with self._lock:
+                self._run_options = None
+
+
+# ---------------------------------------------------------------- torch
+
+
+class TorchRunner(_Runner):
+    backend = "torch"
+
+    def __init__(self, variant: ModelVariant, device: str = "cpu", threads: int | None = None,
+                 batch_size: int = 4, autocast: str | None = None, keep_probabilities: bool = False):
+        super().__init__(variant, threads, batch_size, keep_probabilities)
+        from app.core.models import load_torch_module
+        import torch
+
+        if autocast not in (None, "bf16", "fp16"):
+            raise ValueError(f"autocast must be None, 'bf16' or 'fp16', not {autocast!r}")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelError(f"{variant.main_file}: device {device} asked for, but torch sees no CUDA device")
+        start = time.perf_counter()
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.device = device
+        self.autocast = autocast
+        self.provider = f"torch-{device}" + (f"-{autocast}" if autocast else "")
+        self.module = load_torch_module(self.variant, device)
+        self._check_input_rank()
+        self._check_io()
+        self._load_s = time.perf_counter() - start
+
+    def _check_input_rank(self) -> None:
+        # Eager modules have no declared input shape; the first conv's weights tell the channels.
+        import torch
+
+        first = next((m for m in self.module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))), None)
+        if first is not None:
+            dims = [None, first.in_channels] + [None] * (3 if isinstance(first, torch.nn.Conv3d) else 2)
+            check_input_shape(dims, self.card, str(self.variant.main_file))
+
+    def _predict(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        if self.threads:
+            torch.set_num_threads(int(self.threads))
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.autocast or "")
+        device_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        with torch.inference_mode(), torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+            try:
+                out = self.module(torch.from_numpy(batch).to(self.device))
+            except RuntimeError as exc:
+                raise ModelError(f"{self.variant.main_file}: the network failed on input {batch.shape} "
+                                 f"({_first_line(exc)})") from exc
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.float().cpu().numpy()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def make_runner(variant: ModelVariant, device: str = "cpu", threads: int | None = None, batch_size: int = 4,
+                backend: str | None = None, **options) -> _Runner:
+    """ONNX Runtime when the variant is ONNX (or ``backend='onnxruntime'``), else torch."""
+    backend = backend or ("onnxruntime" if variant.format == "onnx" else "torch")
+    if backend == "onnxruntime":
+        return OnnxRunner(variant, providers=device_providers(device), threads=threads,
+                          batch_size=batch_size, **options)
+    return TorchRunner(variant, device=device, threads=threads, batch_size=batch_size, **options)

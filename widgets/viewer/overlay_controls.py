@@ -150,6 +150,7 @@ class OverlayControls(QWidget):
         layout.addLayout(self._groups)
         layout.addWidget(self.markers)
         layout.addWidget(self.scores)
+        layout.addStretch(1)  # groups stay their natural height at the top
         overlay_state.changed.connect(self._on_changed)
 
     def _on_changed(self, name: str) -> None:

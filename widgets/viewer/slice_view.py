@@ -23,8 +23,10 @@ from widgets.viewer.tools import EllipseRoi, Ruler, crosshair_lines
 SCROLL_KEYS = {Qt.Key.Key_Up: -1, Qt.Key.Key_Down: 1, Qt.Key.Key_Left: -1, Qt.Key.Key_Right: 1,
                Qt.Key.Key_PageUp: -10, Qt.Key.Key_PageDown: 10}
 WHEEL_NOTCH = 120
-TEXT_STYLE = "color: #e8e8e8; background: transparent; font-size: 11px;"
-LETTER_STYLE = "color: #ffb000; background: transparent; font-size: 15px; font-weight: bold;"
+# A faint dark box keeps white text readable over white bone or contrast.
+TEXT_STYLE = "color: #e8e8e8; background: rgba(0, 0, 0, 110); font-size: 11px; padding: 1px 3px;"
+LETTER_STYLE = ("color: #ffb000; background: rgba(0, 0, 0, 110); font-size: 15px; font-weight: bold;"
+                " padding: 0px 3px;")
 
 
 class SliceViewBox(pg.ViewBox):
@@ -123,9 +125,13 @@ class SliceView(pg.GraphicsView):
         self.on_window_changed()
         self.reset_zoom()
 
+    def pixel_mm(self) -> tuple[float, float]:
+        """(height, width) in mm of one image pixel of this view."""
+        return view_pixel_size(self.view, self.scan.spacing)
+
     def _image_rect(self) -> tuple[float, float, float, float]:
         n_rows, n_cols = self.scan.canonical.shape[self.rows], self.scan.canonical.shape[self.cols]
-        row_mm, col_mm = view_pixel_size(self.view, self.scan.spacing)
+        row_mm, col_mm = self.pixel_mm()
         return (0.0, 0.0, n_cols * col_mm, n_rows * row_mm)
 
     def _description(self) -> str:
@@ -234,7 +240,7 @@ class SliceView(pg.GraphicsView):
         self.markers.draw(self.slice_index, shown)
 
     def _move_crosshair(self, canonical) -> None:
-        row_mm, col_mm = view_pixel_size(self.view, self.scan.spacing)
+        row_mm, col_mm = self.pixel_mm()
         self.cross_v.setValue((canonical[self.cols] + 0.5) * col_mm)
         self.cross_h.setValue((canonical[self.rows] + 0.5) * row_mm)
         self.on_crosshair_changed(self.state.crosshair)
@@ -280,6 +286,7 @@ class SliceView(pg.GraphicsView):
         value = voxel_value(self.scan.volume.voxels, kji)
         if value is None:
             self.info_bottom_right.setText("")
+            self.info_bottom_right.hide()
             return
         x, y, z = self.scan.volume.index_to_patient(*[round(v) for v in kji])
         unit = " HU" if self.scan.volume.modality == "CT" else ""
@@ -298,6 +305,7 @@ class SliceView(pg.GraphicsView):
         for label in (self.info_top_right, self.info_bottom_right, self.info_top_left, self.info_bottom_left):
             label.setMaximumWidth(max(40, w // 2 - 2 * m))  # two corners never overlap in a narrow view
             label.adjustSize()
+            label.setVisible(bool(label.text()))  # an empty label would still draw its dark box
         self.info_top_left.move(m, m)
         self.info_top_right.move(w - self.info_top_right.width() - m, m)
         self.info_bottom_left.move(m, h - self.info_bottom_left.height() - m)
@@ -314,7 +322,7 @@ class SliceView(pg.GraphicsView):
 
     # --- intents from the mouse and keyboard ------------------------------------------------------
     def _kji_at(self, point: QPointF) -> tuple[float, float, float]:
-        row_mm, col_mm = view_pixel_size(self.view, self.scan.spacing)
+        row_mm, col_mm = self.pixel_mm()
         canonical = view_index_to_canonical(self.view, self.slice_index,
                                             int(np.floor(point.y() / row_mm)), int(np.floor(point.x() / col_mm)))
         return self.scan.to_array(canonical)
@@ -390,7 +398,7 @@ class SliceView(pg.GraphicsView):
     def _roi_inputs(self):
         image = view_slice(self.scan.canonical, self.view, self.slice_index)
         padding = None if self.scan.padding is None else view_slice(self.scan.padding, self.view, self.slice_index)
-        return image, view_pixel_size(self.view, self.scan.spacing), padding
+        return image, self.pixel_mm(), padding
 
     def clear_measurements(self) -> None:
         for item in self.measurements:

@@ -138,7 +138,7 @@ class JobManager(QObject):
         self._heavy.setMaxThreadCount(1)
         self._ids = itertools.count(1)
         self._records: dict[int, JobRecord] = {}
-        self._callbacks: dict[int, tuple[Callable | None, Callable | None]] = {}
+        self._callbacks: dict[int, tuple[Callable | None, Callable | None, Callable | None]] = {}
         self._sig_started.connect(self._on_started)
         self._sig_progress.connect(self._on_progress)
         self._sig_finished.connect(self._on_finished)
@@ -148,9 +148,12 @@ class JobManager(QObject):
     # -- submitting ---------------------------------------------------------------------
     def submit(self, name: str, fn: Callable, *args, heavy: bool = False, in_process: bool = False,
                owner: str | None = None, on_result: Callable | None = None,
-               on_error: Callable | None = None, **kwargs) -> JobHandle:
+               on_error: Callable | None = None, on_progress: Callable | None = None,
+               **kwargs) -> JobHandle:
         """Queue ``fn(*args, **kwargs)``. An ``owner`` has one job at a time: its previous
-        job is cancelled first. ``in_process`` jobs are heavy and need an importable ``fn``."""
+        job is cancelled first. ``in_process`` jobs are heavy and need an importable ``fn``.
+        ``on_result(result)``, ``on_error(message, detail)`` and ``on_progress(Progress)`` are
+        called on the UI thread for this job only."""
         if owner is not None:
             for rec in self._records.values():
                 if rec.owner == owner and not rec.state.is_final:
@@ -158,7 +161,7 @@ class JobManager(QObject):
         heavy = heavy or in_process
         rec = JobRecord(next(self._ids), name, heavy, in_process, owner, CancelToken())
         self._records[rec.job_id] = rec
-        self._callbacks[rec.job_id] = (on_result, on_error)
+        self._callbacks[rec.job_id] = (on_result, on_error, on_progress)
         self.added.emit(rec.job_id)
         (self._heavy if heavy else self._light).start(_ThreadJob(self, rec, fn, args, kwargs))
         return JobHandle(self, rec.job_id)
@@ -207,6 +210,9 @@ class JobManager(QObject):
         rec.fraction, rec.message = p.fraction, p.message or rec.message
         self.progress.emit(job_id, p.fraction, p.message, p.data)
         self.changed.emit(job_id)
+        on_progress = self._callbacks.get(job_id, (None, None, None))[2]
+        if on_progress is not None:
+            on_progress(p)
 
     @Slot(int, object)
     def _on_finished(self, job_id: int, result: Any) -> None:
@@ -214,7 +220,7 @@ class JobManager(QObject):
         rec.state, rec.fraction = JobState.FINISHED, 1.0
         self.finished.emit(job_id, result)
         self.changed.emit(job_id)
-        on_result = self._callbacks.pop(job_id, (None, None))[0]
+        on_result = self._callbacks.pop(job_id, (None, None, None))[0]
         if on_result is not None:
             on_result(result)
 
@@ -224,7 +230,7 @@ class JobManager(QObject):
         rec.state, rec.error, rec.detail = JobState.FAILED, message, detail
         self.failed.emit(job_id, message, detail)
         self.changed.emit(job_id)
-        on_error = self._callbacks.pop(job_id, (None, None))[1]
+        on_error = self._callbacks.pop(job_id, (None, None, None))[1]
         if on_error is not None:
             on_error(message, detail)
 

@@ -19,6 +19,7 @@ class MainWindow(QMainWindow):
     open_path_requested = Signal(str)
     open_model_requested = Signal(str)
     compress_requested = Signal()
+    closing = Signal()   # after jobs have stopped: services release what they hold
 
     def __init__(self, jobs: JobManager, parent: QWidget | None = None):
         super().__init__(parent)
@@ -135,6 +136,7 @@ class MainWindow(QMainWindow):
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
         self.statusBar().showMessage("Stopping jobs …")
         self.jobs.shutdown()
+        self.closing.emit()
         super().closeEvent(event)
 
 

@@ -12,7 +12,7 @@ from app.core.display import (PRESETS, DisplayedScan, apply_window, array_to_can
 from app.core.volume import Volume
 
 
-def _direction(row, col) -> np.ndarray:
+def iop_direction(row, col) -> np.ndarray:
     """Direction matrix from DICOM ImageOrientationPatient (row = i direction, column = j direction)."""
     row, col = np.asarray(row, float), np.asarray(col, float)
     return np.stack([row, col, np.cross(row, col)], axis=1)
@@ -20,12 +20,12 @@ def _direction(row, col) -> np.ndarray:
 
 # Patient positions as scanners write ImageOrientationPatient.
 POSITIONS = {
-    "HFS": _direction((1, 0, 0), (0, 1, 0)),
-    "FFS": _direction((-1, 0, 0), (0, 1, 0)),
-    "HFP": _direction((-1, 0, 0), (0, -1, 0)),
-    "FFP": _direction((1, 0, 0), (0, -1, 0)),
-    "sagittal acquisition": _direction((0, 1, 0), (0, 0, -1)),
-    "coronal acquisition": _direction((1, 0, 0), (0, 0, -1)),
+    "HFS": iop_direction((1, 0, 0), (0, 1, 0)),
+    "FFS": iop_direction((-1, 0, 0), (0, 1, 0)),
+    "HFP": iop_direction((-1, 0, 0), (0, -1, 0)),
+    "FFP": iop_direction((1, 0, 0), (0, -1, 0)),
+    "sagittal acquisition": iop_direction((0, 1, 0), (0, 0, -1)),
+    "coronal acquisition": iop_direction((1, 0, 0), (0, 0, -1)),
 }
 
 
@@ -85,7 +85,7 @@ def test_orientation_letters_are_radiological_for_every_patient_position(positio
 
 def test_oblique_scan_snaps_to_the_nearest_axis_and_names_the_tilt():
     angle = np.deg2rad(25)
-    direction = _direction((np.cos(angle), np.sin(angle), 0), (-np.sin(angle), np.cos(angle), 0))
+    direction = iop_direction((np.cos(angle), np.sin(angle), 0), (-np.sin(angle), np.cos(angle), 0))
     letters = orientation_letters("axial", display_axes(direction))
     assert letters["right"] == "LP" and letters["left"] == "RA"
     assert letters["top"] == "AL" and letters["bottom"] == "PR"

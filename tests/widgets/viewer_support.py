@@ -10,6 +10,7 @@ from PySide6.QtGui import QImage, QMouseEvent, QWheelEvent
 from PySide6.QtWidgets import QApplication
 
 from app.core.volume import Volume
+from tests.core.test_display import POSITIONS
 
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-output" / "screenshots"
 
@@ -96,17 +97,8 @@ def save_screenshot(widget, name: str) -> Path:
     return path
 
 
-def iop_direction(row, col) -> np.ndarray:
-    """Direction matrix from DICOM ImageOrientationPatient (row = i direction, column = j direction)."""
-    row, col = np.asarray(row, float), np.asarray(col, float)
-    return np.stack([row, col, np.cross(row, col)], axis=1)
-
-
-PATIENT_POSITIONS = {
-    "HFS": iop_direction((1, 0, 0), (0, 1, 0)),
-    "FFS": iop_direction((-1, 0, 0), (0, 1, 0)),
-    "HFP": iop_direction((-1, 0, 0), (0, -1, 0)),
-}
+# Patient positions as scanners write them (shared with the display maths tests).
+PATIENT_POSITIONS = {name: POSITIONS[name] for name in ("HFS", "FFS", "HFP")}
 
 
 def is_red(rgb) -> np.ndarray:

@@ -201,6 +201,7 @@ class ViewerPanel(QWidget):
 
     def _sync_layout(self, layout: str, single_view: str) -> None:
         self.layout_action.setChecked(layout == "1x3")
+        self.layout_action.setText("1×3" if layout == "1x3" else "1×1")
         self.view_box.blockSignals(True)
         self.view_box.setCurrentIndex(VIEWS.index(single_view))
         self.view_box.blockSignals(False)

@@ -43,3 +43,22 @@ def _no_leaked_python_threads():
         t.join(timeout=5)
     still = [t.name for t in leaked if t.is_alive()]
     assert not still, f"threads left running: {still}"
+
+
+# ---------------------------------------------------------------------------- demo data
+
+
+@pytest.fixture(scope="session")
+def demo_tiny(tmp_path_factory):
+    """Three tiny synthetic chest CT studies (128×128×32) with ground truth, generated once.
+
+    Layout (see app.core.demo_data): CASE00n/CT/*.dcm, CASE00n/seg.dcm, CASE00n/nodules.nii.gz,
+    CASE00n/nodule_instances.nii.gz, CASE00n/lesions.csv, manifest.csv, README.txt. CASE003 has no
+    nodule. Treat it as read-only: other tests share it.
+    """
+    from app.core.demo_data import generate_demo_data
+    from app.core.progress import run_to_end
+
+    out = tmp_path_factory.mktemp("demo-tiny")
+    run_to_end(generate_demo_data(out, cases=3, seed=0, size="tiny"))
+    return out

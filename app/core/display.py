@@ -284,12 +284,31 @@ DEFAULT_LABEL_COLOURS = [
 ]
 
 
-def label_lut(colours: dict[int, tuple[int, int, int]], hidden=()) -> np.ndarray:
+def rgb_of(colour) -> tuple[int, int, int]:
+    """A colour as model cards and SEG files give it: "#rrggbb", (r, g, b) 0–255 or 0–1 floats."""
+    if isinstance(colour, str):
+        text = colour.lstrip("#")
+        if len(text) != 6:
+            raise ValueError(f"not a #rrggbb colour: {colour!r}")
+        return tuple(int(text[n:n + 2], 16) for n in (0, 2, 4))
+    values = [float(v) for v in list(colour)[:3]]
+    if all(v <= 1.0 for v in values) and any(0 < v < 1 for v in values):
+        values = [v * 255 for v in values]
+    return tuple(int(round(min(max(v, 0), 255))) for v in values)
+
+
+def label_colour(colours: dict, value: int) -> tuple[int, int, int]:
+    """The colour of a label value: its own if given, else a distinct default."""
+    if value in colours:
+        return rgb_of(colours[value])
+    return DEFAULT_LABEL_COLOURS[(value - 1) % len(DEFAULT_LABEL_COLOURS)]
+
+
+def label_lut(colours: dict, hidden=()) -> np.ndarray:
     """256×4 RGBA table for a uint8 label slice: 0 and hidden labels transparent."""
     lut = np.zeros((256, 4), dtype=np.uint8)
     for value in range(1, 256):
-        rgb = colours.get(value, DEFAULT_LABEL_COLOURS[(value - 1) % len(DEFAULT_LABEL_COLOURS)])
-        lut[value] = (*rgb, 255)
+        lut[value] = (*label_colour(colours, value), 255)
     for value in hidden:
         if 0 < value < 256:
             lut[value, 3] = 0

@@ -142,7 +142,8 @@ def test_progressive_loading_masks_what_has_not_arrived():
 
 
 def test_label_display_helpers():
-    lut = label_lut({1: (255, 0, 0)}, hidden={2})
+    lut = label_lut({1: (255, 0, 0), 3: "#2ecc71", 4: (0.0, 0.5, 1.0)}, hidden={2})
+    assert tuple(lut[3, :3]) == (0x2E, 0xCC, 0x71) and tuple(lut[4, :3]) == (0, 128, 255)
     assert lut[0, 3] == 0 and tuple(lut[1]) == (255, 0, 0, 255) and lut[2, 3] == 0
     assert label_slice_uint8(np.array([0, 1, 255, 256, 300], np.int32)).tolist() == [0, 1, 255, 1, 45]
     square = np.zeros((5, 5), np.uint8)

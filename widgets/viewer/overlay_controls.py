@@ -8,7 +8,7 @@ from PySide6.QtGui import QColor, QImage, QPixmap
 from PySide6.QtWidgets import (QCheckBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QSlider,
                                QVBoxLayout, QWidget)
 
-from app.core.display import DEFAULT_LABEL_COLOURS, heat_lut
+from app.core.display import heat_lut, label_colour
 from app.viewer_state import LabelOverlay, OverlayState
 from widgets.viewer.lesion_list import AI_MARKER
 
@@ -65,7 +65,7 @@ class LabelOverlayControls(QGroupBox):
         self.label_boxes = {value: self._label_row(form, overlay, value) for value in present_labels}
 
     def _label_row(self, form: QFormLayout, overlay: LabelOverlay, value: int) -> QCheckBox:
-        rgb = overlay.colours.get(value, DEFAULT_LABEL_COLOURS[(value - 1) % len(DEFAULT_LABEL_COLOURS)])
+        rgb = label_colour(overlay.colours, value)
         box = QCheckBox(overlay.label_names.get(value, f"label {value}"))
         box.setChecked(value not in overlay.hidden_labels)
         box.toggled.connect(self._hidden_changed)

@@ -50,7 +50,7 @@ class LabelLayer:
         self.item.setOpacity(settings.opacity)
 
     def _set_lut(self, settings: LabelOverlay) -> None:
-        key = (tuple(sorted(settings.colours.items())), settings.hidden_labels)
+        key = (tuple(sorted((v, str(c)) for v, c in settings.colours.items())), settings.hidden_labels)
         if key != self._lut_key:
             self._lut_key = key
             self.item.setLookupTable(label_lut(settings.colours, settings.hidden_labels))

@@ -282,3 +282,40 @@ def test_screenshots_of_the_main_layouts(qtbot):
     panel.state.set_layout("1x1", "axial")
     qtbot.wait(20)
     assert save_screenshot(panel, "viewer-1x1-axial.png").stat().st_size > 10_000
+
+
+def test_a_second_series_of_another_size_replaces_the_first(qtbot, chest):
+    panel = _panel(qtbot, chest[0])
+    panel.add_label_overlay("truth", chest[1])
+    panel.jump_to(23, 47, 47)
+    small, _ = phantom(shape=(8, 32, 40), nodules=())
+    panel.set_volume(small, first_slice=2)
+    axial = panel.mpr.views["axial"]
+    assert panel.state.position == (2, 16, 20)
+    assert axial.image_item.image.shape == (32, 40) and axial.label_layers == {}
+    assert panel.overlay_state.labels == {} and panel.controls.group("truth") is None
+
+
+def test_ctrl_wheel_zooms_and_middle_drag_pans(qtbot, chest):
+    panel = _panel(qtbot, chest[0])
+    axial = panel.mpr.views["axial"]
+    centre = QPoint(axial.width() // 2, axial.height() // 2)
+    (x0, x1), _ = axial.view_box.viewRange()
+    slice_before = axial.slice_index
+    wheel(axial, centre, 2, Qt.KeyboardModifier.ControlModifier)
+    (z0, z1), _ = axial.view_box.viewRange()
+    assert (z1 - z0) < (x1 - x0) and axial.slice_index == slice_before  # zoomed in, not scrolled
+    drag(axial, centre, centre + QPoint(80, 0), button=Qt.MouseButton.MiddleButton)
+    (p0, p1), _ = axial.view_box.viewRange()
+    assert p0 < z0 and (p1 - p0) == pytest.approx(z1 - z0)  # dragged right: the image follows the hand
+    axial.setFocus()
+    qtbot.keyClicks(axial, "+")
+    (k0, k1), _ = axial.view_box.viewRange()
+    assert (k1 - k0) == pytest.approx(0.8 * (p1 - p0))
+    drag(axial, centre, centre + QPoint(0, 50), button=Qt.MouseButton.RightButton,
+         modifiers=Qt.KeyboardModifier.ControlModifier)  # Ctrl+right-drag down: zoom out
+    (d0, d1), _ = axial.view_box.viewRange()
+    assert (d1 - d0) > (k1 - k0)
+    qtbot.keyClick(axial, Qt.Key.Key_F)
+    (f0, f1), _ = axial.view_box.viewRange()
+    assert (f1 - f0) == pytest.approx(x1 - x0, rel=0.01)

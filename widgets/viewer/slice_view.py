@@ -334,13 +334,17 @@ class SliceView(pg.GraphicsView):
 
     def wheel(self, delta: int, modifiers, point: QPointF) -> None:
         if modifiers & Qt.KeyboardModifier.ControlModifier:
-            self.view_box.scaleBy(s=0.9 if delta > 0 else 1 / 0.9, center=point)
+            self.zoom(0.9 if delta > 0 else 1 / 0.9, point)
             return
         self._wheel_rest += delta
         notches = int(self._wheel_rest / WHEEL_NOTCH)  # trackpads send fractions of a notch
         self._wheel_rest -= notches * WHEEL_NOTCH
         if notches:
             self.scroll(-notches)
+
+    def zoom(self, factor: float, centre: QPointF | None = None) -> None:
+        """Scale the shown range by ``factor`` (< 1 zooms in) about ``centre`` (mm), or the view's centre."""
+        self.view_box.scaleBy(s=(factor, factor), center=centre)
 
     def left_at(self, point: QPointF) -> None:
         """A left click in navigate mode moves the crosshair (and so the other two views) there."""
@@ -362,7 +366,7 @@ class SliceView(pg.GraphicsView):
             self.view_box.translateBy(x=last.x() - point.x(), y=last.y() - point.y())
         elif mode == "zoom":
             delta = ev.screenPos() - ev.lastScreenPos()
-            self.view_box.scaleBy(s=1.01 ** delta.y(), center=self.view_box.mapToView(ev.buttonDownPos()))
+            self.zoom(1.01 ** delta.y(), self.view_box.mapToView(ev.buttonDownPos()))
         elif mode in ("ruler", "roi"):
             self._measure_drag(mode, ev, point)
         elif mode == "navigate" and self.scan is not None:
@@ -422,8 +426,8 @@ class SliceView(pg.GraphicsView):
     def _view_key(self, key, text: str) -> bool:
         """Keys that change how this view or the viewer looks; False if the key is not ours."""
         actions = {
-            "+": lambda: self.view_box.scaleBy(s=0.8), "=": lambda: self.view_box.scaleBy(s=0.8),
-            "-": lambda: self.view_box.scaleBy(s=1.25), "f": self.reset_zoom,
+            "+": lambda: self.zoom(0.8), "=": lambda: self.zoom(0.8), "-": lambda: self.zoom(1.25),
+            "f": self.reset_zoom,
             "m": self.state.toggle_slab, "x": lambda: self.state.set_crosshair(not self.state.crosshair),
             "l": lambda: self.state.toggle_layout(self.view), "r": lambda: self.state.set_tool("ruler"),
             "o": lambda: self.state.set_tool("roi"), "n": lambda: self.state.set_tool("navigate"),

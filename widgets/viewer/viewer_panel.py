@@ -125,6 +125,7 @@ class ViewerPanel(QWidget):
         self.lesion_list.set_lesions([])
         self.controls.scores.set_scores({})
         self.scan = DisplayedScan(volume)
+        self.mpr.set_scan(None)  # the views forget the old scan before the position moves on
         self.state.reset_for(volume.shape, volume.default_window, volume.modality)
         if first_slice is not None:
             self.state.set_position((first_slice, *self.state.position[1:]))

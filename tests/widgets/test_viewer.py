@@ -155,6 +155,10 @@ def test_lesion_table_sorts_by_size(qtbot, chest):
     panel.lesion_list.table.sortByColumn(1, Qt.SortOrder.AscendingOrder)
     sizes = [float(panel.lesion_list.proxy.index(r, 1).data()) for r in range(2)]
     assert sizes == sorted(sizes) and sizes[0] < sizes[1]
+    headers = [panel.lesion_list.proxy.headerData(c, Qt.Orientation.Horizontal) for c in range(5)]
+    assert headers == ["#", "Size mm", "Vol mL", "Mean HU", "Slices"]
+    small = [panel.lesion_list.proxy.index(0, c).data() for c in range(5)]
+    assert small[3] == str(NODULE_HU) and small[4] == "7"  # only k=6, shown as image number 7
 
 
 @pytest.mark.parametrize("view, rows_mm, cols_mm", [("coronal", NK * 2.5, 48 * 0.8),

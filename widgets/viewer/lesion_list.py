@@ -10,19 +10,24 @@ from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QLabel, QTableView
 
 AI_MARKER = "AI finding — research use only"
 
+
+def _image_numbers(k_first: int, k_last: int) -> str:
+    """Slice range as the image numbers the viewer shows (k + 1)."""
+    return str(k_first + 1) if k_first == k_last else f"{k_first + 1}–{k_last + 1}"
+
 # (header, tooltip, text of a lesion, number to sort by)
 COLUMNS = [
     ("#", "Lesion number (largest first)", lambda l: str(l.lesion_id), lambda l: l.lesion_id),
     ("Size mm", "Lung-RADS size: mean of long and short axis on the axial slice of greatest extent",
      lambda l: f"{l.mean_diameter_mm:.1f}", lambda l: l.mean_diameter_mm),
-    ("Long × short", "Long and short axis (mm) on that slice",
-     lambda l: f"{l.long_axis_mm:.1f} × {l.short_axis_mm:.1f}", lambda l: l.long_axis_mm),
     ("Vol mL", "Volume in millilitres", lambda l: f"{l.volume_ml:.3f}", lambda l: l.volume_ml),
     ("Mean HU", "Mean attenuation, padding excluded",
      lambda l: "—" if l.mean_hu is None else f"{l.mean_hu:.0f}",
      lambda l: float("-inf") if l.mean_hu is None else l.mean_hu),
     ("Slices", "First–last slice (image numbers)",
-     lambda l: f"{l.slice_range[0] + 1}–{l.slice_range[1] + 1}", lambda l: l.slice_range[0]),
+     lambda l: _image_numbers(*l.slice_range), lambda l: l.slice_range[0]),
+    ("Long × short", "Long and short axis (mm) on that slice",
+     lambda l: f"{l.long_axis_mm:.1f} × {l.short_axis_mm:.1f}", lambda l: l.long_axis_mm),
     ("Centre L/P/S mm", "Centre of the lesion in patient coordinates",
      lambda l: "({:.0f}, {:.0f}, {:.0f})".format(*l.centre_lps), lambda l: l.centre_lps[2]),
     ("Class", "Label value in the label map", lambda l: str(l.label), lambda l: l.label),
@@ -93,6 +98,7 @@ class LesionList(QWidget):
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.verticalHeader().hide()
+        self.table.verticalHeader().setDefaultSectionSize(22)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.table.clicked.connect(self._on_clicked)
         self.table.activated.connect(self._on_clicked)

@@ -1,0 +1,96 @@
+"""The series browser on a real index of real DICOM files (the demo generator's), and a series
+opened from it into the viewer while it loads progressively."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+from PySide6.QtCore import Qt
+
+from app.core.progress import run_to_end
+from widgets.viewer import SeriesBrowser, ViewerPanel
+
+
+def _index(path):
+    from app.core.dicom_index import index_path
+
+    return run_to_end(index_path(str(path)))
+
+
+def _browser(qtbot, job_manager, index) -> SeriesBrowser:
+    browser = SeriesBrowser(job_manager)
+    qtbot.addWidget(browser)
+    browser.resize(600, 500)
+    browser.show()
+    qtbot.waitExposed(browser)
+    browser.set_index(index)
+    return browser
+
+
+def _double_click(qtbot, browser: SeriesBrowser, series) -> object:
+    item = browser.series_item(series.key)
+    browser.tree.scrollToItem(item)
+    rect = browser.tree.visualItemRect(item)
+    with qtbot.waitSignal(browser.series_activated, timeout=5000) as signal:
+        qtbot.mouseDClick(browser.tree.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    return signal.args[0]
+
+
+def test_tree_lists_patients_studies_series_and_double_click_emits_the_series(qtbot, job_manager, demo_tiny):
+    index = _index(demo_tiny)
+    browser = _browser(qtbot, job_manager, index)
+    assert browser.tree.topLevelItemCount() == len(index.patients) == 3
+    images = index.image_series()
+    assert len(images) == 3
+    for series in images:
+        item = browser.series_item(series.key)
+        assert item.text(1) == "CT" and item.text(3) == str(series.n_images)
+    chosen = images[1]
+    assert _double_click(qtbot, browser, chosen).series_uid == chosen.series_uid
+    # thumbnails arrive from the background job, not from the UI thread
+    qtbot.waitUntil(lambda: all(not browser.series_item(s.key).icon(0).isNull() for s in images), timeout=20_000)
+
+
+def test_unreadable_files_are_listed_with_their_reason(qtbot, job_manager, demo_tiny, tmp_path):
+    case = tmp_path / "case"
+    shutil.copytree(demo_tiny / "CASE001" / "CT", case / "CT")
+    (case / "CT" / "broken.dcm").write_bytes(b"DICM but not really" * 10)
+    index = _index(case)
+    browser = _browser(qtbot, job_manager, index)
+    assert browser.problems.topLevelItemCount() == len(index.problems) >= 1
+    files = [browser.problems.topLevelItem(n).text(0) for n in range(browser.problems.topLevelItemCount())]
+    assert any(f.endswith("broken.dcm") for f in files)
+    assert all(browser.problems.topLevelItem(n).text(1) for n in range(len(files)))
+    assert "(1)" in browser.problems_title.text() or f"({len(files)})" in browser.problems_title.text()
+
+
+def test_a_series_opened_from_the_browser_is_shown_while_it_loads(qtbot, job_manager, demo_tiny):
+    from app.core.dicom_load import open_series
+
+    index = _index(demo_tiny)
+    browser = _browser(qtbot, job_manager, index)
+    panel = ViewerPanel()
+    qtbot.addWidget(panel)
+    panel.resize(1200, 500)
+    panel.show()
+    series = _double_click(qtbot, browser, index.image_series()[0])
+    loader = open_series(series)
+    panel.set_volume(loader.volume, loader.first_slice)
+    refreshed = []
+
+    def on_progress(job_id, fraction, message, data):
+        if isinstance(data, tuple) and len(data) == 2:
+            refreshed.append(data)
+            panel.refresh_slices(*data)
+
+    job_manager.progress.connect(on_progress)
+    with qtbot.waitSignal(job_manager.finished, timeout=30_000):
+        job_manager.submit("Load slices", loader.fill)
+    volume = loader.volume
+    assert refreshed and volume.is_complete
+    axial = panel.mpr.views["axial"]
+    assert not axial.loading.isVisible()
+    k = panel.state.position[0]
+    expected = panel.mpr.views["axial"].image_item.image
+    assert expected.shape == volume.shape[1:] and expected.any()
+    assert np.count_nonzero(volume.voxels[k]) > 0

@@ -5,10 +5,14 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pytest
 from PySide6.QtCore import Qt
 
 from app.core.progress import run_to_end
 from widgets.viewer import SeriesBrowser, ViewerPanel
+
+# Runs as soon as the DICOM indexer/loader (issue: open scans) is in the tree.
+pytest.importorskip("app.core.dicom_load", reason="app.core.dicom_index/dicom_load not landed yet")
 
 
 def _index(path):

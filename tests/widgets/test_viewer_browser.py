@@ -36,6 +36,8 @@ def _double_click(qtbot, browser: SeriesBrowser, series) -> object:
     browser.tree.scrollToItem(item)
     rect = browser.tree.visualItemRect(item)
     with qtbot.waitSignal(browser.series_activated, timeout=5000) as signal:
+        # a real double-click starts with a press; QTest's mouseDClick alone sends no press
+        qtbot.mouseClick(browser.tree.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
         qtbot.mouseDClick(browser.tree.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
     return signal.args[0]
 

@@ -42,10 +42,11 @@ class ViewerState(QObject):
         self.tool = "navigate"
 
     # --- the scan -------------------------------------------------------------------------
-    def reset_for(self, shape, dicom_default: tuple[float, float] | None, modality: str = "CT") -> None:
-        """A new scan: centre the position and show the DICOM's own window."""
+    def reset_for(self, shape, dicom_default: tuple[float, float] | None, modality: str = "CT",
+                  sample=None) -> None:
+        """A new scan: centre the position and show the DICOM's own window (or one from ``sample``)."""
         self.shape = tuple(int(n) for n in shape)
-        self.dicom_window = default_window(dicom_default, modality)
+        self.dicom_window = default_window(dicom_default, modality, sample)
         self.position = (-1, -1, -1)
         self.set_position(tuple(n // 2 for n in self.shape))
         self.set_window(*self.dicom_window)

@@ -80,12 +80,20 @@ def apply_window(slice_hu: np.ndarray, lut_int16: np.ndarray | None, width: floa
     return window_to_uint8(slice_hu, width, level, inverted)
 
 
-def default_window(default: tuple[float, float] | None, modality: str = "CT") -> tuple[float, float]:
-    """(width, level) for the 0 key: the DICOM's own window, else a soft-tissue window for CT."""
+def default_window(default: tuple[float, float] | None, modality: str = "CT",
+                   sample: np.ndarray | None = None) -> tuple[float, float]:
+    """(width, level) for the 0 key: the DICOM's own window; else soft tissue for CT; else (MR,
+    PET ...) the 1st–99th percentile of a sample slice, as most viewers do for unwindowed series."""
     if default is not None and default[1] > 0:
         center, width = default
         return float(width), float(center)
-    return PRESETS["mediastinum"] if modality == "CT" else (2000.0, 1000.0)
+    if modality == "CT":
+        return PRESETS["mediastinum"]
+    if sample is not None and np.size(sample):
+        low, high = np.percentile(np.asarray(sample, dtype=np.float32), [1, 99])
+        if high > low:
+            return float(high - low), float((high + low) / 2)
+    return 2000.0, 1000.0
 
 
 # --- orientation ----------------------------------------------------------------------------

@@ -45,6 +45,9 @@ def test_int16_table_gives_the_same_bytes_as_the_formula_and_inverts():
 def test_default_window_prefers_the_dicom_window():
     assert default_window((-500.0, 1200.0)) == (1200.0, -500.0)
     assert default_window(None) == PRESETS["mediastinum"]
+    mr_slice = np.linspace(0, 1000, 10_001)
+    width, level = default_window(None, "MR", mr_slice)
+    assert width == pytest.approx(980.0) and level == pytest.approx(500.0)
 
 
 @pytest.mark.parametrize("position", list(POSITIONS))

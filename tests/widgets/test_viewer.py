@@ -323,3 +323,12 @@ def test_ctrl_wheel_zooms_and_middle_drag_pans(qtbot, chest):
     qtbot.keyClick(axial, Qt.Key.Key_F)
     (f0, f1), _ = axial.view_box.viewRange()
     assert (f1 - f0) == pytest.approx(x1 - x0, rel=0.01)
+
+
+def test_an_mr_series_without_a_window_gets_one_from_its_pixels(qtbot):
+    voxels = np.broadcast_to(np.arange(48, dtype=np.int16) * 20, (6, 48, 48)).copy()  # 0..940
+    from app.core.volume import Volume
+    panel = _panel(qtbot, Volume(voxels, spacing=(5.0, 1.0, 1.0), modality="MR"))
+    width, level = panel.state.window
+    assert 800 < width <= 940 and level == pytest.approx(470, abs=10)
+    assert "HU" not in panel.mpr.views["axial"].info_bottom_right.text()

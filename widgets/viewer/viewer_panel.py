@@ -126,7 +126,7 @@ class ViewerPanel(QWidget):
         self.controls.scores.set_scores({})
         self.scan = DisplayedScan(volume)
         self.mpr.set_scan(None)  # the views forget the old scan before the position moves on
-        self.state.reset_for(volume.shape, volume.default_window, volume.modality)
+        self.state.reset_for(volume.shape, volume.default_window, volume.modality, _window_sample(volume))
         if first_slice is not None:
             self.state.set_position((first_slice, *self.state.position[1:]))
         self.mpr.set_scan(self.scan)
@@ -206,6 +206,14 @@ class ViewerPanel(QWidget):
         self.view_box.blockSignals(True)
         self.view_box.setCurrentIndex(VIEWS.index(single_view))
         self.view_box.blockSignals(False)
+
+
+def _window_sample(volume) -> np.ndarray | None:
+    """One loaded slice to derive a window from when the series has none (MR, PET): cheap, 1 slice."""
+    if volume.default_window is not None or volume.modality == "CT":
+        return None
+    loaded = np.arange(volume.shape[0]) if volume.loaded is None else np.flatnonzero(volume.loaded)
+    return volume.voxels[int(loaded[len(loaded) // 2])] if len(loaded) else None
 
 
 def _present_labels(labels: np.ndarray, colours: dict, label_names: dict) -> tuple[int, ...]:

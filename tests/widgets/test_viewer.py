@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PySide6.QtCore import QPoint, Qt
+from PySide6.QtCore import QPoint, QPointF, Qt
 
 from app.core.display import PRESETS, window_to_uint8
 from app.core.lesions import lesion_table
@@ -331,4 +331,6 @@ def test_an_mr_series_without_a_window_gets_one_from_its_pixels(qtbot):
     panel = _panel(qtbot, Volume(voxels, spacing=(5.0, 1.0, 1.0), modality="MR"))
     width, level = panel.state.window
     assert 800 < width <= 940 and level == pytest.approx(470, abs=10)
-    assert "HU" not in panel.mpr.views["axial"].info_bottom_right.text()
+    axial = panel.mpr.views["axial"]
+    axial._hover(axial.view_box.mapViewToScene(QPointF(*pixel_centre_mm(axial, 10, 10))))
+    assert axial.info_bottom_right.text().startswith("200<br>")  # a plain value: MR has no HU

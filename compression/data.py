@@ -1,0 +1,218 @@
+"""The scans compression learns from: manifest cases loaded as volumes, cut into network-ready slices.
+
+Calibration, fine-tuning and distillation read the manifest's ``calib`` / ``train`` cases through
+:func:`load_cases`; :func:`slice_tensors` turns them into the exact arrays the network sees at
+inference (same orientation, HU window and normalisation as ``app.core.inference.prepare``), so
+a model is never tuned on data pre-processed differently from how it will run.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generator, Sequence
+
+import numpy as np
+
+from app.core.manifest import Case, Manifest
+from app.core.model_card import ModelCard
+from app.core.progress import Progress, run_to_end
+from app.core.volume import Volume
+
+
+class DataError(ValueError):
+    """A case of the manifest cannot be read; the message names the case and the file."""
+
+
+@dataclass
+class CaseData:
+    case: str
+    patient: str
+    series: str
+    volume: Volume
+    labels: np.ndarray | None  # uint8 on the volume grid: 0 background, 1 nodule; None when unlabelled
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_cases(manifest: Manifest, split: str | Sequence[str]) -> Generator[Progress, None, list[CaseData]]:
+    """Every case of ``split`` (one name or several) as volumes plus labels; one progress tick per case."""
+    splits = (split,) if isinstance(split, str) else tuple(split)
+    wanted = [c for c in manifest.cases if c.split in splits]
+    out = []
+    for number, case in enumerate(wanted, 1):
+        out.append(load_case(manifest, case))
+        yield Progress(number / len(wanted), f"loaded case {case.case} ({number}/{len(wanted)})")
+    return out
+
+
+def load_case(manifest: Manifest, case: Case) -> CaseData:
+    path = manifest.series_path(case)
+    if path is None:
+        raise DataError(f"case {case.case}: series {case.series} is named by UID; "
+                        "give its folder in the manifest to use it for compression")
+    volume = _read_volume(path, case)
+    labels_path = manifest.labels_path(case)
+    labels = None if labels_path is None else _read_labels(labels_path, volume, case)
+    return CaseData(case.case, case.patient, case.series, volume, labels)
+
+
+def _optional(module: str, name: str):
+    """A loader of app.core if that module provides it (the DICOM/mask loaders), else None."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _result(value):
+    # app.core loaders may be generators (progress per file) or plain functions.
+    return run_to_end(value) if inspect.isgenerator(value) else value
+
+
+def _read_volume(path: Path, case: Case) -> Volume:
+    if not path.exists():
+        raise DataError(f"case {case.case}: series not found: {path}")
+    loader = _optional("app.core.dicom_load", "load_series")
+    try:
+        if loader is not None and path.is_dir():
+            volume = _result(loader(path))
+            if isinstance(volume, Volume):
+                return volume
+        return _read_with_sitk(path)
+    except DataError:
+        raise
+    except Exception as exc:  # any reader failure becomes one clear per-case error
+        raise DataError(f"case {case.case}: cannot read series {path} ({_first_line(exc)})") from exc
+
+
+def _read_with_sitk(path: Path) -> Volume:
+    import SimpleITK as sitk
+
+    if path.is_dir():
+        reader = sitk.ImageSeriesReader()
+        files = reader.GetGDCMSeriesFileNames(str(path))
+        if not files:
+            raise DataError(f"{path}: no DICOM series in this folder")
+        reader.SetFileNames(files)
+        image = reader.Execute()
+    else:
+        image = sitk.ReadImage(str(path))
+    voxels = sitk.GetArrayFromImage(image)
+    voxels = voxels.astype(np.int16) if np.all(np.mod(voxels, 1) == 0) else voxels.astype(np.float32)
+    return Volume(voxels=voxels, spacing=tuple(float(s) for s in reversed(image.GetSpacing())),
+                  origin=tuple(image.GetOrigin()), direction=np.asarray(image.GetDirection()).reshape(3, 3))
+
+
+def _read_labels(path: Path, volume: Volume, case: Case) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"case {case.case}: label map not found: {path}")
+    loader = _optional("app.core.masks", "load_label_file")
+    try:
+        if loader is not None:
+            labels = _result(loader(path, volume))
+            labels = getattr(labels, "labels", labels)
+        else:
+            import SimpleITK as sitk
+
+            labels = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    except Exception as exc:
+        raise DataError(f"case {case.case}: cannot read label map {path} ({_first_line(exc)})") from exc
+    labels = np.asarray(labels)
+    if labels.shape != volume.shape:
+        raise DataError(f"case {case.case}: label map {path.name} is {labels.shape}, its series {volume.shape}")
+    return (labels > 0).astype(np.uint8)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------- slices for the network
+
+
+def slice_tensors(cases: list[CaseData], card: ModelCard, *, with_labels: bool, max_slices: int | None = None,
+                  foreground_fraction: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """Axial slices pre-processed exactly as inference does: x (N, C, H, W) float32, y (N, H, W) uint8.
+
+    ``max_slices`` keeps a seeded sample in which about ``foreground_fraction`` of the slices
+    contain a labelled nodule (when labels exist), so a small budget still sees lesions.
+    With ``with_labels`` every case must be labelled; ``y`` is None otherwise.
+    """
+    if card.input.dims != 2:
+        raise ValueError(f"{card.name}: compression data are axial slices; this card is {card.input.dims}D")
+    if with_labels and any(c.labels is None for c in cases):
+        missing = ", ".join(c.case for c in cases if c.labels is None)
+        raise DataError(f"labels are needed but these cases have none: {missing}")
+    images, labels = _prepared_slices(cases, card)
+    keep = _choose_slices(labels, max_slices, foreground_fraction, seed)
+    x = _pad_to_divisor(images[keep], card.input.size_divisor)[:, None]
+    x = np.repeat(x, card.input.channels, axis=1) if card.input.channels > 1 else x
+    y = _pad_to_divisor(labels[keep], card.input.size_divisor) if with_labels else None
+    return np.ascontiguousarray(x, np.float32), y
+
+
+def _prepared_slices(cases: list[CaseData], card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
+    from app.core.inference import prepare
+
+    images, labels = [], []
+    shapes = set()
+    for case in cases:
+        prepared = prepare(case.volume, card)
+        images.append(prepared.array)
+        labels.append(_labels_on_grid(case, prepared, card))
+        shapes.add(prepared.array.shape[1:])
+    if len(shapes) > 1:  # slices of different sizes cannot share a batch: centre-crop to the smallest
+        size = tuple(min(s[i] for s in shapes) for i in (0, 1))
+        images, labels = [_crop(a, size) for a in images], [_crop(a, size) for a in labels]
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _labels_on_grid(case: CaseData, prepared, card: ModelCard) -> np.ndarray:
+    """Labels moved the way ``prepare`` moved the voxels (reorient, resample nearest)."""
+    from app.core.inference import _reorient, _resample
+
+    if case.labels is None:
+        return np.zeros(prepared.array.shape, np.uint8)
+    labels = _reorient(np.asarray(case.labels), prepared.permutation, prepared.flips)
+    if labels.shape != prepared.array.shape:
+        labels = _resample(labels.astype(np.float32), None, None, order=0, shape=prepared.array.shape)
+    return (labels > 0.5).astype(np.uint8)
+
+
+def _crop(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    y0 = (array.shape[1] - size[0]) // 2
+    x0 = (array.shape[2] - size[1]) // 2
+    return array[:, y0:y0 + size[0], x0:x0 + size[1]]
+
+
+def _choose_slices(labels: np.ndarray, max_slices: int | None, foreground_fraction: float, seed: int) -> np.ndarray:
+    everything = np.arange(len(labels))
+    if max_slices is None or max_slices >= len(labels):
+        return everything
+    rng = np.random.default_rng(seed)
+    has_fg = labels.reshape(len(labels), -1).any(axis=1)
+    fg, bg = everything[has_fg], everything[~has_fg]
+    n_fg = min(len(fg), int(round(max_slices * foreground_fraction)))
+    n_bg = min(len(bg), max_slices - n_fg)
+    n_fg = min(len(fg), max_slices - n_bg)  # too few background slices: take more nodule slices
+    chosen = np.concatenate([rng.choice(fg, n_fg, replace=False), rng.choice(bg, n_bg, replace=False)])
+    return np.sort(chosen.astype(int))
+
+
+def _pad_to_divisor(array: np.ndarray, divisor: int) -> np.ndarray:
+    """Pad (N, y, x) at the far edges, as the runners do for whole slices."""
+    pads = [(-n) % max(1, divisor) for n in array.shape[1:]]
+    if not any(pads):
+        return array
+    return np.pad(array, [(0, 0)] + [(0, p) for p in pads], mode="edge")
+
+
+def cases_from_arrays(volumes: Sequence[Volume], labels: Sequence[np.ndarray | None], patients=None) -> list[CaseData]:
+    """CaseData for volumes already in memory (a notebook, a test, the GUI's open scans)."""
+    patients = list(patients) if patients is not None else [f"P{i}" for i in range(len(volumes))]
+    return [CaseData(f"case{i}", patients[i], v.series_uid or f"series{i}", v, l)
+            for i, (v, l) in enumerate(zip(volumes, labels))]

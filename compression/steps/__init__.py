@@ -1,0 +1,1 @@
+"""One module per compression technique; each exposes a step generator (see compression.pipeline)."""

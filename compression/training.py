@@ -1,0 +1,240 @@
+"""The one training loop every fine-tune, distillation, sparsity and QAT step shares.
+
+Mixed precision everywhere: ``amp="fp16"`` runs autocast float16 with a GradScaler (what GPUs
+want), ``amp="bf16"`` autocast bfloat16 (no scaler needed: bf16 keeps fp32's range), ``"off"``
+plain fp32; ``"auto"`` picks fp16 on CUDA and fp32 on CPU, where bf16 autocast is only worth it
+on CPUs with native bf16 (pass ``"bf16"`` there). Seeded: the same seed, data and threads give
+the same weights.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Generator
+
+import numpy as np
+
+from app.core.progress import Progress
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+    amp: str = "auto"  # auto | off | bf16 | fp16
+    crop: int | None = None  # random square crops (None: whole slices); CPU fine-tunes use 128-256
+    augment: bool = True  # flips: nodules have no preferred left/right or up/down
+    threads: int | None = None
+
+
+def seed_all(seed: int, threads: int | None = None) -> None:
+    import random
+
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def amp_dtype(amp: str, device: str):
+    """The autocast dtype for ``amp`` on ``device`` (None: fp32)."""
+    import torch
+
+    if amp == "auto":
+        amp = "fp16" if device.startswith("cuda") else "off"
+    table = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if amp not in table:
+        raise ValueError(f"amp must be auto, off, bf16 or fp16, not {amp!r}")
+    return table[amp]
+
+
+# ---------------------------------------------------------------- losses
+
+
+def soft_dice_loss(probabilities, target_probabilities, eps: float = 1e-5):
+    """1 − mean soft Dice over foreground channels (channel 0 is background)."""
+    dims = (0, 2, 3)
+    p, t = probabilities[:, 1:], target_probabilities[:, 1:]
+    inter = (p * t).sum(dims)
+    dice = (2 * inter + eps) / (p.sum(dims) + t.sum(dims) + eps)
+    return 1 - dice.mean()
+
+
+def segmentation_loss(logits, labels, foreground_weight: float = 1.0):
+    """Cross-entropy + soft Dice against integer labels (N, H, W).
+
+    ``foreground_weight`` > 1 up-weights lesion pixels in the cross-entropy: nodules are a few
+    per cent of a slice, and a network trained from scratch otherwise settles on "all background".
+    """
+    import torch
+    import torch.nn.functional as F
+
+    weight = None
+    if foreground_weight != 1.0:
+        weight = torch.full((logits.shape[1],), float(foreground_weight), device=logits.device)
+        weight[0] = 1.0
+    one_hot = F.one_hot(labels.long(), logits.shape[1]).permute(0, 3, 1, 2).float()
+    return F.cross_entropy(logits, labels.long(), weight=weight) + soft_dice_loss(logits.softmax(1), one_hot)
+
+
+def distillation_loss(student_logits, teacher_logits, labels=None, temperature: float = 2.0,
+                      label_weight: float = 0.5, foreground_weight: float = 1.0):
+    """KL(teacher‖student) at ``temperature`` (× T², Hinton) + soft Dice to the teacher's mask,
+    mixed with the labels' loss when labels are given."""
+    import torch.nn.functional as F
+
+    t = float(temperature)
+    teacher_logits = teacher_logits.float()
+    kl = F.kl_div(F.log_softmax(student_logits / t, 1), F.softmax(teacher_logits / t, 1),
+                  reduction="batchmean") * t * t / student_logits[0, 0].numel()
+    soft = kl + soft_dice_loss(student_logits.softmax(1), teacher_logits.softmax(1))
+    if labels is None:
+        return soft
+    return (1 - label_weight) * soft + label_weight * segmentation_loss(student_logits, labels, foreground_weight)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _batch(arrays: dict[str, np.ndarray], idx: np.ndarray, rng: np.random.Generator, config: TrainConfig):
+    """The same crop and flips for every array of the batch (image, labels, teacher outputs)."""
+    out = {k: v[idx] for k, v in arrays.items()}
+    if config.crop:
+        size = out["x"].shape[-1], out["x"].shape[-2]
+        c = min(config.crop, *size)
+        y0 = int(rng.integers(0, out["x"].shape[-2] - c + 1))
+        x0 = int(rng.integers(0, out["x"].shape[-1] - c + 1))
+        out = {k: v[..., y0:y0 + c, x0:x0 + c] for k, v in out.items()}
+    if config.augment:
+        flips = rng.random(2) < 0.5
+        for axis_from_end, flip in zip((1, 2), flips):
+            if flip:
+                out = {k: np.flip(v, -axis_from_end) for k, v in out.items()}
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def train_loop(module, arrays: dict[str, np.ndarray], loss_fn: Callable, config: TrainConfig, *,
+               penalty: Callable | None = None, after_backward: Callable | None = None,
+               label: str = "fine-tune") -> Generator[Progress, None, dict]:
+    """Train ``module`` in place on ``arrays`` (``x`` plus targets) for ``config.steps`` steps.
+
+    ``loss_fn(logits, batch_tensors)`` gives the task loss; ``penalty(module)`` adds a
+    regulariser (sparsity); ``after_backward(module)`` runs between backward and the optimiser
+    step (torch-pruning's group regularisation). Yields a progress tick with the loss per step.
+    """
+    import torch
+
+    seed_all(config.seed, config.threads)
+    rng = np.random.default_rng(config.seed)
+    dtype = amp_dtype(config.amp, config.device)
+    device_type = "cuda" if config.device.startswith("cuda") else "cpu"
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+    module.to(config.device).train()
+    optimiser = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(1, config.steps))
+    losses, start = [], time.perf_counter()
+    n = len(arrays["x"])
+    for step in range(config.steps):
+        idx = rng.choice(n, min(config.batch_size, n), replace=False)
+        batch = {k: torch.from_numpy(v).to(config.device) for k, v in _batch(arrays, idx, rng, config).items()}
+        with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = module(batch["x"])
+            loss = loss_fn(logits.float(), batch)
+            if penalty is not None:
+                loss = loss + penalty(module)
+        optimiser.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if after_backward is not None:
+            scaler.unscale_(optimiser)
+            after_backward(module)
+        scaler.step(optimiser)
+        scaler.update()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        yield Progress((step + 1) / config.steps, f"{label} step {step + 1}/{config.steps} loss {losses[-1]:.4f}",
+                       {"loss": losses[-1], "step": step + 1})
+    module.eval()
+    return {"steps": config.steps, "loss_first": losses[0] if losses else None,
+            "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])) if losses else None,
+            "seconds": round(time.perf_counter() - start, 2), "amp": str(dtype).replace("torch.", "") if dtype else "fp32"}
+
+
+def labels_loss(logits, batch):
+    return segmentation_loss(logits, batch["y"])
+
+
+def make_labels_loss(foreground_weight: float = 1.0):
+    def loss(logits, batch):
+        return segmentation_loss(logits, batch["y"], foreground_weight)
+    return loss
+
+
+def make_distillation_loss(temperature: float = 2.0, label_weight: float = 0.5, foreground_weight: float = 1.0):
+    def loss(logits, batch):
+        labels = batch.get("y") if label_weight > 0 else None
+        return distillation_loss(logits, batch["teacher"], labels, temperature, label_weight, foreground_weight)
+    return loss
+
+
+# ---------------------------------------------------------------- predictions
+
+
+def predict_logits(module, x: np.ndarray, batch_size: int = 8, device: str = "cpu", amp: str = "off") -> np.ndarray:
+    """Logits (N, C, H, W) float32 of a torch module on pre-processed slices."""
+    import torch
+
+    dtype = amp_dtype(amp, device)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    module.eval()
+    out = []
+    with torch.inference_mode(), torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        for first in range(0, len(x), batch_size):
+            logits = module(torch.from_numpy(np.ascontiguousarray(x[first:first + batch_size])).to(device))
+            out.append(logits.float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def onnx_logits(path, x: np.ndarray, batch_size: int = 8, threads: int | None = None) -> np.ndarray:
+    """Logits of an ONNX model on pre-processed slices (a teacher that exists only as ONNX)."""
+    session = ort_session(path, threads)
+    name = session.get_inputs()[0].name
+    out = [session.run(None, {name: np.ascontiguousarray(x[i:i + batch_size])})[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(out).astype(np.float32)
+
+
+def ort_session(path, threads: int | None = None, optimized_path=None, level: str = "all"):
+    """A CPU ONNX Runtime session with spinning off (two cores are shared with the UI)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.inter_op_num_threads = 1
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
+    options.graph_optimization_level = levels[level]
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def masks_from_logits(logits: np.ndarray) -> np.ndarray:
+    """Foreground masks (N, H, W) bool: argmax over channels, as the runners label softmax outputs."""
+    return logits.argmax(1) > 0
+
+
+def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks over all slices (1.0 when both are empty)."""
+    denom = int(a.sum()) + int(b.sum())
+    return 1.0 if denom == 0 else 2.0 * float(np.logical_and(a, b).sum()) / denom

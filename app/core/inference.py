@@ -506,7 +506,7 @@ def extract_patch(array: np.ndarray, centre: Sequence[int], size: Sequence[int])
 
     Parts outside the volume are filled with the array's minimum (air, after windowing).
     """
-    if len(size) == 2:
+    if len(size) == 2 and array.ndim == 3:
         k = int(np.clip(centre[0], 0, array.shape[0] - 1))
         return extract_patch(array[k], centre[1:], size)
     out = np.full(tuple(size), float(array.min()), np.float32)

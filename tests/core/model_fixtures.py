@@ -39,6 +39,16 @@ def build(name: str, args: dict, seed: int = 0):
 
 
 def export(net, path: Path, shape: tuple[int, ...], dynamic: bool = True) -> None:
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # the exporter's deprecation and tracer chatter
+        warnings.simplefilter("ignore")
+        _export(net, path, shape, dynamic)
+
+
+def _export(net, path: Path, shape: tuple[int, ...], dynamic: bool) -> None:
     import torch
 
     axes = {0: "n", **({i: f"d{i}" for i in range(2, len(shape))} if dynamic else {})}

@@ -1,0 +1,563 @@
+"""The two demo models, trained here, deterministically, on the demo data's train split.
+
+1. ``lung-nodule-unet2d`` — MONAI ``UNet(spatial_dims=2, in_channels=1, out_channels=2,
+   channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2, act="RELU")`` on
+   axial slices (pinned, so compression results mean something; ReLU because torch-pruning
+   cannot trace PReLU). Fully convolutional: trained on crops around nodules and background,
+   run on whole 512×512 slices.
+2. ``nodule-type-densenet`` — a 2D DenseNet on 64×64 axial patches around each lesion centre,
+   classifying solid / part-solid / ground-glass.
+
+``python main.py train-demo --data DIR --out DIR --seed S`` trains both, evaluates them on the
+eval split (bootstrap 95 % intervals over cases), exports ONNX (verified against torch on the
+same inputs) and writes each model folder with its card.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Generator
+
+import numpy as np
+
+from app.core.model_card import (
+    Architecture,
+    InputSpec,
+    Label,
+    Lineage,
+    ModelCard,
+    Preprocessing,
+    RoiSpec,
+    save_card,
+)
+from app.core.progress import Progress, run_to_end
+from app.core.volume import Volume
+
+log = logging.getLogger(__name__)
+
+INTENDED_USE = "research and demonstration only, trained on synthetic phantoms; not for diagnosis"
+LUNG_WINDOW = (-1000.0, 400.0)
+NODULE_TYPES = ("solid", "part-solid", "ground-glass")
+UNET_ARGS = {"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "channels": [16, 32, 64, 128, 256],
+             "strides": [2, 2, 2, 2], "num_res_units": 2, "act": "RELU"}
+# DenseNet121's block layout (6, 12, 24, 16) at half the growth rate: the same family, a quarter
+# of the compute, which is what 2 shared CPU cores can train in minutes on ~100 lesions.
+DENSENET_ARGS = {"spatial_dims": 2, "in_channels": 1, "out_channels": 3, "init_features": 32,
+                 "growth_rate": 16, "block_config": [6, 12, 24, 16], "dropout_prob": 0.0}
+CLASSIFIER_PATCH = 64
+ONNX_TOLERANCE = 1e-4  # max |logit difference| torch vs ONNX Runtime, fp32, same input
+
+
+# ---------------------------------------------------------------- reading the demo data
+
+
+@dataclass
+class DemoCase:
+    name: str
+    split: str
+    volume: Volume
+    labels: np.ndarray  # uint8 semantic map (0 = background)
+    lesions: list[dict]  # rows of the case's lesion CSV (centre_*_mm, type, ...)
+
+
+def read_series_volume(folder: Path) -> Volume:
+    """A DICOM series folder as a Volume (SimpleITK keeps the LPS geometry)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    files = reader.GetGDCMSeriesFileNames(str(folder))
+    if not files:
+        raise ValueError(f"{folder}: no DICOM series found")
+    reader.SetFileNames(files)
+    return volume_from_sitk(reader.Execute())
+
+
+def volume_from_sitk(image) -> Volume:
+    import SimpleITK as sitk
+
+    voxels = sitk.GetArrayFromImage(image)
+    voxels = voxels.astype(np.int16) if np.all(np.mod(voxels, 1) == 0) else voxels.astype(np.float32)
+    return Volume(voxels=voxels, spacing=tuple(float(s) for s in reversed(image.GetSpacing())),
+                  origin=tuple(image.GetOrigin()), direction=np.asarray(image.GetDirection()).reshape(3, 3))
+
+
+def read_labels(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    import SimpleITK as sitk
+
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.uint8)
+    if labels.shape != tuple(shape):
+        raise ValueError(f"{path}: label map {labels.shape} does not match its series {shape}")
+    return labels
+
+
+def find_lesion_csv(case_folder: Path) -> Path | None:
+    """The demo generator writes a lesion CSV (with a ``type`` column) beside each case."""
+    for path in sorted(case_folder.rglob("*.csv")):
+        with open(path, encoding="utf-8") as handle:
+            header = handle.readline()
+        if "type" in header.split(",") or "type\n" in header.split(","):
+            return path
+    return None
+
+
+def read_demo_cases(data_dir: Path, splits: tuple[str, ...]) -> list[DemoCase]:
+    from app.core.lesions import read_lesion_csv
+    from app.core.manifest import read_manifest
+
+    manifest = read_manifest(_manifest_path(data_dir))
+    cases = []
+    for case in manifest.cases:
+        if case.split not in splits:
+            continue
+        volume = read_series_volume(manifest.series_path(case))
+        labels = read_labels(manifest.labels_path(case), volume.shape)
+        csv_path = find_lesion_csv(manifest.labels_path(case).parent)
+        rows = read_lesion_csv(csv_path) if csv_path else []
+        cases.append(DemoCase(case.case, case.split, volume, labels, rows))
+    return cases
+
+
+def _manifest_path(data_dir: Path) -> Path:
+    if data_dir.is_file():
+        return data_dir
+    for name in ("manifest.csv",):
+        if (data_dir / name).is_file():
+            return data_dir / name
+    raise FileNotFoundError(f"{data_dir}: no manifest.csv (generate the demo data first)")
+
+
+# ---------------------------------------------------------------- determinism and lineage
+
+
+def seed_everything(seed: int, threads: int) -> None:
+    import random
+
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "monai", "onnx", "onnxruntime-gpu", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def cpu_flags() -> list[str]:
+    wanted = {"avx", "avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "fma", "sse4_2"}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(wanted & set(flags))
+
+
+# ---------------------------------------------------------------- segmentation training
+
+
+def _window01(voxels: np.ndarray) -> np.ndarray:
+    lo, hi = LUNG_WINDOW
+    return ((np.clip(voxels.astype(np.float32), lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+def slice_pool(cases: list[DemoCase], rng: np.random.Generator, background_per_case: int):
+    """Every slice with nodule plus some without: (images float32, masks uint8) stacks."""
+    images, masks = [], []
+    for case in cases:
+        fg = np.flatnonzero(case.labels.reshape(len(case.labels), -1).any(axis=1))
+        bg = np.setdiff1d(np.arange(len(case.labels)), fg)
+        chosen = np.concatenate([fg, rng.choice(bg, min(len(bg), background_per_case), replace=False)])
+        images.append(_window01(case.volume.voxels[np.sort(chosen)]))
+        masks.append((case.labels[np.sort(chosen)] > 0).astype(np.uint8))
+    return np.concatenate(images), np.concatenate(masks)
+
+
+def sample_crops(images, masks, rng, batch: int, crop: int, nodule_fraction: float = 0.7):
+    """Crops centred near a nodule pixel (oversampled) or anywhere, with flips."""
+    has_fg = masks.reshape(len(masks), -1).any(axis=1)
+    fg_idx, all_idx = np.flatnonzero(has_fg), np.arange(len(masks))
+    crop = min(crop, images.shape[1], images.shape[2])  # tiny test series are smaller than a crop
+    xs, ys = [], []
+    for _ in range(batch):
+        on_nodule = len(fg_idx) and rng.random() < nodule_fraction
+        k = int(rng.choice(fg_idx if on_nodule else all_idx))
+        cy, cx = _crop_centre(masks[k], on_nodule, rng, crop)
+        y0 = int(np.clip(cy - crop // 2, 0, images.shape[1] - crop))
+        x0 = int(np.clip(cx - crop // 2, 0, images.shape[2] - crop))
+        img, msk = images[k, y0:y0 + crop, x0:x0 + crop], masks[k, y0:y0 + crop, x0:x0 + crop]
+        if rng.random() < 0.5:
+            img, msk = img[:, ::-1], msk[:, ::-1]
+        xs.append(img)
+        ys.append(msk)
+    return np.stack(xs)[:, None].copy(), np.stack(ys).astype(np.int64)
+
+
+def _crop_centre(mask, on_nodule, rng, crop):
+    if on_nodule:
+        points = np.argwhere(mask)
+        cy, cx = points[rng.integers(len(points))]
+        jitter = rng.integers(-crop // 3, crop // 3 + 1, size=2)
+        return int(cy + jitter[0]), int(cx + jitter[1])
+    return int(rng.integers(0, mask.shape[0])), int(rng.integers(0, mask.shape[1]))
+
+
+def train_unet(cases: list[DemoCase], seed: int, steps: int, crop: int = 224, batch: int = 8,
+               threads: int = 2, lr: float = 2e-3) -> Generator[Progress, None, object]:
+    """Dice + cross-entropy, Adam; returns the trained network (eval mode)."""
+    import torch
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import UNet
+
+    seed_everything(seed, threads)
+    rng = np.random.default_rng(seed)
+    images, masks = slice_pool(cases, rng, background_per_case=24)
+    net = UNet(**{k: tuple(v) if isinstance(v, list) else v for k, v in UNET_ARGS.items()})
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+    optimiser = torch.optim.Adam(net.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=0.1)
+    net.train()
+    for step in range(steps):
+        x, y = sample_crops(images, masks, rng, batch, crop)
+        loss = loss_fn(net(torch.from_numpy(x)), torch.from_numpy(y)[:, None])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        if step % 10 == 0 or step == steps - 1:
+            yield Progress((step + 1) / steps, f"UNet step {step + 1}/{steps} loss {loss.item():.4f}",
+                           {"loss": float(loss.item())})
+    return net.eval()
+
+
+# ---------------------------------------------------------------- classifier training
+
+
+def lesion_centre_index(volume: Volume, row: dict) -> tuple[int, int, int]:
+    k, j, i = volume.patient_to_index((row["centre_x_mm"], row["centre_y_mm"], row["centre_z_mm"]))
+    return int(round(k)), int(round(j)), int(round(i))
+
+
+def lesion_patches(case: DemoCase, offsets=(0,)) -> tuple[list[np.ndarray], list[int]]:
+    """64×64 axial patches through each typed lesion's centre (and neighbouring slices)."""
+    from app.core.inference import extract_patch
+
+    image = _window01(case.volume.voxels)
+    patches, targets = [], []
+    for row in case.lesions:
+        if row.get("type") not in NODULE_TYPES:
+            continue
+        k, j, i = lesion_centre_index(case.volume, row)
+        for dk in offsets:
+            patches.append(extract_patch(image, (k + dk, j, i), (CLASSIFIER_PATCH, CLASSIFIER_PATCH)))
+            targets.append(NODULE_TYPES.index(row["type"]))
+    return patches, targets
+
+
+def train_densenet(cases: list[DemoCase], seed: int, epochs: int, threads: int = 2,
+                   lr: float = 1e-3, batch: int = 32) -> Generator[Progress, None, object]:
+    import torch
+    from monai.networks.nets import DenseNet
+
+    seed_everything(seed, threads)
+    rng = np.random.default_rng(seed)
+    patches, targets = [], []
+    for case in cases:
+        p, t = lesion_patches(case, offsets=(-1, 0, 1))
+        patches += p
+        targets += t
+    x_all, y_all = np.stack(patches)[:, None].astype(np.float32), np.asarray(targets, np.int64)
+    net = DenseNet(**{k: tuple(v) if isinstance(v, list) else v for k, v in DENSENET_ARGS.items()})
+    optimiser = torch.optim.Adam(net.parameters(), lr=lr)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    net.train()
+    for epoch in range(epochs):
+        order = rng.permutation(len(y_all))
+        for first in range(0, len(order), batch):
+            idx = order[first:first + batch]
+            x = _augment(x_all[idx], rng)
+            loss = loss_fn(net(torch.from_numpy(x)), torch.from_numpy(y_all[idx]))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        yield Progress((epoch + 1) / epochs, f"DenseNet epoch {epoch + 1}/{epochs} loss {loss.item():.4f}",
+                       {"loss": float(loss.item())})
+    return net.eval()
+
+
+def _augment(x: np.ndarray, rng) -> np.ndarray:
+    """Flips and quarter turns: nodule type does not depend on in-plane orientation."""
+    out = []
+    for patch in x:
+        patch = np.rot90(patch, int(rng.integers(4)), axes=(1, 2))
+        if rng.random() < 0.5:
+            patch = patch[:, :, ::-1]
+        out.append(patch)
+    return np.ascontiguousarray(np.stack(out))
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def bootstrap_ci(values, rng_seed: int = 0, resamples: int = 2000, statistic=np.mean) -> tuple[float, float]:
+    """95 % percentile interval of ``statistic`` over cases resampled with replacement."""
+    values = np.asarray(values, float)
+    if len(values) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(rng_seed)
+    stats = [statistic(values[rng.integers(0, len(values), len(values))]) for _ in range(resamples)]
+    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+
+
+def evaluate_segmentation(runner, cases: list[DemoCase], min_diameter_mm: float = 6.0) -> dict:
+    """Per-case Dice, per-lesion sensitivity (≥ min_diameter_mm) and false positives per case."""
+    from app.core.lesions import lesion_table, label_instances, match_lesions
+
+    dice, hits, big_total, false_pos = [], [], [], []
+    for case in cases:
+        findings = run_to_end(runner.run(case.volume))
+        pred, truth = findings.labels > 0, case.labels > 0
+        denom = pred.sum() + truth.sum()
+        dice.append(1.0 if denom == 0 else 2.0 * (pred & truth).sum() / denom)
+        truth_inst, _ = label_instances(truth.astype(np.uint8))
+        pred_inst, _ = label_instances(pred.astype(np.uint8))
+        match = match_lesions(truth_inst, pred_inst)
+        found = {ref for ref, _, _ in match.matched}
+        big = [l.lesion_id for l in lesion_table(truth.astype(np.uint8), case.volume, instances=truth_inst)
+               if l.mean_diameter_mm >= min_diameter_mm]
+        hits.append(sum(1 for b in big if b in found))
+        big_total.append(len(big))
+        false_pos.append(len(match.added))
+    return _segmentation_metrics(dice, hits, big_total, false_pos, min_diameter_mm)
+
+
+def _segmentation_metrics(dice, hits, big_total, false_pos, min_diameter_mm) -> dict:
+    hits, big_total = np.asarray(hits, float), np.asarray(big_total, float)
+
+    def pooled(idx_values):  # sensitivity pooled over the resampled cases' lesions
+        idx = idx_values.astype(int)
+        return hits[idx].sum() / max(1.0, big_total[idx].sum())
+
+    case_idx = np.arange(len(hits), dtype=float)
+    return {
+        "eval_cases": len(dice),
+        "dice_mean": float(np.mean(dice)),
+        "dice_ci95": bootstrap_ci(dice),
+        f"sensitivity_ge_{min_diameter_mm:g}mm": float(hits.sum() / max(1.0, big_total.sum())),
+        f"sensitivity_ge_{min_diameter_mm:g}mm_ci95": bootstrap_ci(case_idx, statistic=pooled),
+        "lesions_ge_min_diameter": int(big_total.sum()),
+        "false_positives_per_case": float(np.mean(false_pos)),
+        "false_positives_per_case_ci95": bootstrap_ci(false_pos),
+    }
+
+
+def evaluate_classifier(net, cases: list[DemoCase]) -> dict:
+    import torch
+
+    correct = []
+    for case in cases:
+        patches, targets = lesion_patches(case)
+        if not patches:
+            continue
+        with torch.inference_mode():
+            pred = net(torch.from_numpy(np.stack(patches)[:, None].astype(np.float32))).argmax(1).numpy()
+        correct += list((pred == np.asarray(targets)).astype(float))
+    return {"eval_lesions": len(correct), "accuracy": float(np.mean(correct)) if correct else float("nan"),
+            "accuracy_ci95": bootstrap_ci(correct)}
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_onnx(net, path: Path, example_shape: tuple[int, ...], dynamic_spatial: bool) -> float:
+    """Export with torch.onnx (opset 17) and return max |torch − ORT| logits on a random input."""
+    import onnxruntime as ort
+    import torch
+
+    from app.core.atomic import atomic_output
+
+    axes = {0: "batch"}
+    if dynamic_spatial:
+        axes.update({i: f"dim{i}" for i in range(2, len(example_shape))})
+    example = torch.from_numpy(np.random.default_rng(0).random(example_shape, dtype=np.float32))
+    with atomic_output(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer chatter
+        torch.onnx.export(net, example, str(tmp), input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": axes, "logits": axes if dynamic_spatial else {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        expected = net(example).numpy()
+    got = session.run(None, {"image": example.numpy()})[0]
+    diff = float(np.abs(expected - got).max())
+    if diff > ONNX_TOLERANCE:
+        raise RuntimeError(f"{path}: ONNX Runtime differs from torch by {diff:.2e} > {ONNX_TOLERANCE:g}")
+    return diff
+
+
+def save_weights(net, path: Path) -> None:
+    import torch
+
+    from app.core.atomic import atomic_output
+
+    with atomic_output(path) as tmp:
+        torch.save(net.state_dict(), tmp)
+
+
+# ---------------------------------------------------------------- cards
+
+
+def unet_card(lineage: Lineage, training_data: str) -> ModelCard:
+    return ModelCard(
+        name="lung-nodule-unet2d", version="1.0.0", task="segmentation",
+        description="Lung nodule segmentation on axial CT slices (MONAI UNet 2D, ReLU).",
+        labels=(Label(0, "background", "#000000"), Label(1, "nodule", "#ff4040")),
+        input=InputSpec(axes="NCHW", dims=2, channels=1, patch_size=None, size_divisor=16,
+                        target_spacing=None, orientation="LPS axial, radiological"),
+        preprocessing=Preprocessing(hu_window=LUNG_WINDOW, clip=True, normalisation="window_0_1"),
+        output_activation="softmax", intended_use=INTENDED_USE, training_data=training_data,
+        architecture=Architecture("UNet", UNET_ARGS), files={"weights": "model.pt", "onnx": "model.onnx"},
+        lineage=lineage,
+    )
+
+
+def densenet_card(lineage: Lineage, training_data: str) -> ModelCard:
+    colours = ("#ff4040", "#ffc000", "#40c0ff")
+    return ModelCard(
+        name="nodule-type-densenet", version="1.0.0", task="classification",
+        description="Nodule type (solid / part-solid / ground-glass) from a 64×64 axial patch at the lesion centre.",
+        labels=tuple(Label(i, name, c) for i, (name, c) in enumerate(zip(NODULE_TYPES, colours))),
+        input=InputSpec(axes="NCHW", dims=2, channels=1, patch_size=(CLASSIFIER_PATCH, CLASSIFIER_PATCH),
+                        orientation="LPS axial, radiological"),
+        preprocessing=Preprocessing(hu_window=LUNG_WINDOW, clip=True, normalisation="window_0_1"),
+        roi=RoiSpec(source="lesion_centres", patch_size_voxels=(CLASSIFIER_PATCH, CLASSIFIER_PATCH)),
+        output_activation="softmax", intended_use=INTENDED_USE, training_data=training_data,
+        architecture=Architecture("DenseNet", DENSENET_ARGS), files={"weights": "model.pt", "onnx": "model.onnx"},
+        lineage=lineage,
+    )
+
+
+def write_model_folder(net, card: ModelCard, out: Path, example_shape, dynamic_spatial: bool) -> ModelCard:
+    from app.core.models import sha256_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(net, out / "model.pt")
+    diff = export_onnx(net, out / "model.onnx", example_shape, dynamic_spatial)
+    metrics = {**card.lineage.metrics, "onnx_max_abs_logit_diff": diff, "onnx_tolerance": ONNX_TOLERANCE}
+    card = card.with_lineage(weights_sha256=sha256_file(out / "model.pt"), metrics=metrics)
+    save_card(card, out / "card.json")
+    return card
+
+
+# ---------------------------------------------------------------- the whole recipe
+
+
+def _training_data_text(data_dir: Path, cases: list[DemoCase]) -> str:
+    return (f"MedCompress demo phantoms (synthetic chest CT, generated by app.core.demo_data), "
+            f"train split: {len(cases)} cases ({', '.join(c.name for c in cases)})")
+
+
+def _lineage(seed: int, threads: int, recipe: dict, seconds: float, metrics: dict) -> Lineage:
+    return Lineage(seed=seed, recipe=recipe, metrics=metrics, package_versions=package_versions(),
+                   cpu_flags=cpu_flags(), provider="torch-cpu", threads=threads,
+                   training_time_s=round(seconds, 1))
+
+
+def train_demo(data_dir: Path, out_dir: Path, seed: int = 0, unet_steps: int = 1200, densenet_epochs: int = 30,
+               threads: int = 2, which: tuple[str, ...] = ("unet", "densenet")) -> Generator[Progress, None, dict]:
+    """Train, evaluate, export and write the demo models; returns {name: metrics}."""
+    train = read_demo_cases(data_dir, ("train",))
+    evaluation = read_demo_cases(data_dir, ("eval",))
+    yield Progress(0.02, f"read {len(train)} train and {len(evaluation)} eval cases")
+    results = {}
+    if "unet" in which:
+        results["lung-nodule-unet2d"] = yield from _train_unet_folder(train, evaluation, data_dir, out_dir,
+                                                                      seed, unet_steps, threads)
+    if "densenet" in which:
+        results["nodule-type-densenet"] = yield from _train_densenet_folder(train, evaluation, data_dir, out_dir,
+                                                                            seed, densenet_epochs, threads)
+    return results
+
+
+def _train_unet_folder(train, evaluation, data_dir, out_dir, seed, steps, threads):
+    from app.core.inference import TorchRunner
+    from app.core.models import open_model
+
+    from app.core.progress import scaled
+
+    start = time.perf_counter()
+    net = yield from scaled(train_unet(train, seed, steps, threads=threads), 0.05, 0.7, "")
+    seconds = time.perf_counter() - start
+    recipe = {"steps": steps, "crop": 224, "batch": 8, "loss": "DiceCE", "optimiser": "Adam+OneCycle(2e-3)",
+              "sampling": "70% crops on nodules, flips"}
+    card = unet_card(_lineage(seed, threads, recipe, seconds, {}), _training_data_text(data_dir, train))
+    folder = out_dir / card.name
+    card = write_model_folder(net, card, folder, (1, 1, 64, 64), dynamic_spatial=True)
+    yield Progress(0.75, "evaluating the UNet on the eval split")
+    runner = TorchRunner(open_model(folder / "card.json", prefer="state_dict"), threads=threads)
+    metrics = evaluate_segmentation(runner, evaluation)
+    card = card.with_lineage(metrics={**card.lineage.metrics, **metrics})
+    save_card(card, folder / "card.json")
+    log.info("UNet: %s", json.dumps(metrics))
+    return metrics
+
+
+def _train_densenet_folder(train, evaluation, data_dir, out_dir, seed, epochs, threads):
+    from app.core.progress import scaled
+
+    start = time.perf_counter()
+    net = yield from scaled(train_densenet(train, seed, epochs, threads=threads), 0.8, 0.95, "")
+    seconds = time.perf_counter() - start
+    metrics = evaluate_classifier(net, evaluation)
+    recipe = {"epochs": epochs, "batch": 32, "optimiser": "Adam(1e-3)", "patch": CLASSIFIER_PATCH,
+              "augment": "quarter turns, flips, ±1 slice"}
+    card = densenet_card(_lineage(seed, threads, recipe, seconds, metrics), _training_data_text(data_dir, train))
+    write_model_folder(net, card, out_dir / card.name, (1, 1, CLASSIFIER_PATCH, CLASSIFIER_PATCH),
+                       dynamic_spatial=False)
+    log.info("DenseNet: %s", json.dumps(metrics))
+    return metrics
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser("train-demo", help="train the two demo models on the demo data (CPU)")
+    parser.add_argument("--data", required=True, help="demo data folder (with manifest.csv)")
+    parser.add_argument("--out", required=True, help="folder for the model folders (e.g. resources/models)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=1200, help="UNet training steps (batch 8)")
+    parser.add_argument("--epochs", type=int, default=30, help="DenseNet epochs")
+    parser.add_argument("--only", choices=("unet", "densenet"), help="train just one of the two")
+    parser.set_defaults(handler=_run_cli)
+
+
+def _run_cli(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    which = (args.only,) if args.only else ("unet", "densenet")
+    job = train_demo(Path(args.data), Path(args.out), args.seed, args.steps, args.epochs, args.threads, which)
+    while True:
+        try:
+            progress = next(job)
+        except StopIteration as done:
+            print(json.dumps(done.value, indent=2))
+            return 0
+        if progress.message:
+            log.info("%s", progress.message)

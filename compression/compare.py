@@ -1,0 +1,462 @@
+"""Compare model variants on the same scans: findings, lesion disagreements, before/after accuracy.
+
+One comparison = 2–4 variants (the first, usually the original, is the reference) × the cases
+of a study or of a manifest's eval split. It runs in two parts so the GUI can drive the first
+part as one heavy job per variant × case through its compute process, and the CLI in-process:
+
+1. :func:`collect_findings` — each variant's findings on each case, from the
+   :class:`~app.core.findings_cache.FindingsCache` or by running the model (``run``);
+2. :func:`assemble` — per case, the lesion disagreements of every variant against the
+   reference (:mod:`app.core.disagreement`) and the evaluation rows; then the verdicts with
+   paired-bootstrap intervals (:mod:`compression.evaluate`), plus size and latency.
+
+Findings are read back from the cache case by case, so the whole data set's label maps never
+need to be in memory at once (see the arithmetic in :mod:`app.core.findings_cache`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Generator, Sequence
+
+import numpy as np
+
+from app.core.disagreement import DEFAULT_VOLUME_CHANGE_PCT, Disagreement, findings_disagreements
+from app.core.findings_cache import FindingsCache, series_key
+from app.core.progress import Progress, as_progress
+from compression import evaluate
+from compression.data import CaseData
+
+MIN_VARIANTS, MAX_VARIANTS = 2, 4
+# A job body that runs one variant on one volume: a generator yielding Progress, returning Findings.
+RunVariant = Callable[..., Generator[Progress, None, object]]
+
+
+class CompareError(ValueError):
+    """The comparison cannot be made as asked; the message says why in the user's words."""
+
+
+@dataclass
+class CaseComparison:
+    """One case: where each variant's findings live in the cache, and its disagreements."""
+
+    case: CaseData
+    key: str  # series key in the findings cache
+    disagreements: dict[str, list[Disagreement]] = field(default_factory=dict)  # other variant -> list
+
+
+@dataclass
+class ComparisonRun:
+    variants: list  # app.core.models.ModelVariant, reference first unless reference_index says otherwise
+    names: list[str]
+    reference_index: int
+    cases: list[CaseComparison]
+    evaluation: evaluate.Comparison
+    cache: FindingsCache
+    volume_change_pct: float = DEFAULT_VOLUME_CHANGE_PCT
+
+    @property
+    def reference_name(self) -> str:
+        return self.names[self.reference_index]
+
+    @property
+    def others(self) -> list[str]:
+        return [n for i, n in enumerate(self.names) if i != self.reference_index]
+
+    def findings(self, case_index: int, variant_index: int):
+        """A variant's findings on a case, from the cache (reloaded from disk if evicted)."""
+        variant = self.variants[variant_index]
+        found = self.cache.get(variant.weights_sha256, self.cases[case_index].key)
+        if found is None:
+            raise CompareError(f"the findings of {self.names[variant_index]} on case "
+                               f"{self.cases[case_index].case.case} are no longer in the cache")
+        return found
+
+    def all_disagreements(self) -> list[tuple[int, str, Disagreement]]:
+        """(case index, other variant, disagreement), most serious first across every case."""
+        from app.core.disagreement import seriousness_key
+
+        items = [(ci, name, d) for ci, case in enumerate(self.cases)
+                 for name, found in case.disagreements.items() for d in found]
+        return sorted(items, key=lambda t: (seriousness_key(t[2]), t[0], self.names.index(t[1])))
+
+    def size_bytes(self) -> list[int]:
+        """Deployed size: the file each variant runs from."""
+        return [_deployed_size(v) for v in self.variants]
+
+    def latency_s(self) -> list[float]:
+        """Mean seconds per case (load to post-processing) each variant's runner reported."""
+        return [_mean([r.total_s for r in result.rows]) for result in self.evaluation.variants]
+
+
+def _deployed_size(variant) -> int:
+    try:
+        return int(variant.main_file.stat().st_size)
+    except (OSError, KeyError):
+        return int(variant.size_bytes)
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+# ---------------------------------------------------------------- choosing variants
+
+
+def variant_names(variants: Sequence) -> list[str]:
+    """Display names ("name version"), made unique: two copies of one model stay apart."""
+    names: list[str] = []
+    for variant in variants:
+        base = f"{variant.card.name} {variant.card.version}".strip()
+        name, n = base, 2
+        while name in names:
+            name, n = f"{base} #{n}", n + 1
+        names.append(name)
+    return names
+
+
+def check_variants(variants: Sequence) -> None:
+    if not MIN_VARIANTS <= len(variants) <= MAX_VARIANTS:
+        raise CompareError(f"choose {MIN_VARIANTS} to {MAX_VARIANTS} model variants, not {len(variants)}")
+    tasks = {v.card.task for v in variants}
+    if tasks != {"segmentation"}:
+        raise CompareError("the compare view compares segmentation models (their label maps and "
+                           f"lesions); these are: {', '.join(sorted(tasks))}")
+
+
+# ---------------------------------------------------------------- cases
+
+
+def load_compare_cases(path: str | Path, split: str = "eval") -> Generator[Progress, None, list[CaseData]]:
+    """The cases to compare on: a manifest's ``split`` (a manifest.csv or the folder holding
+    one), or a single series folder (one unlabelled case). Each case's ``series`` is the
+    series folder's full path, so its findings can be exported as SEG referencing its files."""
+    from app.core.manifest import read_manifest
+
+    path = Path(path)
+    manifest_path = path if path.is_file() and path.suffix == ".csv" else path / "manifest.csv"
+    if not manifest_path.is_file():
+        if not path.exists():
+            raise CompareError(f"{path}: no such file or folder")
+        volume = yield from load_study_volume(path)
+        return [CaseData(path.name or "study", "", str(path), volume, None)]
+    manifest = read_manifest(manifest_path)
+    wanted = manifest.cases_in(split)
+    if not wanted:
+        raise CompareError(f"{manifest_path}: no cases in the {split!r} split")
+    cases = []
+    for number, case in enumerate(wanted, 1):
+        cases.append((yield from _manifest_case(manifest, case)))
+        yield Progress(number / len(wanted), f"loaded {case.case}")
+    return cases
+
+
+def _manifest_case(manifest, case) -> Generator[Progress, None, CaseData]:
+    series = manifest.series_path(case)
+    if series is None or not series.exists():
+        raise CompareError(f"case {case.case}: series {case.series} is not a folder on this machine")
+    volume = yield from load_study_volume(series)
+    labels_path = manifest.labels_path(case)
+    labels = None if labels_path is None else _labels_on(volume, labels_path, case.case)
+    return CaseData(case.case, case.patient, str(series), volume, labels)
+
+
+def load_study_volume(path: Path) -> Generator[Progress, None, object]:
+    """The image series in ``path`` with its DICOM UIDs (the application's indexer and loader);
+    SimpleITK when that loader cannot read it, so a comparison still runs (without SOP UIDs)."""
+    try:
+        from app.core.dicom_index import index_path
+        from app.core.dicom_load import load_series
+
+        index = yield from index_path(path)
+        images = index.image_series()
+        if len(images) != 1:
+            raise CompareError(f"{path}: holds {len(images)} image series; give the folder of one")
+        return (yield from load_series(images[0]))
+    except CompareError:
+        raise
+    except Exception:  # noqa: BLE001 - the loader is optional here; SimpleITK reads plain CT series
+        from app.core.demo_models import read_series_volume
+
+        return read_series_volume(path)
+
+
+def _labels_on(volume, path: Path, case: str) -> np.ndarray:
+    """A label map on the volume's grid, as 0/1 (nodule) like the ground truth of the evaluation."""
+    from app.core.demo_models import read_labels
+
+    try:
+        from app.core.masks import load_label_file
+
+        labels = load_label_file(path, volume)
+        labels = getattr(labels, "labels", labels)
+    except ImportError:
+        labels = read_labels(path, volume.shape)
+    except Exception as exc:  # noqa: BLE001 - one clear per-case error
+        raise CompareError(f"case {case}: cannot read label map {path} ({exc})") from exc
+    return (np.asarray(labels) > 0).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- running the variants
+
+
+class InProcessRunner:
+    """Runs variants in this process (the CLI): one loaded runner per variant, reused per case."""
+
+    def __init__(self, threads: int | None = None, backend: str | None = None):
+        self.threads, self.backend = threads, backend
+        self._runners: dict[str, object] = {}
+
+    def __call__(self, variant, volume):
+        from app.core.inference import make_runner
+
+        key = str(variant.card_path or variant.main_file)
+        if key not in self._runners:
+            self._runners[key] = make_runner(variant, threads=self.threads, backend=self.backend)
+        findings = yield from self._runners[key].run(volume)
+        return findings
+
+
+def findings_for(variant, volume, cache: FindingsCache, run: RunVariant):
+    """Job body: one variant's findings on one volume, from the cache or by running it (then cached)."""
+    key = series_key(volume)
+    found = cache.get(variant.weights_sha256, key)
+    if found is not None:
+        yield Progress(1.0, "from the findings cache")
+        return found
+    found = yield from run(variant, volume)
+    cache.put(variant.weights_sha256, key, found)
+    return found
+
+
+def collect_findings(variants: Sequence, cases: Sequence[CaseData], cache: FindingsCache,
+                     run: RunVariant) -> Generator[Progress, None, None]:
+    """Every variant on every case, one at a time, into the cache."""
+    total = max(1, len(variants) * len(cases))
+    done = 0
+    for case in cases:
+        for variant in variants:
+            gen = findings_for(variant, case.volume, cache, run)
+            while True:
+                try:
+                    step = as_progress(next(gen))
+                except StopIteration:
+                    break
+                fraction = (done + (step.fraction or 0.0)) / total
+                yield Progress(fraction, f"{variant.card.name} on {case.case}: {step.message}")
+            done += 1
+
+
+# ---------------------------------------------------------------- the comparison
+
+
+def assemble(variants: Sequence, cases: Sequence[CaseData], cache: FindingsCache, *, reference_index: int = 0,
+             volume_change_pct: float = DEFAULT_VOLUME_CHANGE_PCT, seed: int = 0,
+             resamples: int = evaluate.BOOTSTRAP_RESAMPLES) -> Generator[Progress, None, ComparisonRun]:
+    """Disagreements and verdicts from the cached findings, case by case."""
+    names = variant_names(variants)
+    rows: dict[str, list] = {name: [] for name in names}
+    compared = []
+    for number, case in enumerate(cases, 1):
+        key = series_key(case.volume)
+        findings = [_cached(cache, v, key, case) for v in variants]
+        for row in evaluate.segmentation_rows(case, findings, names, reference_index):
+            rows[row.variant].append(row)
+        reference = findings[reference_index]
+        disagreements = {name: findings_disagreements(reference, found, case.volume,
+                                                      volume_change_pct=volume_change_pct)
+                         for i, (name, found) in enumerate(zip(names, findings)) if i != reference_index}
+        compared.append(CaseComparison(case, key, disagreements))
+        yield Progress(number / max(1, len(cases)), f"compared {case.case}")
+    summary = evaluate.summarise(rows, names[reference_index], seed=seed, resamples=resamples)
+    return ComparisonRun(list(variants), names, reference_index, compared, summary, cache, volume_change_pct)
+
+
+def _cached(cache: FindingsCache, variant, key: str, case: CaseData):
+    found = cache.get(variant.weights_sha256, key)
+    if found is None:
+        raise CompareError(f"{variant.card.name} has not been run on case {case.case} yet")
+    return found
+
+
+def compare(variants: Sequence, cases: Sequence[CaseData], cache: FindingsCache, run: RunVariant | None = None,
+            **options) -> Generator[Progress, None, ComparisonRun]:
+    """Both parts in one generator (the CLI; tests)."""
+    from app.core.progress import scaled
+
+    check_variants(variants)
+    if not cases:
+        raise CompareError("no cases to compare on")
+    yield from scaled(collect_findings(variants, cases, cache, run or InProcessRunner()), 0.0, 0.8)
+    result = yield from scaled(assemble(variants, cases, cache, **options), 0.8, 1.0)
+    return result
+
+
+# ---------------------------------------------------------------- the report
+
+
+METRIC_TITLES = {
+    "dice": "Dice vs ground truth", "hd95_mm": "HD95 vs ground truth (mm)", "sensitivity": "Lesion sensitivity",
+    "sensitivity_large": "Sensitivity, lesions ≥ 6 mm", "false_positives_per_case": "False positives per case",
+    "fidelity_dice": "Fidelity Dice vs the reference", "lesions_lost": "Lesions lost (total)",
+    "lesions_lost_large": "Lesions ≥ 6 mm lost", "lesions_gained": "Lesions gained (total)",
+    "lesions_gained_large": "Lesions ≥ 6 mm gained", "dice_drop": "Dice drop vs the reference",
+    "sensitivity_drop": "Sensitivity drop", "sensitivity_large_drop": "Sensitivity (≥ 6 mm) drop",
+}
+TOP_IMAGES = 6
+
+
+def case_labels(run: ComparisonRun, identify: bool = False) -> list[str]:
+    """What the report calls each case: "Case 1" … unless the user asks for the manifest's names."""
+    return [c.case.case if identify else f"Case {n}" for n, c in enumerate(run.cases, 1)]
+
+
+def report_data(run: ComparisonRun, *, identify: bool = False, top_images: int = TOP_IMAGES):
+    """Everything the HTML and PDF reports show, de-identified unless ``identify``."""
+    from app.core.report import ReportData, environment_facts
+
+    labels = case_labels(run, identify)
+    evaluation = run.evaluation
+    summary = [f"Reference: {run.reference_name}. Compared: {', '.join(run.others)}.",
+               f"{len(run.cases)} case(s); evidence: {evaluation.evidence}.",
+               f"Disagreements listed: {len(run.all_disagreements())} (volume changes over "
+               f"{run.volume_change_pct:g} %)."]
+    return ReportData(
+        title="Model comparison", summary=summary,
+        tables=[verdict_table(run), per_case_table(run, labels), cost_table(run)],
+        charts=charts(run, labels), disagreements=disagreement_table(run, labels),
+        disagreement_images=disagreement_images(run, labels, top_images),
+        variants=[variant_section(run, i) for i in range(len(run.variants))],
+        environment=environment_facts())
+
+
+def verdict_table(run: ComparisonRun):
+    from app.core.report import Table
+
+    metrics = [m for m in METRIC_TITLES if any(m in v.verdicts for v in run.evaluation.variants)]
+    rows = [[METRIC_TITLES[m]] + [_verdict_text(v.verdicts.get(m), m) for v in run.evaluation.variants]
+            for m in metrics]
+    if run.evaluation.sufficient:
+        return Table("Whole set", ["Measure"] + run.names, rows,
+                     "Point estimate [paired-bootstrap 95 % interval over cases].")
+    return Table("Whole set — insufficient evidence for 95 % intervals", ["Measure"] + run.names, rows,
+                 f"Point estimates only: {run.evaluation.evidence}.")
+
+
+def _verdict_text(verdict, metric: str) -> str:
+    if verdict is None:
+        return "—"
+    digits = 0 if metric.startswith("lesions_") else (2 if metric.startswith("hd95") else 3)
+    if verdict.low is None or verdict.high is None:
+        return _number(verdict.point, digits)   # the table's title says why there is no interval
+    return verdict.text(digits)
+
+
+def _number(value: float, digits: int = 3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def per_case_table(run: ComparisonRun, labels: Sequence[str]):
+    from app.core.report import Table
+
+    rows = []
+    for n, label in enumerate(labels):
+        for result in run.evaluation.variants:
+            r = result.rows[n]
+            rows.append([label, result.name, _number(r.dice), _number(r.hd95_mm, 2), _number(r.fidelity_dice),
+                         str(r.lesions_lost), str(r.lesions_gained), _number(r.total_s, 2)])
+    columns = ["Case", "Variant", "Dice", "HD95 mm", "Fidelity Dice", "Lost", "Gained", "Seconds"]
+    return Table("Per case", columns, rows, "Dice and HD95 against ground truth (n/a without labels); "
+                 "fidelity, lost and gained lesions against the reference.")
+
+
+def cost_table(run: ComparisonRun):
+    from app.core.report import Table
+
+    rows = [[name, variant.format, f"{size / 1e6:.2f}", _number(latency, 2)]
+            for name, variant, size, latency in zip(run.names, run.variants, run.size_bytes(), run.latency_s())]
+    return Table("Size and latency", ["Variant", "Format", "Deployed size (MB)", "Seconds per case"], rows,
+                 "Seconds per case: load to post-processing, as each runner reported on this machine.")
+
+
+def charts(run: ComparisonRun, labels: Sequence[str]):
+    from app.core.report import Figure, bar_chart_png
+
+    results = run.evaluation.variants
+    has_truth = "dice" in run.evaluation.reference.verdicts
+    metric = "dice" if has_truth else "fidelity_dice"
+    per_case = {r.name: [getattr(row, metric) for row in r.rows] for r in results}
+    title = "Dice vs ground truth per case" if has_truth else "Fidelity Dice vs the reference per case"
+    figures = [Figure(title, bar_chart_png(title, list(labels), per_case, "Dice"))]
+    whole = {r.name: [r.value(metric)] for r in results}
+    errors = {r.name: ([r.verdicts[metric].low], [r.verdicts[metric].high]) for r in results
+              if r.verdicts.get(metric) is not None and r.verdicts[metric].low is not None}
+    whole_title = f"{'Dice' if has_truth else 'Fidelity Dice'}, whole set" + (
+        " (95 % intervals)" if errors else " (insufficient evidence for intervals)")
+    figures.append(Figure(whole_title, bar_chart_png(whole_title, ["whole set"], whole, "Dice", errors or None)))
+    sizes = {name: [size / 1e6] for name, size in zip(run.names, run.size_bytes())}
+    figures.append(Figure("Deployed size", bar_chart_png("Deployed size", ["size"], sizes, "MB")))
+    latency = {name: [s] for name, s in zip(run.names, run.latency_s())}
+    figures.append(Figure("Seconds per case", bar_chart_png("Seconds per case", ["latency"], latency, "s")))
+    return figures
+
+
+def disagreement_table(run: ComparisonRun, labels: Sequence[str]):
+    from app.core.disagreement import KIND_TITLES
+    from app.core.report import Table
+
+    rows = []
+    for n, (case_index, name, item) in enumerate(run.all_disagreements(), 1):
+        rows.append([str(n), labels[case_index], name, KIND_TITLES[item.kind].format(other=name),
+                     f"{item.mean_diameter_mm:.1f}", item.size_band, str(item.slice_number), item.describe(name)])
+    return Table("Lesion by lesion, against the reference",
+                 ["#", "Case", "Variant", "Kind", "Size mm", "Lung-RADS size", "Slice", "Detail"], rows,
+                 "Lesions matched with the shared one-to-one overlap rule; size = Lung-RADS mean diameter.")
+
+
+def disagreement_images(run: ComparisonRun, labels: Sequence[str], top: int):
+    from app.core.disagreement import KIND_TITLES
+    from app.core.report import Figure
+
+    figures = []
+    for n, (case_index, name, item) in enumerate(run.all_disagreements()[:top], 1):
+        png = disagreement_slice_png(run, case_index, run.names.index(name), item.centre_index)
+        caption = f"#{n} {labels[case_index]}, slice {item.slice_number}: " \
+                  f"{KIND_TITLES[item.kind].format(other=name)}, {item.mean_diameter_mm:.1f} mm"
+        figures.append(Figure(f"Disagreement {n}", png, caption))
+    return figures
+
+
+def disagreement_slice_png(run: ComparisonRun, case_index: int, variant_index: int, centre_kji) -> bytes:
+    """The axial slice through a disagreement, shown radiologically (patient's right on the left)."""
+    from app.core.display import DisplayedScan, array_to_canonical, view_pixel_size, view_slice
+    from app.core.report import disagreement_png
+
+    volume = run.cases[case_index].case.volume
+    scan = DisplayedScan(volume)
+    canonical = array_to_canonical(centre_kji, scan.axes, volume.shape)
+    k = int(round(canonical[0]))
+    reference = run.findings(case_index, run.reference_index).labels
+    other = run.findings(case_index, variant_index).labels
+    return disagreement_png(
+        view_slice(scan.canonical, "axial", k), view_slice(scan.orient(reference), "axial", k),
+        view_slice(scan.orient(other), "axial", k), pixel_spacing=view_pixel_size("axial", scan.spacing),
+        centre=(canonical[1], canonical[2]))
+
+
+def variant_section(run: ComparisonRun, index: int):
+    import json
+
+    from app.core.report import VariantSection
+
+    variant = run.variants[index]
+    card, lineage = variant.card, variant.card.lineage
+    facts = [("Model", f"{card.name} {card.version}"), ("Task", card.task), ("Intended use", card.intended_use),
+             ("Training data", card.training_data), ("Format", variant.format),
+             ("Weights SHA-256", variant.weights_sha256 or "—"), ("Parent SHA-256", lineage.parent_sha256 or "—"),
+             ("Recipe", json.dumps(lineage.recipe, sort_keys=True) if lineage.recipe else "— (not compressed)")]
+    if card.description:
+        facts.insert(2, ("Description", card.description))
+    return VariantSection(run.names[index], "reference" if index == run.reference_index else "compared", facts)

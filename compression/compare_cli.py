@@ -1,0 +1,116 @@
+"""``python main.py compare``: the compare view's work without a window.
+
+    python main.py compare --models ORIGINAL COMPRESSED [...] --data PATH --report OUT.html
+                           [--pdf OUT.pdf] [--seg-out DIR] [--split eval] [--identify]
+
+PATH is a manifest (or the folder holding manifest.csv; its ``--split`` cases are used) or one
+DICOM series folder. The first model is the reference. Findings are cached under
+``$MEDCOMPRESS_HOME/findings-cache`` so a second report on the same data runs no model again.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from app.core.progress import Progress
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("compare", help="compare 2-4 model variants on a study or an eval split: "
+                                              "disagreements, accuracy, HTML/PDF report, DICOM SEG")
+    p.add_argument("--models", nargs="+", required=True, metavar="MODEL",
+                   help="model cards or files; the first is the reference (the original)")
+    p.add_argument("--data", required=True, help="manifest.csv, its folder, or one DICOM series folder")
+    p.add_argument("--report", required=True, help="the HTML report to write")
+    p.add_argument("--pdf", help="also write the report as PDF")
+    p.add_argument("--seg-out", help="write each variant's findings as DICOM SEG into this folder")
+    p.add_argument("--split", default="eval", help="which manifest split to compare on (default eval)")
+    p.add_argument("--volume-change", type=float, default=None, metavar="PCT",
+                   help="list matched lesions whose volume changed by more than PCT %% (default 25)")
+    p.add_argument("--threads", type=int, default=None, help="inference threads per model")
+    p.add_argument("--identify", action="store_true",
+                   help="name cases as the manifest does (default: Case 1, Case 2 …, de-identified)")
+    p.set_defaults(handler=run_cli)
+
+
+def _progress(gen, label: str):
+    """Drive a job generator, printing its progress on one line of stderr."""
+    last = ""
+    while True:
+        try:
+            step = next(gen)
+        except StopIteration as done:
+            print(file=sys.stderr)
+            return done.value
+        if isinstance(step, Progress) and step.fraction is not None:
+            text = f"\r{label}: {step.fraction * 100:5.1f} %"
+            if text != last:
+                print(text, end="", file=sys.stderr, flush=True)
+                last = text
+
+
+def run_cli(args) -> int:
+    from app.core.models import ModelError, open_model
+    from compression.compare import CompareError
+    from compression.data import DataError
+
+    try:
+        variants = [open_model(m) for m in args.models]
+        return _compare(args, variants)
+    except (CompareError, DataError, ModelError, FileNotFoundError) as exc:
+        print(f"compare: {exc}", file=sys.stderr)
+        return 2
+
+
+def _compare(args, variants) -> int:
+    from app.core.audit import audit_data_root
+    from app.core.findings_cache import FindingsCache
+    from app.core.report import write_html, write_pdf
+    from compression.compare import InProcessRunner, check_variants, compare, load_compare_cases, report_data
+
+    check_variants(variants)
+    cases = _progress(load_compare_cases(args.data, args.split), "loading cases")
+    cache = FindingsCache(audit_data_root() / "findings-cache")
+    options = {} if args.volume_change is None else {"volume_change_pct": args.volume_change}
+    run = _progress(compare(variants, cases, cache, InProcessRunner(threads=args.threads), **options), "comparing")
+    data = report_data(run, identify=args.identify)
+    print(f"report: {write_html(data, args.report)}")
+    if args.pdf:
+        print(f"pdf: {write_pdf(data, args.pdf)}")
+    if args.seg_out:
+        for path in export_segs(run, Path(args.seg_out), identify=args.identify):
+            print(f"seg: {path}")
+    _print_summary(run)
+    return 0
+
+
+def export_segs(run, folder: Path, identify: bool = False) -> list[Path]:
+    """Each variant's findings on each case as DICOM SEG (cases whose series folder is known)."""
+    from app.core.seg_export import export_seg, series_files
+    from compression.compare import case_labels
+
+    labels = case_labels(run, identify)
+    written = []
+    for ci, compared in enumerate(run.cases):
+        source = _series_folder(compared.case)
+        if source is None:
+            continue
+        for vi, variant in enumerate(run.variants):
+            name = f"{labels[ci]}_{run.names[vi]}".replace(" ", "_").replace("#", "")
+            result = export_seg(run.findings(ci, vi).labels, compared.case.volume, series_files(source),
+                                variant.card, folder / f"{name}.seg.dcm", weights_sha256=variant.weights_sha256)
+            written.append(result.path)
+    return written
+
+
+def _series_folder(case) -> Path | None:
+    path = Path(case.series)
+    return path if path.exists() else None
+
+
+def _print_summary(run) -> None:
+    from app.core.disagreement import count_by_kind
+
+    for name in run.others:
+        counts = count_by_kind([d for c in run.cases for d in c.disagreements.get(name, [])])
+        print(f"{name} vs {run.reference_name}: " + ", ".join(f"{k.replace('_', ' ')} {n}" for k, n in counts.items()))

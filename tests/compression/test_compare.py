@@ -1,0 +1,149 @@
+"""Comparing variants on the demo data: real ONNX runs, the findings cache, the report, the CLI."""
+from __future__ import annotations
+
+import html.parser
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.core.disagreement import ADDED, MISSED
+from app.core.findings_cache import FindingsCache, series_key
+from app.core.lesions import label_instances
+from app.core.models import open_model
+from app.core.progress import run_to_end
+from app.core.report import RESEARCH_NOTICE, pdf_page_count, write_html, write_pdf
+from compression.compare import CompareError, check_variants, compare, load_compare_cases, report_data
+from tests.compression.compare_fixtures import original_and_degraded
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory):
+    return [open_model(p) for p in original_and_degraded(tmp_path_factory.mktemp("variants"))]
+
+
+@pytest.fixture(scope="module")
+def eval_cases(demo_tiny):
+    return run_to_end(load_compare_cases(demo_tiny, "eval"))
+
+
+@pytest.fixture(scope="module")
+def comparison(variants, eval_cases, tmp_path_factory):
+    cache = FindingsCache(tmp_path_factory.mktemp("findings-cache"))
+    return run_to_end(compare(variants, eval_cases, cache))
+
+
+def test_the_degraded_variant_lists_exactly_the_lesions_it_really_misses(comparison):
+    """Checked against the two lesion tables: a reference lesion is really missed when none of
+    its voxels is in the degraded variant's label map (its lesions lie inside the reference's)."""
+    reference, degraded = comparison.findings(0, 0), comparison.findings(0, 1)
+    instances, _ = label_instances(reference.labels)
+    really_missed = {lesion.lesion_id for lesion in reference.lesions
+                     if not degraded.labels[instances == lesion.lesion_id].any()}
+    items = comparison.cases[0].disagreements[comparison.names[1]]
+    assert really_missed, "the degraded variant should lose some lesions on this case"
+    assert {d.reference_id for d in items if d.kind == MISSED} == really_missed
+    kinds = [d.kind for d in items]
+    assert kinds == sorted(kinds, key=[MISSED, ADDED, "volume_change", "class_flip"].index)
+
+
+def test_findings_are_cached_on_disk_per_weights_and_series_and_reused(variants, eval_cases, comparison):
+    case = eval_cases[0]
+    folder = comparison.cache.folder(variants[1].weights_sha256, series_key(case.volume))
+    assert (folder / "labels.nii.gz").is_file() and (folder / "lesions.csv").is_file()
+    assert not list(folder.parent.glob(".*part"))   # nothing half-written left beside it
+    fresh = FindingsCache(comparison.cache.root)   # a new session: only the disk copy exists
+
+    def must_not_run(variant, volume):
+        raise AssertionError("a cached variant was run again")
+        yield  # pragma: no cover
+
+    again = run_to_end(compare(variants, eval_cases, fresh, run=must_not_run))
+    assert again.findings(0, 1).labels.dtype == np.uint8
+    assert np.array_equal(again.findings(0, 1).labels, comparison.findings(0, 1).labels)
+    assert again.all_disagreements() == comparison.all_disagreements()
+
+
+def test_the_report_files_open(comparison, tmp_path):
+    data = report_data(comparison)
+    html_path, pdf_path = write_html(data, tmp_path / "r.html"), write_pdf(data, tmp_path / "r.pdf")
+    text = html_path.read_text(encoding="utf-8")
+    parser = _Collector()
+    parser.feed(text)
+    parser.close()
+    assert parser.tags["html"] == 1 and parser.tags["table"] >= 4
+    assert parser.images == len(data.charts) + len(data.disagreement_images) > len(data.charts)
+    assert RESEARCH_NOTICE in text and "Intended use" in text and "raise threshold" in text   # card + recipe
+    pdf = pdf_path.read_bytes()
+    assert pdf.startswith(b"%PDF") and pdf.rstrip().endswith(b"%%EOF")
+    assert len(re.findall(rb"/Type\s*/Page[^s]", pdf)) == pdf_page_count(data) >= 6
+
+
+def test_check_variants_refuses_one_or_five(variants):
+    with pytest.raises(CompareError, match="2 to 4"):
+        check_variants(variants[:1])
+    with pytest.raises(CompareError, match="2 to 4"):
+        check_variants(variants * 3)
+
+
+class _Collector(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: dict[str, int] = {}
+        self.images = 0
+
+    def handle_starttag(self, tag, attrs):
+        self.tags[tag] = self.tags.get(tag, 0) + 1
+        if tag == "img" and dict(attrs).get("src", "").startswith("data:image/png;base64,"):
+            self.images += 1
+
+
+# ---------------------------------------------------------------- de-identification and the CLI
+
+
+def _copy_as(source: Path, target: Path, name: str, patient_id: str, date: str) -> Path:
+    """The same CT series re-exported under another patient's name, ID and dates."""
+    import pydicom
+
+    target.mkdir(parents=True)
+    for path in sorted(source.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate = name, patient_id, date
+        for keyword in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
+            setattr(ds, keyword, date)
+        ds.save_as(target / path.name)
+    return target
+
+
+def test_the_same_study_under_two_patient_names_gives_identical_reports(demo_tiny, variants, tmp_path):
+    import main
+
+    first = _copy_as(demo_tiny / "CASE002" / "CT", tmp_path / "a" / "CT", "SMITH^JANE", "ID-1111", "19610203")
+    second = _copy_as(demo_tiny / "CASE002" / "CT", tmp_path / "b" / "CT", "DOE^JOHN", "ID-2222", "20011224")
+    models = [str(v.card_path) for v in variants]
+    outputs = []
+    for n, series in enumerate((first, second)):
+        out = tmp_path / f"out{n}"
+        code = main.main(["compare", "--models", *models, "--data", str(series), "--report", str(out / "r.html"),
+                          "--pdf", str(out / "r.pdf"), "--seg-out", str(out / "seg")])
+        assert code == 0
+        outputs.append(out)
+    html_a, html_b = ((o / "r.html").read_bytes() for o in outputs)
+    assert html_a == html_b
+    assert (outputs[0] / "r.pdf").read_bytes() == (outputs[1] / "r.pdf").read_bytes()
+    for secret in (b"SMITH", b"DOE", b"ID-1111", b"1961", b"20011224"):
+        assert secret not in html_a
+    segs = sorted((outputs[0] / "seg").glob("*.seg.dcm"))
+    assert len(segs) == 2   # one SEG per variant
+
+
+def test_the_cli_says_what_is_wrong_with_a_missing_data_path(variants, tmp_path, capsys):
+    import main
+
+    code = main.main(["compare", "--models", *(str(v.card_path) for v in variants), "--data",
+                      str(tmp_path / "nowhere"), "--report", str(tmp_path / "r.html")])
+    assert code == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()

@@ -1,0 +1,295 @@
+"""``python main.py compress`` and ``python main.py evaluate``: the compression library, headless.
+
+    python main.py compress --model CARD --data PATH --recipe R.yaml --out DIR
+                            [--device cpu|cuda:0] [--threads N] [--seed S] [--name NAME]
+    python main.py evaluate --models A B ... --data PATH [--device ...] [--threads N] [--seed S]
+
+PATH is a manifest CSV, or a folder of scans: a folder holding ``manifest.csv`` uses it, any
+other folder is indexed (DICOM headers only) and split by patient with the seed. ``--recipe``
+is a recipe file or a preset name (safe-int8, smallest, fastest).
+
+``compress`` refuses an eval split that shares a patient or series with calib/train before it
+compresses anything, writes the new variant to ``DIR/NAME`` (atomically), judges it against the
+original on the eval split and prints the comparison; exit status 0 when the variant keeps to
+the recipe's budget, 3 when it does not (the variant is still written, and the table says why),
+2 for input that cannot be used. Every run is appended to the audit log.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Generator, Sequence, TextIO
+
+from app.core.progress import Progress
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_OVER_BUDGET = 0, 2, 3
+LABEL_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+
+
+def add_cli(subparsers) -> None:
+    compress = subparsers.add_parser("compress", help="compress a model with a recipe and judge it on the eval split")
+    compress.add_argument("--model", required=True, metavar="CARD", help="the model to compress (card or model file)")
+    _data_arguments(compress)
+    compress.add_argument("--recipe", required=True, metavar="R.yaml",
+                          help="recipe file, or a preset name: safe-int8, smallest, fastest")
+    compress.add_argument("--out", required=True, metavar="DIR", help="folder the new variant is written into")
+    compress.add_argument("--name", help="the new variant's folder name (default: model-recipe)")
+    compress.set_defaults(handler=run_compress)
+    evaluate = subparsers.add_parser("evaluate", help="compare model variants on the eval split, with intervals")
+    evaluate.add_argument("--models", nargs="+", required=True, metavar="CARD",
+                          help="variants to compare; the first is the original the others are judged against")
+    _data_arguments(evaluate)
+    evaluate.add_argument("--json", metavar="FILE", help="also write the comparison as JSON")
+    evaluate.set_defaults(handler=run_evaluate)
+
+
+def _data_arguments(parser) -> None:
+    parser.add_argument("--data", required=True, metavar="PATH", help="manifest CSV, or a folder split by patient")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the split, training and bootstrap")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples for the intervals")
+
+
+# ---------------------------------------------------------------- progress bar
+
+
+class ProgressBar:
+    """A one-line text bar on a terminal; plain lines (one per new message) when piped to a file."""
+
+    def __init__(self, stream: TextIO | None = None, width: int = 30):
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last_line = ""
+        self._last_message = None
+
+    def __call__(self, progress: Progress) -> None:
+        line = self.render(progress)
+        if self.interactive:
+            self.stream.write("\r" + line.ljust(len(self._last_line)))
+        elif progress.message != self._last_message:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self._last_line, self._last_message = line, progress.message
+
+    def render(self, progress: Progress) -> str:
+        if progress.fraction is None:
+            return f"[{'.' * self.width}]      {progress.message}"[:160]
+        filled = int(round(max(0.0, min(1.0, progress.fraction)) * self.width))
+        bar = "#" * filled + "-" * (self.width - filled)
+        return f"[{bar}] {progress.fraction * 100:3.0f}% {progress.message}"[:160]
+
+    def done(self) -> None:
+        if self.interactive and self._last_line:
+            self.stream.write("\n")
+            self.stream.flush()
+        self._last_line = ""
+
+
+def run_with_bar(job: Generator[Progress, None, Any], bar: ProgressBar) -> Any:
+    from app.core.progress import drive
+
+    try:
+        return drive(job, lambda: False, bar)
+    finally:
+        bar.done()
+
+
+# ---------------------------------------------------------------- data
+
+
+def data_manifest(path: str | os.PathLike, seed: int = 0, bar: ProgressBar | None = None):
+    """A manifest from a CSV, a folder's ``manifest.csv``, or a folder of series split by patient."""
+    from app.core.manifest import check_manifest, read_manifest
+
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such manifest or folder")
+    if path.is_file():
+        manifest = read_manifest(path)
+    elif (path / "manifest.csv").is_file():
+        manifest = read_manifest(path / "manifest.csv")
+    else:
+        manifest = run_with_bar(folder_manifest(path, seed), bar or ProgressBar())
+    problems = check_manifest(manifest)
+    if problems:
+        raise ValueError(f"{path}: " + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
+    return manifest
+
+
+def folder_manifest(folder: Path, seed: int = 0) -> Generator[Progress, None, Any]:
+    """Index a folder's DICOM series (headers only) and split them by patient with ``seed``."""
+    from app.core.dicom_index import index_path
+    from app.core.manifest import build_manifest
+
+    index = yield from index_path(folder)
+    records = []
+    for series in index.image_series():
+        series_dir = Path(series.files[0]).parent
+        relative = series_dir.relative_to(folder).as_posix()
+        labels = _labels_beside(series_dir, folder)
+        case = relative.split("/")[0] if relative != "." else folder.name
+        if any(r[0] == case for r in records):
+            case = relative.replace("/", "_")
+        records.append((case, series.patient_id or case, relative,
+                        labels.relative_to(folder).as_posix() if labels else ""))
+    if not records:
+        raise ValueError(f"{folder}: no image series found (and no manifest.csv)")
+    return build_manifest(records, seed=seed, root=folder)
+
+
+def _labels_beside(series_dir: Path, root: Path) -> Path | None:
+    """A semantic label map in the series' folder or the case folder above it."""
+    for folder in (series_dir, series_dir.parent):
+        found = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(LABEL_SUFFIXES))
+        semantic = [p for p in found if "instance" not in p.name.lower()]
+        if found:
+            return (semantic or found)[0]
+        if folder == root:
+            break
+    return None
+
+
+def load_split(manifest, split: str, bar: ProgressBar) -> list:
+    from compression.data import load_cases
+
+    if not manifest.cases_in(split):
+        return []
+    return run_with_bar(load_cases(manifest, split), bar)
+
+
+# ---------------------------------------------------------------- compress
+
+
+def run_compress(args) -> int:
+    return _guarded(lambda: _compress(args, ProgressBar(), sys.stdout))
+
+
+def _compress(args, bar: ProgressBar, out: TextIO) -> int:
+    from app.core.audit import append_audit
+    from app.core.models import open_model
+    from compression.evaluate import check_eval_split
+    from compression.pipeline import StepData, run_steps
+    from compression.recipe import check_steps, resolve_recipe
+
+    parent = open_model(args.model)
+    recipe = resolve_recipe(args.recipe)
+    check_steps(recipe)
+    manifest = data_manifest(args.data, args.seed, bar)
+    check_eval_split(manifest)  # before anything is compressed, not after
+    splits = {s: load_split(manifest, s, bar) for s in ("train", "calib", "eval")}
+    data = StepData(train=splits["train"], calib=splits["calib"], teacher=None, device=args.device,
+                    threads=args.threads, seed=args.seed)
+    name = args.name or _free_name(Path(args.out), f"{parent.card.name}-{recipe.name}")
+    started = time.perf_counter()
+    variant = run_with_bar(run_steps(parent, recipe.steps, data, Path(args.out), name=name,
+                                     recipe=recipe.as_dict()), bar)
+    print(f"variant written: {variant.card_path.parent}", file=out)
+    audit = {"model": str(parent.card_path or parent.main_file), "parent_sha256": parent.weights_sha256,
+             "variant": str(variant.card_path.parent), "weights_sha256": variant.weights_sha256,
+             "recipe": recipe.as_dict(), "data": str(args.data), "seed": args.seed, "device": args.device,
+             "threads": args.threads, "seconds": round(time.perf_counter() - started, 1)}
+    if not splits["eval"]:
+        print("no eval cases: the variant was not judged", file=out)
+        append_audit("compress", **audit, verdict="not judged (no eval cases)")
+        return EXIT_OK
+    failures, record = _judge(parent, variant, splits["eval"], manifest, recipe.budget, args, bar, out)
+    append_audit("compress", **audit, verdict="within budget" if not failures else "over budget",
+                 failures=failures, evaluation=record)
+    return EXIT_OK if not failures else EXIT_OVER_BUDGET
+
+
+def _judge(parent, variant, eval_cases, manifest, budget, args, bar, out) -> tuple[list[str], dict]:
+    from compression import evaluate as ev
+    from compression.search import deployable_baseline
+
+    comparison = run_with_bar(ev.evaluate([parent, variant], eval_cases, manifest=manifest,
+                                          names=["original", variant.card.name], device=args.device,
+                                          threads=args.threads, seed=args.seed, resamples=args.resamples), bar)
+    print(ev.comparison_table(comparison, _cost_columns([deployable_baseline(parent), variant], comparison)),
+          file=out)
+    failures = ev.budget_failures(comparison.variants[1], budget)
+    verdict = "within the budget" if not failures else "over the budget: " + "; ".join(failures)
+    caveat = "" if comparison.sufficient else f" ({comparison.evidence})"
+    print(f"{variant.card.name}: {verdict}{caveat}", file=out)
+    record = ev.comparison_record(comparison)
+    _write_json(Path(args.out) / f"{variant.card_path.parent.name}.evaluation.json", record)
+    return failures, record
+
+
+def _free_name(out_dir: Path, base: str) -> str:
+    name, n = base, 2
+    while (out_dir / name).exists():
+        name, n = f"{base}-{n}", n + 1
+    return name
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def run_evaluate(args) -> int:
+    return _guarded(lambda: _evaluate(args, ProgressBar(), sys.stdout))
+
+
+def _evaluate(args, bar: ProgressBar, out: TextIO) -> int:
+    from app.core.audit import append_audit
+    from app.core.models import open_model
+    from compression import evaluate as ev
+
+    variants = [open_model(m) for m in args.models]
+    manifest = data_manifest(args.data, args.seed, bar)
+    ev.check_eval_split(manifest)
+    cases = load_split(manifest, "eval", bar)
+    if not cases:
+        raise ValueError(f"{args.data}: the eval split is empty; nothing to judge the models on")
+    comparison = run_with_bar(ev.evaluate(variants, cases, manifest=manifest, device=args.device,
+                                          threads=args.threads, seed=args.seed, resamples=args.resamples), bar)
+    print(ev.comparison_table(comparison, _cost_columns(variants, comparison)), file=out)
+    record = ev.comparison_record(comparison)
+    if args.json:
+        _write_json(Path(args.json), record)
+    append_audit("evaluate", models=[str(m) for m in args.models],
+                 sha256=[v.weights_sha256 for v in variants], data=str(args.data), seed=args.seed, evaluation=record)
+    return EXIT_OK
+
+
+def _cost_columns(variants: Sequence, comparison) -> dict[str, dict[str, str]]:
+    """Deployed size (and ratio to the first variant) and median network time per case."""
+    import statistics
+
+    from compression.cost import deployed_size, size_text
+
+    sizes = [deployed_size(v) for v in variants]
+    columns = {}
+    for result, size in zip(comparison.variants, sizes):
+        seconds = [r.network_s for r in result.rows if r.network_s == r.network_s]
+        columns[result.name] = {
+            "deployed": size_text(size), "smaller": f"{sizes[0] / size:.1f}x",
+            "network s/case": f"{statistics.median(seconds):.3f}" if seconds else "",
+        }
+    return columns
+
+
+# ---------------------------------------------------------------- shared
+
+
+def _write_json(path: Path, record: dict) -> None:
+    from app.core.atomic import write_text_atomic
+
+    write_text_atomic(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+
+
+def _guarded(body: Callable[[], int]) -> int:
+    """Input the user can fix is one line on stderr and exit status 2, not a traceback."""
+    from app.core.model_card import ModelError
+    from compression.recipe import RecipeError
+
+    try:
+        return body()
+    except (ModelError, RecipeError, ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT

@@ -203,3 +203,24 @@ def _pixel_module(ds, spec: SeriesSpec, stored: np.ndarray) -> None:
 
     # Compressed test series: pydicom encodes RLE natively; others need their encoder plugin.
     ds.compress(UID(spec.transfer_syntax), stored.astype("<i2" if spec.signed else "<u2"))
+
+
+def bundled_test_files(pattern: str = "**/*.dcm") -> list[str]:
+    """pydicom's bundled test files, found on disk only.
+
+    ``pydicom.data.get_testdata_files`` also asks the network for its downloadable files,
+    which hangs where there is no network; this looks only at what is installed.
+    """
+    from pydicom.data.data_manager import DATA_ROOT
+
+    root = Path(DATA_ROOT) / "test_files"
+    return sorted(str(p) for p in root.glob(pattern) if p.is_file())
+
+
+def bundled_test_file(name: str) -> str:
+    from pydicom.data.data_manager import DATA_ROOT
+
+    path = Path(DATA_ROOT) / "test_files" / name
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    return str(path)

@@ -45,8 +45,9 @@ def stack_geometry(slices: list) -> tuple[list, StackGeometry]:
     pixel = h.pixel_spacing or _missing_pixel_spacing(warnings)
     if any(s.position is None for s in slices):
         ordered = sorted(slices, key=lambda s: s.number)
-        warnings.append("no ImagePositionPatient: slices ordered by InstanceNumber, "
-                        "spacing from SliceThickness")
+        if len(slices) > 1:
+            warnings.append("no ImagePositionPatient: slices ordered by InstanceNumber, "
+                            "spacing from SliceThickness")
         dz = float(h.slice_thickness or 1.0)
         origin = np.zeros(3) if slices[0].position is None else ordered[0].position
     else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import warnings
 from dataclasses import dataclass, field
 
 HEAD_BYTES = 16 * 1024  # first read; most headers end well before this
@@ -412,6 +413,13 @@ def read_header_with_pydicom(path: str, fp, size: int) -> InstanceHeader:
 
 
 def _dcmread_header(fp):
+    # Broken files make pydicom warn on every odd value; their reason reaches the UI anyway.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _dcmread_header_quietly(fp)
+
+
+def _dcmread_header_quietly(fp):
     import pydicom
     from pydicom.errors import InvalidDicomError
 

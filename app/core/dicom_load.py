@@ -273,8 +273,8 @@ def loaded_range(loaded: np.ndarray, centre: int) -> tuple[int, int]:
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0][:200] if text else type(exc).__name__)
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines())
+    return text[:300] if text else type(exc).__name__
 
 
 # ------------------------------------------------------------------------------ opening

@@ -42,10 +42,10 @@ def _first(seq):
 
 def _group_value(groups: list, sequence: str, keyword: str):
     for group in groups:
-        if group is not None and sequence in group and len(group[sequence]):
-            item = group[sequence][0]
-            if keyword in item:
-                return item[keyword].value
+        items = group.get(sequence) if group is not None else None
+        if items:
+            if keyword in items[0]:
+                return items[0][keyword].value
     return None
 
 

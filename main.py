@@ -23,6 +23,7 @@ CLI_MODULES = (
     ("app.core.dicom_index", "add_info_cli"),
     ("app.core.infer_cli", "add_cli"),
     ("app.core.demo_models", "add_cli"),
+    ("compression.cli", "add_cli"),
     ("compression.compare_cli", "add_cli"),
 )
 

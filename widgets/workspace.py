@@ -51,6 +51,8 @@ class Workspace:
         s.model_opened.connect(self.models.add_model)
         s.findings_ready.connect(self.models.show_findings)
         s.status.connect(lambda text: w.statusBar().showMessage(text, 10_000))
+        w.compare_requested.connect(self.show_compare)
+        w.compress_requested.connect(self.show_compress_wizard)
 
     def _show_volume(self, volume, first_slice: int) -> None:
         self.viewer.set_volume(volume, first_slice)
@@ -73,6 +75,27 @@ class Workspace:
                 return ({l.value: l.colour for l in labels if l.value},
                         {l.value: l.name for l in labels if l.value})
         return {1: "#2ecc71"}, {1: "nodule"}
+
+    def show_compress_wizard(self) -> None:
+        """Tools → Compress model…: one wizard at a time, over the models the session has open."""
+        from widgets.compress_wizard import CompressWizard
+
+        wizard = getattr(self, "compress_wizard", None)
+        if wizard is None:
+            wizard = CompressWizard(self.window.jobs, self.session.models, parent=self.window)
+            wizard.variants_kept.connect(lambda paths: [self.session.open_model(p) for p in paths])
+            self.compress_wizard = wizard   # compare_requested(card paths) goes to the compare view
+        elif not wizard.isVisible():
+            wizard.model_page.set_open_models(self.session.models)
+            wizard.restart()
+        wizard.show()
+        wizard.raise_()
+
+    def show_compare(self, model_paths: list[str] | None = None) -> None:
+        """Tools → Compare models…: the compare view over the session's models and open series."""
+        from widgets.compare_view import open_compare_view
+
+        open_compare_view(self.window, self.session, model_paths)
 
     def choose_labels(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self.window, "Open label map", "",

@@ -1,0 +1,403 @@
+"""What the compression wizard edits: one plain config, its recipe YAML, and its checks per page.
+
+The wizard's pages write into a :class:`CompressConfig` (through :class:`CompressConfigModel`,
+which announces every change), never read each other's widgets. The same config becomes the
+recipe YAML the CLI takes (``python main.py compress --recipe``), and comes back from one.
+Budgets are kept as the text the user typed, so a value that cannot be read is refused with a
+message instead of being silently replaced.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QObject, Signal
+
+from app.core.manifest import DEFAULT_PROPORTIONS, SPLITS
+
+PAGES = ("model", "data", "techniques", "budget", "output")
+EXPERT = "expert"
+
+
+@dataclass(frozen=True)
+class Preset:
+    key: str                     # the preset recipe resources/recipes/<key>.yaml (compression.recipe)
+    title: str
+    summary: str
+
+
+PRESETS = (
+    Preset("safe-int8", "Safe int8",
+           "Stores weights and activations as 8-bit integers, calibrated on your scans: about 4× "
+           "smaller, no retraining; risks a small loss of contrast detail."),
+    Preset("smallest", "Smallest within budget",
+           "Removes most channels, fine-tunes against the original, then int8: the smallest file; "
+           "takes longest and risks missing faint nodules."),
+    Preset("fastest", "Fastest on this machine",
+           "Removes half the channels, fine-tunes, then int8 with the kernels this CPU runs fastest; "
+           "risks missing faint nodules."),
+)
+
+
+def preset(key: str) -> Preset:
+    for p in PRESETS:
+        if p.key == key:
+            return p
+    raise KeyError(key)
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    label: str
+    default: Any
+    choices: tuple = ()          # a combo box when given
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+@dataclass(frozen=True)
+class Technique:
+    step: str                    # the name in compression.pipeline.STEP_REGISTRY
+    title: str
+    explanation: str             # one plain sentence: what it removes, what it risks
+    parameters: tuple[Parameter, ...] = ()
+
+
+# In the order a recipe runs them: weights are removed and re-learnt in float, then stored smaller.
+TECHNIQUES = (
+    Technique("prune_unstructured", "Weight pruning",
+              "Sets the smallest weights to zero; the file shrinks only when stored sparse, and too much "
+              "pruning blurs small structures.",
+              (Parameter("sparsity", "fraction of weights zeroed", 0.5, minimum=0.0, maximum=0.95),
+               Parameter("finetune_steps", "fine-tuning steps after", 0, minimum=0, maximum=100000))),
+    Technique("prune_channels", "Channel pruning",
+              "Removes whole filters, so the network gets smaller and faster; it risks missing faint "
+              "or small nodules unless fine-tuned afterwards.",
+              (Parameter("ratio", "fraction of channels", 0.25, minimum=0.0, maximum=0.9),
+               Parameter("finetune_steps", "fine-tuning steps after", 50, minimum=0, maximum=100000))),
+    Technique("finetune", "Fine-tuning",
+              "Trains the compressed model a little on your labelled scans to win back accuracy; "
+              "it may over-fit a small training split.",
+              (Parameter("steps", "steps", 50, minimum=1, maximum=100000),
+               Parameter("lr", "learning rate", 5e-4, minimum=0.0, maximum=1.0))),
+    Technique("distill", "Distillation",
+              "Trains the compressed model to copy the original's outputs, labels optional; it "
+              "inherits the original's mistakes.",
+              (Parameter("steps", "steps", 50, minimum=1, maximum=100000),
+               Parameter("temperature", "temperature", 2.0, minimum=0.1, maximum=20.0))),
+    Technique("cluster_weights", "Weight clustering",
+              "Lets weights share a few values so the archive compresses well; speed is unchanged and "
+              "too few clusters coarsen the output.",
+              (Parameter("clusters", "clusters", 16, minimum=2, maximum=256),)),
+    Technique("half_precision", "Half precision",
+              "Stores weights in 16 bits (half the size); on a CPU it runs no faster, and very small "
+              "activations may underflow.",
+              (Parameter("dtype", "type", "fp16", choices=("fp16", "bf16")),)),
+    Technique("quantize_int8_ort", "int8 quantization (ONNX Runtime)",
+              "Stores weights and activations as 8-bit integers calibrated on your scans; about 4× "
+              "smaller, and rare intensities may be rounded away.",
+              (Parameter("mode", "mode", "static", choices=("static", "dynamic")),
+               Parameter("per_channel", "per channel", True, choices=(True, False)),
+               Parameter("calibrate", "calibration", "percentile", choices=("percentile", "minmax", "entropy")))),
+)
+
+
+def technique(step: str) -> Technique:
+    for t in TECHNIQUES:
+        if t.step == step:
+            return t
+    raise KeyError(step)
+
+
+@dataclass
+class DataChoice:
+    manifest: str = ""           # a manifest CSV, or
+    folder: str = ""             # a folder of scans split by patient here
+    proportions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PROPORTIONS))
+    seed: int = 0
+
+
+@dataclass
+class CompressConfig:
+    model: str = ""              # the card (or model file) of the variant to compress
+    data: DataChoice = field(default_factory=DataChoice)
+    preset: str = "safe-int8"    # a Preset key, or EXPERT
+    steps: list[dict] = field(default_factory=list)   # expert: [{"step": name, **params}]
+    sensitivity_first: bool = False
+    max_dice_drop: str = "0.02"  # as typed: "0.02", "2 %"
+    lost_lesion_mm: str = "6"    # no lost lesion at or above this size; "" = not checked
+    device: str = "cpu"
+    threads: int | None = None
+    search_minutes: str = "10"
+    output: str = ""
+    name: str = ""              # the run's name: the output sub-folder
+    max_train_slices: int | None = 64   # keeps calibration / fine-tuning short on a laptop
+
+    def copy(self) -> "CompressConfig":
+        return copy.deepcopy(self)
+
+
+# ---------------------------------------------------------------- reading typed values
+
+
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+
+
+def parse_fraction(text: str, what: str) -> float:
+    """ "0.02", "2 %", "2%" → 0.02; anything else raises ValueError naming ``what``."""
+    match = re.fullmatch(rf"\s*({_NUMBER})\s*(%?)\s*", text or "")
+    if not match:
+        raise ValueError(f"{what}: cannot read {text!r} — write a number such as 0.02 or 2 %")
+    value = float(match.group(1)) / (100.0 if match.group(2) else 1.0)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{what}: {text!r} is outside 0–1 (0 %–100 %)")
+    return value
+
+
+def parse_mm(text: str, what: str) -> float | None:
+    """ "6", "6 mm" → 6.0; "" → None (not checked)."""
+    if not (text or "").strip():
+        return None
+    match = re.fullmatch(rf"\s*({_NUMBER})\s*(mm)?\s*", text)
+    if not match or float(match.group(1)) < 0:
+        raise ValueError(f"{what}: cannot read {text!r} — write a size in mm such as 6")
+    return float(match.group(1))
+
+
+def parse_minutes(text: str) -> float:
+    match = re.fullmatch(rf"\s*({_NUMBER})\s*(min)?\s*", text or "")
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"search time limit: cannot read {text!r} — write minutes, such as 10")
+    return float(match.group(1))
+
+
+@dataclass(frozen=True)
+class BudgetValues:
+    max_dice_drop: float
+    lost_lesion_mm: float | None
+
+    def as_dict(self) -> dict:
+        """The budget as compression.evaluate.Budget's fields (lesions ≥ 6 mm are 'large')."""
+        budget: dict[str, Any] = {"max_dice_drop": self.max_dice_drop}
+        if self.lost_lesion_mm is None:
+            budget["max_lost_lesions_large"] = None
+        elif self.lost_lesion_mm <= 0:
+            budget["max_lost_lesions"] = 0
+            budget["max_lost_lesions_large"] = 0
+        else:
+            budget["max_lost_lesions_large"] = 0
+        return budget
+
+
+def budget_values(config: CompressConfig) -> BudgetValues:
+    return BudgetValues(parse_fraction(config.max_dice_drop, "max Dice drop"),
+                        parse_mm(config.lost_lesion_mm, "no lost lesions from"))
+
+
+# ---------------------------------------------------------------- checks per page
+
+
+def problems(config: CompressConfig, page: str) -> list[str]:
+    """What stops the wizard leaving ``page``, as sentences the user can act on; [] when fine."""
+    return {"model": _model_problems, "data": _data_problems, "techniques": _technique_problems,
+            "budget": _budget_problems, "output": _output_problems}[page](config)
+
+
+def all_problems(config: CompressConfig) -> list[str]:
+    return [p for page in PAGES for p in problems(config, page)]
+
+
+def _model_problems(config: CompressConfig) -> list[str]:
+    if not config.model:
+        return ["Choose the model to compress."]
+    if not Path(config.model).exists():
+        return [f"The model file {config.model} does not exist."]
+    return []
+
+
+def _data_problems(config: CompressConfig) -> list[str]:
+    data = config.data
+    if not data.manifest and not data.folder:
+        return ["Choose a manifest (CSV) or a folder of scans."]
+    found = []
+    if data.manifest and not Path(data.manifest).is_file():
+        found.append(f"The manifest {data.manifest} does not exist.")
+    if not data.manifest:
+        folder = Path(data.folder)
+        if not folder.is_dir():
+            found.append(f"The data folder {folder} does not exist.")
+        elif not any(p.is_file() for p in folder.rglob("*")):
+            found.append(f"The data folder {folder} is empty: it holds no scans.")
+    if any(data.proportions.get(s, 0) < 0 for s in SPLITS) or data.proportions.get("eval", 0) <= 0:
+        found.append("The eval split needs a share above zero, and no share may be negative.")
+    return found
+
+
+def _technique_problems(config: CompressConfig) -> list[str]:
+    if config.preset == EXPERT:
+        if not config.steps:
+            return ["Add at least one technique to the expert recipe."]
+        unknown = [s.get("step") for s in config.steps if s.get("step") not in {t.step for t in TECHNIQUES}]
+        return [f"Unknown technique {u!r}." for u in unknown]
+    if config.preset not in {p.key for p in PRESETS}:
+        return [f"Unknown preset {config.preset!r}."]
+    return []
+
+
+def _budget_problems(config: CompressConfig) -> list[str]:
+    found = []
+    for check in (lambda: parse_fraction(config.max_dice_drop, "max Dice drop"),
+                  lambda: parse_mm(config.lost_lesion_mm, "no lost lesions from"),
+                  lambda: parse_minutes(config.search_minutes)):
+        try:
+            check()
+        except ValueError as exc:
+            found.append(str(exc))
+    if config.device not in ("cpu", "cuda"):
+        found.append(f"Unknown target device {config.device!r} (cpu or cuda).")
+    return found
+
+
+def _output_problems(config: CompressConfig) -> list[str]:
+    if not config.output:
+        return ["Choose where the compressed variants go."]
+    if Path(config.output).exists() and not Path(config.output).is_dir():
+        return [f"{config.output} is a file, not a folder."]
+    return []
+
+
+# ---------------------------------------------------------------- the recipe YAML
+
+
+def preset_steps(key: str) -> list[dict]:
+    """The steps of a preset recipe, as the CLI reads them (compression.recipe)."""
+    from compression.recipe import load_preset
+
+    return [dict(step) for step in load_preset(key).steps]
+
+
+def run_plan(config: CompressConfig) -> dict:
+    """Everything the compression job needs, as plain values; ValueError lists what is wrong."""
+    found = all_problems(config)
+    if found:
+        raise ValueError("\n".join(found))
+    budget = budget_values(config)
+    name = EXPERT if config.preset == EXPERT else config.preset
+    steps = [dict(s) for s in config.steps] if config.preset == EXPERT else preset_steps(config.preset)
+    return {"model": config.model, "data": _data_dict(config.data), "recipes": [{"name": name, "steps": steps}],
+            "budget": budget.as_dict(), "lost_lesion_mm": budget.lost_lesion_mm,
+            "sensitivity_first": config.sensitivity_first, "device": config.device,
+            "threads": config.threads, "time_limit_s": 60.0 * parse_minutes(config.search_minutes),
+            "output": config.output, "run_name": config.name or default_run_name(config),
+            "max_train_slices": config.max_train_slices, "recipe": to_recipe(config)}
+
+
+def _data_dict(data: DataChoice) -> dict:
+    out: dict[str, Any] = {"seed": data.seed, "proportions": dict(data.proportions)}
+    if data.manifest:
+        out["manifest"] = data.manifest
+    else:
+        out["folder"] = data.folder
+    return out
+
+
+def to_recipe(config: CompressConfig) -> dict:
+    """The config's steps and budget as a recipe document (resources/recipe.schema.json): the
+    same YAML the CLI's ``compress --recipe`` takes. Model, data and target are the CLI's
+    arguments, not part of a recipe; the wizard remembers them in its settings instead."""
+    steps = [dict(s) for s in config.steps] if config.preset == EXPERT else preset_steps(config.preset)
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", config.name or config.preset).strip("-.") or "wizard"
+    recipe: dict[str, Any] = {"schema_version": "1.0", "name": name,
+                              "description": "Written by the MedCompress compression wizard.", "steps": steps}
+    try:
+        recipe["budget"] = {k: v for k, v in budget_values(config).as_dict().items() if v is not None}
+    except ValueError:
+        pass   # an unreadable budget stays out of the file; the Budget page says why
+    return recipe
+
+
+def from_recipe(recipe: dict, base: CompressConfig | None = None) -> CompressConfig:
+    """A config from a recipe document; what a recipe does not hold keeps ``base``'s values."""
+    config = (base or CompressConfig()).copy()
+    steps = [dict(s) for s in recipe.get("steps") or []]
+    if recipe.get("name") in {p.key for p in PRESETS} and steps == preset_steps(recipe["name"]):
+        config.preset, config.steps = recipe["name"], []
+    else:
+        config.preset, config.steps = EXPERT, steps
+    budget = recipe.get("budget") or {}
+    if "max_dice_drop" in budget and budget["max_dice_drop"] is not None:
+        config.max_dice_drop = f"{budget['max_dice_drop']:g}"
+    if budget.get("max_lost_lesions") == 0:
+        config.lost_lesion_mm = "0"
+    elif budget.get("max_lost_lesions_large") == 0:
+        config.lost_lesion_mm = "6"
+    else:
+        config.lost_lesion_mm = ""   # no lesion limit in the recipe: not checked
+    return config
+
+
+def save_recipe(config: CompressConfig, path: str | Path) -> None:
+    """Checked against the published schema, then written atomically."""
+    from compression.recipe import recipe_from_dict, save_recipe as write
+
+    write(recipe_from_dict(to_recipe(config), str(path)), path)
+
+
+def load_recipe(path: str | Path, base: CompressConfig | None = None) -> CompressConfig:
+    """Read and check a recipe (ValueError with the file and field at fault)."""
+    from compression.recipe import load_recipe as read
+
+    return from_recipe(read(path).as_dict(), base)
+
+
+def default_run_name(config: CompressConfig) -> str:
+    import time
+
+    model = Path(config.model).parent.name if Path(config.model).name == "card.json" else Path(config.model).stem
+    return f"{model}-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def config_dict(config: CompressConfig) -> dict:
+    """Plain, picklable form of the config for the child process."""
+    return asdict(config)
+
+
+# ---------------------------------------------------------------- the observable model
+
+
+class CompressConfigModel(QObject):
+    """Holds the wizard's config; every edit goes through ``set`` and is announced."""
+
+    changed = Signal(str)   # the field that changed ("data.seed", "preset", ... or "*" for all)
+
+    def __init__(self, config: CompressConfig | None = None, parent: QObject | None = None):
+        super().__init__(parent)
+        self.config = config or CompressConfig()
+
+    def set(self, name: str, value: Any) -> None:
+        target, attr = self._owner(name)
+        if getattr(target, attr) == value:
+            return
+        setattr(target, attr, value)
+        self.changed.emit(name)
+
+    def get(self, name: str) -> Any:
+        target, attr = self._owner(name)
+        return getattr(target, attr)
+
+    def replace(self, config: CompressConfig) -> None:
+        self.config = config
+        self.changed.emit("*")
+
+    def _owner(self, name: str):
+        parts = name.split(".")
+        target = self.config
+        for part in parts[:-1]:
+            target = getattr(target, part)
+        if not hasattr(target, parts[-1]):
+            raise AttributeError(f"the compression config has no field {name!r}")
+        return target, parts[-1]

@@ -1,0 +1,234 @@
+"""What the wizard's Data page shows: the scans a compression run would use, counted per split.
+
+A manifest is read as it is; a folder is examined first (DICOM headers only, no pixels) and
+split by patient with the user's proportions and seed, exactly as the compression job will
+split it. Per split: patients, series, slices and lesions; then every problem the run would
+hit (a label map that matches no series, a missing file), and a warning when the eval split
+is too small for a verdict. Qt-free: it runs as a job, in a thread or a child process.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generator, Mapping
+
+from app.core.manifest import Case, Manifest, SPLITS, build_manifest, check_manifest, read_manifest
+from app.core.progress import Progress
+
+LABEL_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+NON_IMAGE_MODALITIES = ("SEG", "RTSTRUCT", "SR", "PR", "KO", "REG")
+# compression.evaluate's evidence rule: below these a verdict reads "insufficient evidence"
+MIN_EVAL_CASES = 30
+MIN_LARGE_LESIONS = 50
+
+
+@dataclass
+class SplitCounts:
+    patients: int = 0
+    series: int = 0
+    slices: int = 0
+    lesions: int = 0
+    labelled: int = 0   # series with a label map
+
+
+@dataclass
+class DataSurvey:
+    splits: dict[str, SplitCounts] = field(default_factory=lambda: {s: SplitCounts() for s in SPLITS})
+    problems: list[str] = field(default_factory=list)   # the run cannot start until fixed
+    warnings: list[str] = field(default_factory=list)   # it can, but the user should know
+    manifest: Manifest | None = None
+
+    @property
+    def usable(self) -> bool:
+        return not self.problems and self.manifest is not None
+
+
+@dataclass(frozen=True)
+class FoundSeries:
+    folder: Path
+    patient: str
+    slices: int
+    shape: tuple[int, int, int]   # (slices, rows, columns)
+
+
+# ---------------------------------------------------------------- a folder of scans
+
+
+def _is_label_file(path: Path) -> bool:
+    name = path.name.lower()
+    return any(name.endswith(s) for s in LABEL_SUFFIXES)
+
+
+def _dicom_header(path: Path):
+    import pydicom
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, force=False)
+    except Exception:   # not DICOM, or unreadable: the folder scan skips it
+        return None
+
+
+def find_series(folder: Path) -> list[FoundSeries]:
+    """Image series (one per folder of DICOM files), read from headers only."""
+    found = []
+    for directory, _dirs, files in sorted(os.walk(folder)):
+        headers = [h for h in (_dicom_header(Path(directory) / f) for f in sorted(files)
+                               if not _is_label_file(Path(f))) if h is not None]
+        images = [h for h in headers if str(getattr(h, "Modality", "")) not in NON_IMAGE_MODALITIES
+                  and "Rows" in h]
+        if images:
+            first = images[0]
+            patient = str(getattr(first, "PatientID", "") or Path(directory).name)
+            found.append(FoundSeries(Path(directory), patient, len(images),
+                                     (len(images), int(first.Rows), int(first.Columns))))
+    return found
+
+
+def labels_for(series: FoundSeries, root: Path) -> Path | None:
+    """The label map beside a series (its folder or the case folder above it)."""
+    for folder in (series.folder, series.folder.parent):
+        candidates = sorted(p for p in folder.iterdir() if p.is_file() and _is_label_file(p))
+        semantic = [p for p in candidates if "instance" not in p.name.lower()]
+        if semantic or candidates:
+            return (semantic or candidates)[0]
+        if folder == root:
+            break
+    return None
+
+
+def orphan_labels(root: Path, series: list[FoundSeries]) -> list[Path]:
+    """Label maps under ``root`` that sit beside no series: they would be silently ignored."""
+    near = {s.folder for s in series} | {s.folder.parent for s in series}
+    return sorted(p for p in root.rglob("*") if p.is_file() and _is_label_file(p) and p.parent not in near)
+
+
+def manifest_from_folder(folder: str | os.PathLike, proportions: Mapping[str, float],
+                         seed: int) -> tuple[Manifest, list[FoundSeries]]:
+    root = Path(folder)
+    series = find_series(root)
+    records = []
+    for s in series:
+        labels = labels_for(s, root)
+        rel = s.folder.relative_to(root).as_posix()
+        case = rel.split("/")[0] if rel != "." else root.name
+        if any(r[0] == case for r in records):
+            case = rel.replace("/", "_")
+        records.append((case, s.patient, rel, labels.relative_to(root).as_posix() if labels else ""))
+    if not records:
+        return Manifest(cases=[], root=root), series
+    return build_manifest(records, proportions, seed, root=root), series
+
+
+# ---------------------------------------------------------------- counting
+
+
+def label_shape_and_lesions(path: Path) -> tuple[tuple[int, int, int], int]:
+    """(slices, rows, columns) of a label map and its number of lesions (connected components)."""
+    import SimpleITK as sitk
+    from app.core.lesions import label_instances
+
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    _instances, count = label_instances(array > 0)
+    return tuple(int(n) for n in array.shape), int(count)
+
+
+def _series_shape(manifest: Manifest, case: Case, known: dict[Path, FoundSeries]) -> FoundSeries | None:
+    path = manifest.series_path(case)
+    if path is None or not path.exists():
+        return None
+    if path.resolve() in known:
+        return known[path.resolve()]
+    found = find_series(path) if path.is_dir() else []
+    return found[0] if found else None
+
+
+def _count_case(manifest: Manifest, case: Case, counts: SplitCounts, survey: DataSurvey,
+                known: dict[Path, FoundSeries]) -> None:
+    series = _series_shape(manifest, case, known)
+    counts.series += 1
+    if series is None:
+        if manifest.series_path(case) is not None and manifest.series_path(case).exists():
+            survey.problems.append(f"case {case.case}: no DICOM image series in {manifest.series_path(case)}")
+        return
+    counts.slices += series.slices
+    labels = manifest.labels_path(case)
+    if labels is None or not labels.is_file():
+        return
+    try:
+        shape, lesions = label_shape_and_lesions(labels)
+    except Exception as exc:   # an unreadable label map is a problem of that case, not a crash
+        survey.problems.append(f"case {case.case}: cannot read label map {labels.name} ({exc})")
+        return
+    if shape != series.shape:
+        survey.problems.append(f"case {case.case}: labels {labels.name} {shape} match no series — "
+                               f"its series {series.folder.name} is {series.shape} (slices, rows, columns)")
+        return
+    counts.labelled += 1
+    counts.lesions += lesions
+
+
+def _evidence_warning(survey: DataSurvey) -> None:
+    evaluation = survey.splits["eval"]
+    if evaluation.series == 0:
+        survey.problems.append("The eval split is empty: there is nothing to judge the variants on.")
+    elif evaluation.series < MIN_EVAL_CASES and evaluation.lesions < MIN_LARGE_LESIONS:
+        survey.warnings.append(
+            f"Only {evaluation.series} eval case(s) and {evaluation.lesions} lesion(s): too few for a verdict "
+            f"(needs {MIN_EVAL_CASES} cases or {MIN_LARGE_LESIONS} lesions); results will say "
+            "'insufficient evidence' beside the point estimates.")
+    if survey.splits["calib"].series + survey.splits["train"].series == 0:
+        survey.warnings.append("No calib or train scans: int8 calibration and fine-tuning have nothing to learn from.")
+
+
+def survey_data(manifest_path: str = "", folder: str = "", proportions: Mapping[str, float] | None = None,
+                seed: int = 0) -> Generator[Progress, None, DataSurvey]:
+    """Count what a run would use; a job body (yields progress, returns a DataSurvey)."""
+    survey = DataSurvey()
+    yield Progress(None, "examining the data")
+    manifest, known = _open(manifest_path, folder, proportions or {}, seed, survey)
+    if manifest is None:
+        return survey
+    survey.manifest = manifest
+    survey.problems += check_manifest(manifest)
+    patients: dict[str, set] = {s: set() for s in SPLITS}
+    for number, case in enumerate(manifest.cases, 1):
+        if case.split in survey.splits:
+            patients[case.split].add(case.patient)
+            _count_case(manifest, case, survey.splits[case.split], survey, known)
+        yield Progress(number / len(manifest.cases), f"counted case {case.case}")
+    for split, people in patients.items():
+        survey.splits[split].patients = len(people)
+    _evidence_warning(survey)
+    return survey
+
+
+def _open(manifest_path: str, folder: str, proportions, seed: int, survey: DataSurvey):
+    if manifest_path:
+        try:
+            return read_manifest(manifest_path), {}
+        except (OSError, ValueError) as exc:
+            survey.problems.append(f"Cannot read the manifest: {exc}")
+            return None, {}
+    root = Path(folder)
+    if not root.is_dir():
+        survey.problems.append(f"The data folder {root} does not exist.")
+        return None, {}
+    manifest, series = manifest_from_folder(root, proportions, seed)
+    for orphan in orphan_labels(root, series):
+        survey.problems.append(f"labels {orphan.relative_to(root)} match no series: no DICOM series beside them")
+    if not series:
+        survey.problems.append(f"The data folder {root} holds no DICOM image series.")
+        return None, {}
+    return manifest, {s.folder.resolve(): s for s in series}
+
+
+def open_data(manifest_path: str = "", folder: str = "", proportions: Mapping[str, float] | None = None,
+              seed: int = 0) -> Manifest:
+    """The manifest a run uses (folder split exactly as the Data page showed it)."""
+    if manifest_path:
+        return read_manifest(manifest_path)
+    manifest, _series = manifest_from_folder(Path(folder), proportions or {}, seed)
+    if not manifest.cases:
+        raise ValueError(f"The data folder {folder} holds no DICOM image series.")
+    return manifest

@@ -1,0 +1,399 @@
+"""The compression run behind the wizard, as job bodies for the job manager's child processes.
+
+``compress_run(plan)`` loads the scans, optionally measures per-layer sensitivity, runs each
+recipe of the plan (``compression.pipeline.run_steps``), judges every new variant against the
+original on the eval split (``compression.evaluate``) and measures its cost
+(``compression.cost``). Everything is written inside the job's scratch folder and moved to the
+output folder only at the very end, so a cancelled, failed or killed run leaves no file behind
+(the supervisor removes the scratch folder however the job ends). The source model's files are
+hashed before and after: a run that changed them fails loudly.
+
+Progress carries structured data for the wizard's Run page::
+
+    {"plan": [phase names]}                         once, first
+    {"phase": i, "phase_fraction": f, "eta_s": s}    per tick
+    {"loss": x, "iteration": n}                     with a tick during fine-tuning/distillation
+
+Qt-free: the child process imports this module.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generator
+
+from app.core.progress import Progress
+
+LATENCY_ROUNDS = 5
+COST_SLICE = 256   # latency is timed on one whole 256×256 slice (fully convolutional nets scale with pixels)
+
+
+@dataclass
+class VariantRow:
+    """One variant as the Results page lists it (plain values: it crosses the process pipe)."""
+
+    name: str
+    card_path: str
+    is_original: bool
+    steps: str
+    deployed_bytes: int
+    latency_ms: float | None
+    speedup: float | None
+    dice: float | None
+    dice_low: float | None
+    dice_high: float | None
+    dice_note: str
+    fidelity: float | None
+    lost_lesions: int | None
+    budget_met: bool
+    budget_failures: list[str] = field(default_factory=list)
+    recommended: bool = False
+    weights_sha256: str = ""
+
+
+@dataclass
+class CompressResult:
+    run_folder: str
+    rows: list[VariantRow]
+    evidence: str
+    source_sha256: str
+    sensitivity: list[tuple[str, float]] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, name: str) -> VariantRow:
+        return next(r for r in self.rows if r.name == name)
+
+
+# ---------------------------------------------------------------- progress plumbing
+
+
+class PhaseClock:
+    """Maps each phase's own 0..1 onto the whole run, and estimates the time left."""
+
+    def __init__(self, names: list[str], weights: list[float]):
+        self.names, total = names, sum(weights)
+        self.starts = [sum(weights[:i]) / total for i in range(len(weights))]
+        self.widths = [w / total for w in weights]
+        self.started = time.monotonic()
+
+    def tick(self, phase: int, fraction: float | None, message: str, extra: dict | None = None) -> Progress:
+        f = 0.0 if fraction is None else min(1.0, max(0.0, fraction))
+        overall = self.starts[phase] + self.widths[phase] * f
+        data = {"phase": phase, "phase_fraction": f, "eta_s": self.eta(overall), **(extra or {})}
+        return Progress(overall, f"{self.names[phase]}: {message}" if message else self.names[phase], data)
+
+    def eta(self, overall: float) -> float | None:
+        elapsed = time.monotonic() - self.started
+        if overall < 0.02 or elapsed < 1.0:
+            return None
+        return elapsed * (1.0 - overall) / overall
+
+
+def in_phase(clock: PhaseClock, phase: int, gen: Generator) -> Generator[Progress, None, Any]:
+    """Re-emit a library generator's progress as ticks of ``phase``; passes loss values on."""
+    while True:
+        try:
+            p = next(gen)
+        except StopIteration as done:
+            yield clock.tick(phase, 1.0, "done")
+            return done.value
+        extra = None
+        if isinstance(p.data, dict) and "loss" in p.data:
+            extra = {"loss": float(p.data["loss"]), "iteration": int(p.data.get("step", 0))}
+        yield clock.tick(phase, p.fraction, p.message, extra)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def plan_phases(plan: dict) -> tuple[list[str], list[float]]:
+    names, weights = ["Load scans"], [1.0]
+    if plan.get("sensitivity_first"):
+        names, weights = names + ["Per-layer sensitivity"], weights + [1.5]
+    for recipe in plan["recipes"]:
+        steps = " → ".join(s["step"] for s in recipe["steps"])
+        names.append(f"{recipe['name']}: {steps}")
+        weights.append(1.0 + 0.5 * len(recipe["steps"]))
+    return names + ["Evaluate on eval scans", "Measure size and latency"], weights + [2.0, 1.0]
+
+
+def source_fingerprint(variant) -> str:
+    """One hash over every file of the source model: it must be the same after the run."""
+    import hashlib
+
+    from app.core.models import sha256_file
+    digest = hashlib.sha256()
+    for role in sorted(variant.files):
+        if variant.files[role].is_file():
+            digest.update(f"{role}:{sha256_file(variant.files[role])}".encode())
+    if variant.card_path is not None:
+        digest.update(sha256_file(variant.card_path).encode())
+    return digest.hexdigest()
+
+
+def compress_run(plan: dict, scratch: Path | None = None) -> Generator[Progress, None, CompressResult]:
+    """The whole run (a job body): yields progress, returns a :class:`CompressResult`."""
+    from app.core.models import open_model
+
+    names, weights = plan_phases(plan)
+    clock = PhaseClock(names, weights)
+    yield Progress(0.0, "starting", {"plan": names})
+    original = open_model(plan["model"])
+    fingerprint = source_fingerprint(original)
+    own_scratch = scratch is None
+    work = Path(tempfile.mkdtemp(prefix="medcompress-run-")) if own_scratch else Path(scratch)
+    try:
+        result = yield from _run(plan, original, clock, work)
+        if source_fingerprint(original) != fingerprint:
+            raise RuntimeError(f"the source model's files changed during the run ({plan['model']}); "
+                               "nothing was saved")
+        result.source_sha256 = fingerprint
+        return result
+    finally:
+        if own_scratch:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(plan: dict, original, clock: PhaseClock, work: Path):
+    from compression.data import load_cases
+    from compression.pipeline import StepData
+
+    from app.compress_data import open_data
+
+    manifest = open_data(plan["data"].get("manifest", ""), plan["data"].get("folder", ""),
+                         plan["data"].get("proportions"), int(plan["data"].get("seed", 0)))
+    cases = yield from in_phase(clock, 0, load_cases(manifest, ("train", "calib", "eval")))
+    by_split = {s: [c for c, m in zip(cases, _cases_of(manifest, ("train", "calib", "eval"))) if m.split == s]
+                for s in ("train", "calib", "eval")}
+    data = StepData(train=by_split["train"], calib=by_split["calib"] or by_split["train"], teacher=original,
+                    device=plan["device"], threads=plan.get("threads"), seed=int(plan["data"].get("seed", 0)))
+    phase, sensitivity, notes = 1, None, []
+    if plan.get("sensitivity_first"):
+        sensitivity = yield from in_phase(clock, phase, _sensitivity(original, data, notes))
+        phase += 1
+    variants = yield from _run_recipes(plan, original, data, clock, phase, work / "variants", notes)
+    phase += len(plan["recipes"])
+    comparison = yield from in_phase(clock, phase, _evaluate(original, variants, by_split["eval"], manifest, plan))
+    costs = yield from in_phase(clock, phase + 1, _costs(original, variants, plan))
+    rows = _rows(original, variants, comparison, costs, plan)
+    run_folder = _publish(work / "variants", Path(plan["output"]), plan["run_name"])
+    for row in rows[1:]:
+        row.card_path = str(run_folder / Path(row.card_path).parent.name / "card.json")
+    yield Progress(1.0, f"{len(variants)} variant(s) written to {run_folder}",
+                   {"phase": phase + 1, "phase_fraction": 1.0, "eta_s": 0.0})
+    return CompressResult(str(run_folder), rows, comparison.evidence, "", sensitivity, notes)
+
+
+def _cases_of(manifest, splits):
+    return [c for c in manifest.cases if c.split in splits]
+
+
+def _run_recipes(plan, original, data, clock, first_phase, out_dir: Path, notes: list[str]):
+    from compression.pipeline import run_steps
+
+    variants, deadline = [], time.monotonic() + float(plan.get("time_limit_s") or math.inf)
+    for k, recipe in enumerate(plan["recipes"]):
+        if k > 0 and time.monotonic() > deadline:
+            notes.append(f"time limit reached: recipe {recipe['name']} was not tried")
+            yield clock.tick(first_phase + k, 1.0, "skipped (time limit reached)")
+            continue
+        name = f"{original.card.name}-{recipe['name']}"
+        variant = yield from in_phase(clock, first_phase + k, run_steps(
+            original, recipe["steps"], data, out_dir, name=name, recipe={**plan["recipe"], "steps": recipe["steps"]}))
+        variants.append((recipe, variant))
+    return variants
+
+
+def _sensitivity(original, data, notes: list[str]):
+    """Per-layer sensitivity from compression.sensitivity: [(layer, drop)], largest first."""
+    try:
+        from compression import sensitivity as module
+    except ImportError:
+        notes.append("per-layer sensitivity is not available in this build")
+        return None
+    result = yield from module.layer_sensitivity(original, data)
+    rows = [(str(getattr(r, "layer", r[0] if isinstance(r, (tuple, list)) else r)),
+             float(getattr(r, "drop", r[1] if isinstance(r, (tuple, list)) else 0.0))) for r in result]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def _evaluate(original, variants, eval_cases, manifest, plan):
+    from compression.evaluate import evaluate
+
+    names = ["original"] + [r["name"] for r, _v in variants]
+    return (yield from evaluate([original] + [v for _r, v in variants], eval_cases, manifest=manifest,
+                                names=names, device=plan["device"], threads=plan.get("threads"),
+                                seed=int(plan["data"].get("seed", 0))))
+
+
+def _costs(original, variants, plan):
+    from compression.cost import compare_costs, default_input_shape
+
+    names = ["original"] + [r["name"] for r, _v in variants]
+    shape = default_input_shape(original.card, whole_slice=COST_SLICE)
+    return (yield from compare_costs([original] + [v for _r, v in variants], names, input_shape=shape,
+                                     device=plan["device"], threads=plan.get("threads"),
+                                     rounds=LATENCY_ROUNDS, warmup=1, memory=False))
+
+
+def _finite(value) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def _rows(original, variants, comparison, costs, plan) -> list[VariantRow]:
+    from compression.evaluate import Budget, budget_failures
+
+    budget = Budget(**plan["budget"])
+    rows = []
+    for k, (name, variant, steps) in enumerate([("original", original, "—")] + [
+            (r["name"], v, " → ".join(s["step"] for s in r["steps"])) for r, v in variants]):
+        result, cost = comparison.variant(name), costs[k]
+        dice = result.verdicts.get("dice")
+        failures = [] if k == 0 else budget_failures(result, budget)
+        rows.append(VariantRow(
+            name=name, card_path=str(variant.card_path), is_original=k == 0, steps=steps,
+            deployed_bytes=int(cost.deployed_bytes),
+            latency_ms=cost.latency.median_ms if cost.latency else None,
+            speedup=cost.latency.speedup if cost.latency else None,
+            dice=_finite(dice.point) if dice else None, dice_low=_finite(dice.low) if dice else None,
+            dice_high=_finite(dice.high) if dice else None, dice_note=dice.note if dice else "",
+            fidelity=_finite(result.value("fidelity_dice")) if k else 1.0,
+            lost_lesions=_lost(result) if k else 0, budget_met=not failures, budget_failures=failures,
+            weights_sha256=variant.weights_sha256))
+    _recommend(rows, plan.get("pick", "all"))
+    return rows
+
+
+def _lost(result) -> int | None:
+    value = _finite(result.value("lesions_lost_large"))
+    return None if value is None else int(round(value))
+
+
+def _recommend(rows: list[VariantRow], pick: str) -> None:
+    """Mark the preset's choice: every variant within budget, or the smallest/fastest of them."""
+    within = [r for r in rows[1:] if r.budget_met]
+    if pick == "smallest" and within:
+        within = [min(within, key=lambda r: r.deployed_bytes)]
+    elif pick == "fastest" and within:
+        within = [min(within, key=lambda r: r.latency_ms if r.latency_ms is not None else math.inf)]
+    for row in within:
+        row.recommended = True
+
+
+def _publish(variants_dir: Path, output: Path, run_name: str) -> Path:
+    """Move the finished variants into ``output/run_name`` in one rename (copy first across disks)."""
+    output.mkdir(parents=True, exist_ok=True)
+    final = output / run_name
+    if final.exists():
+        raise FileExistsError(f"{final} exists already: compression never overwrites earlier results")
+    variants_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(variants_dir, final)
+    except OSError:   # another file system: copy beside the target, then rename into place
+        staging = Path(tempfile.mkdtemp(prefix=f".{run_name}.", suffix=".part", dir=output))
+        try:
+            shutil.copytree(variants_dir, staging, dirs_exist_ok=True)
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return final
+
+
+# ---------------------------------------------------------------- after the run
+
+
+def keep_variants(run_folder: str, keep: list[str], destination: str, rows: list[VariantRow]) -> list[str]:
+    """Keep the chosen variants (moved to ``destination``), delete the others; audit each kept one.
+
+    Returns the kept variants' card paths.
+    """
+    from app.core.audit import append_audit
+
+    run, target = Path(run_folder), Path(destination)
+    kept = []
+    for row in rows:
+        if row.is_original:
+            continue
+        folder = Path(row.card_path).parent
+        if row.name not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        final = _move_variant(folder, target) if target.resolve() != run.resolve() else folder
+        kept.append(str(final / "card.json"))
+        append_audit("accept", variant=str(final), name=row.name, weights_sha256=row.weights_sha256,
+                     budget_met=row.budget_met, budget_failures=row.budget_failures, steps=row.steps)
+    if run.is_dir() and not any(run.iterdir()):
+        run.rmdir()
+    return kept
+
+
+def _move_variant(folder: Path, target: Path) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    final = target / folder.name
+    if final.exists():
+        raise FileExistsError(f"{final} exists already; choose another folder")
+    try:
+        os.rename(folder, final)
+    except OSError:
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=target))
+        shutil.copytree(folder, staging, dirs_exist_ok=True)
+        os.rename(staging, final)
+        shutil.rmtree(folder, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------- the Model page
+
+
+@dataclass
+class ModelSummary:
+    parameters: int
+    macs: int | None
+    macs_input: tuple[int, ...]
+    layers: list[tuple[str, str, int, str]]   # name, type, parameters, weight shape
+    providers: list[str]
+    note: str = ""
+
+
+def describe_model(path: str) -> ModelSummary:
+    """Parameters, MACs, layers and this machine's providers (runs where torch may be imported)."""
+    import onnxruntime as ort
+
+    from app.core.models import load_torch_module, open_model
+
+    variant = open_model(path)
+    providers = usable_providers(ort.get_available_providers())
+    if "weights" not in variant.files and "torchscript" not in variant.files:
+        return _describe_onnx(variant, providers)
+    module = load_torch_module(variant.as_format("state_dict" if "weights" in variant.files else "torchscript"))
+    layers = [(name, type(m).__name__, sum(p.numel() for p in m.parameters(recurse=False)),
+               "×".join(str(d) for d in m.weight.shape) if getattr(m, "weight", None) is not None else "")
+              for name, m in module.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    from compression.cost import default_input_shape, torch_macs
+
+    shape = default_input_shape(variant.card, whole_slice=COST_SLICE)
+    return ModelSummary(sum(p.numel() for p in module.parameters()), torch_macs(module, shape),
+                        tuple(shape), layers, providers)
+
+
+def usable_providers(built: list[str]) -> list[str]:
+    """ONNX Runtime lists the providers it was built with; GPU ones need a GPU that is there."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    return [p for p in built if gpu or p not in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
+
+
+def _describe_onnx(variant, providers) -> ModelSummary:
+    from compression.cost import default_input_shape, onnx_macs, onnx_parameters
+
+    shape = default_input_shape(variant.card, whole_slice=COST_SLICE)
+    params, _nonzero = onnx_parameters(variant.main_file)
+    return ModelSummary(params, onnx_macs(variant.main_file, shape), tuple(shape), [], providers,
+                        "ONNX only: no layer table without the torch weights")

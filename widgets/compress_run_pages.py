@@ -1,0 +1,399 @@
+"""The wizard's last two pages: the run (progress per step, time left, log, loss, Cancel) and
+the results (table, Pareto plots, keep / save / compare).
+
+The run is one child-process job on the job manager; this page only draws what its progress
+reports (see ``app.compress_job`` for the progress data) and never waits on it.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QColor
+from PySide6.QtWidgets import (QCheckBox, QFileDialog, QGridLayout, QHBoxLayout, QLabel, QLineEdit,
+                               QPlainTextEdit, QProgressBar, QPushButton, QSplitter, QTableWidget,
+                               QTableWidgetItem, QVBoxLayout, QWidget)
+
+from app.compress_config import run_plan
+from widgets.compress_wizard import PROBLEM_STYLE, ConfigPage, file_size_text
+
+LOG_LINES = 2000
+ORIGINAL_COLOUR, WITHIN_COLOUR, OUTSIDE_COLOUR = "#2c3e50", "#27ae60", "#c0392b"
+
+
+def eta_text(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "estimating the time left …"
+    if seconds < 60:
+        return f"about {max(1, round(seconds))} s left"
+    return f"about {round(seconds / 60)} min left"
+
+
+def _bar() -> QProgressBar:
+    bar = QProgressBar()
+    bar.setRange(0, 1000)
+    bar.setTextVisible(True)
+    bar.setFormat("%p%")
+    return bar
+
+
+# ---------------------------------------------------------------- 5 Run
+
+
+class RunPage(ConfigPage):
+    page_key = "run"
+    finished_run = Signal(object)   # app.compress_job.CompressResult
+
+    def __init__(self, wizard_model, jobs):
+        super().__init__(wizard_model, jobs, "5 · Run", "The work runs in a process of its own: the window "
+                         "stays usable, and Cancel leaves no half-written file.")
+        self.handle = None
+        self.result = None
+        self.state = "idle"   # idle | running | finished | failed | cancelled
+        self.phase_bars: list[QProgressBar] = []
+        self.losses: list[float] = []
+        self.overall = _bar()
+        self.eta = QLabel("")
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.cancel_button = QPushButton("Cancel run")
+        self.cancel_button.clicked.connect(self.cancel_run)
+        self.phases = QGridLayout()
+        self.log = QPlainTextEdit()
+        self.log.setReadOnly(True)
+        self.log.setMaximumBlockCount(LOG_LINES)
+        self.loss_plot = pg.PlotWidget(background="w")
+        self.loss_plot.setLabel("left", "loss")
+        self.loss_plot.setLabel("bottom", "training step")
+        self.loss_plot.setTitle("Fine-tuning / distillation loss", color="#333")
+        self.loss_curve = self.loss_plot.plot([], [], pen=pg.mkPen("#2980b9", width=2))
+        self._layout()
+        jobs.cancelled.connect(self._job_cancelled)
+
+    def _layout(self) -> None:
+        layout = QVBoxLayout(self)
+        phases = QWidget()
+        phases.setLayout(self.phases)
+        layout.addWidget(phases)
+        overall = QHBoxLayout()
+        overall.addWidget(QLabel("<b>Overall</b>"))
+        overall.addWidget(self.overall, 1)
+        overall.addWidget(self.eta)
+        overall.addWidget(self.cancel_button)
+        layout.addLayout(overall)
+        layout.addWidget(self.status)
+        split = QSplitter(Qt.Orientation.Horizontal)
+        split.addWidget(self.log)
+        split.addWidget(self.loss_plot)
+        split.setSizes([520, 420])
+        layout.addWidget(split, 1)
+        layout.addWidget(self.problem_label)
+
+    # -- starting ------------------------------------------------------------------------------
+    def initializePage(self) -> None:  # noqa: N802 - Qt override
+        if self.state != "running":
+            self.start()
+
+    def start(self) -> None:
+        self._reset()
+        try:
+            plan = run_plan(self.config)
+        except ValueError as exc:
+            self._set_state("failed", f"Cannot start: {exc}")
+            return
+        wizard = self.wizard()
+        if wizard is not None and hasattr(wizard, "remember"):
+            wizard.remember()
+        from app.compress_job import compress_run
+        self.log.appendPlainText(f"Run {plan['run_name']}: {len(plan['recipes'])} recipe(s) on {plan['model']}")
+        self._set_state("running", "Running …")
+        self.handle = self.jobs.submit(f"Compress {Path(plan['model']).parent.name}", compress_run, plan,
+                                       in_process=True, owner="wizard:compress", on_progress=self.on_progress,
+                                       on_result=self._finished, on_error=self._failed)
+
+    def _reset(self) -> None:
+        self.result, self.losses = None, []
+        self.loss_curve.setData([], [])
+        self.log.clear()
+        self.overall.setValue(0)
+        self.eta.setText("")
+        self._set_phases([])
+
+    def _set_phases(self, names: list[str]) -> None:
+        while self.phases.count():
+            item = self.phases.takeAt(0)
+            if item.widget() is not None:
+                item.widget().deleteLater()
+        self.phase_bars = []
+        for row, name in enumerate(names):
+            label = QLabel(name)
+            bar = _bar()
+            bar.setMaximumHeight(16)
+            self.phases.addWidget(label, row, 0)
+            self.phases.addWidget(bar, row, 1)
+            self.phase_bars.append(bar)
+        self.phases.setColumnStretch(1, 1)
+
+    # -- progress ------------------------------------------------------------------------------
+    def on_progress(self, progress) -> None:
+        data = progress.data if isinstance(progress.data, dict) else {}
+        if "plan" in data:
+            self._set_phases(list(data["plan"]))
+        if progress.fraction is not None:
+            self.overall.setValue(int(1000 * progress.fraction))
+        if "phase" in data and 0 <= data["phase"] < len(self.phase_bars):
+            for k in range(data["phase"]):
+                self.phase_bars[k].setValue(1000)
+            self.phase_bars[data["phase"]].setValue(int(1000 * data.get("phase_fraction", 0.0)))
+        if "eta_s" in data:
+            self.eta.setText(eta_text(data["eta_s"]))
+        if "loss" in data:
+            self.losses.append(float(data["loss"]))
+            self.loss_curve.setData(list(range(1, len(self.losses) + 1)), self.losses)
+        if progress.message and progress.message != self._last_log_line():
+            self.log.appendPlainText(progress.message)
+
+    def _last_log_line(self) -> str:
+        block = self.log.document().lastBlock()
+        return block.text() if block.isValid() else ""
+
+    # -- ending ----------------------------------------------------------------------------------
+    def cancel_run(self) -> None:
+        if self.handle is not None and self.state == "running":
+            self.status.setText("Cancelling … (nothing will be saved)")
+            self.handle.cancel()
+
+    def _finished(self, result) -> None:
+        self.result = result
+        for bar in self.phase_bars:
+            bar.setValue(1000)
+        self.overall.setValue(1000)
+        self.eta.setText("")
+        self._set_state("finished", f"Done: {len(result.rows) - 1} variant(s) in {result.run_folder}. "
+                        "Next shows the results.")
+        self.finished_run.emit(result)
+
+    def _failed(self, message: str, _detail: str) -> None:
+        self._set_state("failed", f"The run failed: {message} (details in the Jobs panel). Nothing was saved.")
+
+    def _job_cancelled(self, job_id: int) -> None:
+        if self.handle is not None and job_id == self.handle.job_id:
+            self._set_state("cancelled", "Cancelled: nothing was saved. Back to change the settings, or "
+                            "return to this page to run again.")
+
+    def _set_state(self, state: str, text: str) -> None:
+        self.state = state
+        self.status.setText(text)
+        self.status.setStyleSheet(PROBLEM_STYLE if state == "failed" else "")
+        self.cancel_button.setEnabled(state == "running")
+        self.log.appendPlainText(text)
+        self.completeChanged.emit()
+
+    def isComplete(self) -> bool:  # noqa: N802 - Qt override
+        return self.state == "finished"
+
+    def page_problems(self) -> list[str]:
+        return [] if self.state == "finished" else ["The run has not finished."]
+
+
+# ---------------------------------------------------------------- 6 Results
+
+COLUMNS = ("keep", "variant", "steps", "deployed size", "latency", "Dice [95 % CI]", "fidelity Dice",
+           "lost lesions", "budget")
+
+
+def dice_text(row) -> str:
+    if row.dice is None:
+        return "—"
+    if row.dice_low is None or row.dice_high is None:
+        return f"{row.dice:.3f} ({row.dice_note or 'no interval'})"
+    return f"{row.dice:.3f} [{row.dice_low:.3f}, {row.dice_high:.3f}]"
+
+
+def latency_text(row) -> str:
+    if row.latency_ms is None:
+        return "—"
+    speed = f" ({row.speedup:.2f}×)" if row.speedup and not row.is_original else ""
+    return f"{row.latency_ms:.1f} ms{speed}"
+
+
+def budget_text(row) -> str:
+    if row.is_original:
+        return "original"
+    if row.budget_met:
+        return "within budget" + (" · recommended" if row.recommended else "")
+    return "over: " + "; ".join(row.budget_failures)
+
+
+class ResultsPage(ConfigPage):
+    page_key = "results"
+    compare_requested = Signal(list)   # card paths, the original first
+    variants_kept = Signal(list)       # card paths of the kept variants
+
+    def __init__(self, wizard_model, jobs):
+        super().__init__(wizard_model, jobs, "6 · Results", "Every variant against the original on the eval "
+                         "scans. Keep the ones you want; the others are deleted.")
+        self.result = None
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(list(COLUMNS))
+        self.table.verticalHeader().setVisible(False)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        self.keep_boxes: dict[str, QCheckBox] = {}
+        self.latency_plot = self._plot("latency (ms)")
+        self.size_plot = self._plot("deployed size (MB)")
+        self.sensitivity_plot = pg.PlotWidget(background="w", title="Per-layer sensitivity (Dice drop)")
+        self.sensitivity_plot.hide()
+        self.evidence = QLabel("")
+        self.evidence.setWordWrap(True)
+        self.destination = QLineEdit()
+        self.keep_button = QPushButton("Keep checked variants")
+        self.keep_button.clicked.connect(self.keep_checked)
+        self.compare_button = QPushButton("Compare selected")
+        self.compare_button.clicked.connect(self.compare_selected)
+        self._layout()
+
+    def _plot(self, x_label: str) -> pg.PlotWidget:
+        plot = pg.PlotWidget(background="w")
+        plot.setLabel("bottom", x_label)
+        plot.setLabel("left", "accuracy (Dice)")
+        plot.addLegend(offset=(-10, 10))
+        return plot
+
+    def _layout(self) -> None:
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.table, 2)
+        layout.addWidget(self.evidence)
+        plots = QHBoxLayout()
+        plots.addWidget(self.latency_plot)
+        plots.addWidget(self.size_plot)
+        plots.addWidget(self.sensitivity_plot)
+        layout.addLayout(plots, 3)
+        actions = QHBoxLayout()
+        actions.addWidget(QLabel("Save kept variants in"))
+        actions.addWidget(self.destination, 1)
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(self._browse)
+        actions.addWidget(browse)
+        actions.addWidget(self.keep_button)
+        actions.addWidget(self.compare_button)
+        layout.addLayout(actions)
+        layout.addWidget(self.problem_label)
+
+    def _browse(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Save kept variants in", self.destination.text())
+        if folder:
+            self.destination.setText(folder)
+
+    # -- showing -----------------------------------------------------------------------------------
+    def show_result(self, result) -> None:
+        self.result = result
+        self.destination.setText(result.run_folder)
+        self.evidence.setText(f"Evidence: {result.evidence}" + "".join(f"<br>{n}" for n in result.notes))
+        self._fill_table(result.rows)
+        self._fill_plots(result.rows)
+        self._fill_sensitivity(result.sensitivity)
+
+    def _fill_table(self, rows) -> None:
+        self.table.setRowCount(len(rows))
+        self.keep_boxes = {}
+        for r, row in enumerate(rows):
+            cells = ("", row.name, row.steps, file_size_text(row.deployed_bytes), latency_text(row), dice_text(row),
+                     "—" if row.fidelity is None else f"{row.fidelity:.3f}",
+                     "—" if row.lost_lesions is None else str(row.lost_lesions), budget_text(row))
+            for c, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsEditable)
+                if c == len(cells) - 1 and not row.is_original:
+                    item.setForeground(QColor(WITHIN_COLOUR if row.budget_met else OUTSIDE_COLOUR))
+                self.table.setItem(r, c, item)
+            if not row.is_original:
+                box = QCheckBox()
+                box.setChecked(row.budget_met)
+                self.keep_boxes[row.name] = box
+                self.table.setCellWidget(r, 0, box)
+        self.table.resizeColumnsToContents()
+
+    def accuracy(self, row) -> float | None:
+        """Dice against ground truth when the eval scans are labelled, else fidelity to the original."""
+        use_dice = all(r.dice is not None for r in self.result.rows)
+        return row.dice if use_dice else row.fidelity
+
+    def _fill_plots(self, rows) -> None:
+        use_dice = all(r.dice is not None for r in rows)
+        for plot, x_of in ((self.latency_plot, lambda r: r.latency_ms),
+                           (self.size_plot, lambda r: r.deployed_bytes / 1e6)):
+            plot.clear()
+            plot.setLabel("left", "Dice vs ground truth" if use_dice else "fidelity Dice vs the original")
+            for label, pick, symbol, colour in (
+                    ("original", lambda r: r.is_original, "star", ORIGINAL_COLOUR),
+                    ("within budget", lambda r: not r.is_original and r.budget_met, "o", WITHIN_COLOUR),
+                    ("over budget", lambda r: not r.is_original and not r.budget_met, "x", OUTSIDE_COLOUR)):
+                chosen = [r for r in rows if pick(r) and x_of(r) is not None and self.accuracy(r) is not None]
+                if chosen:
+                    plot.plot([x_of(r) for r in chosen], [self.accuracy(r) for r in chosen], pen=None,
+                              symbol=symbol, symbolSize=16 if symbol == "star" else 11,
+                              symbolBrush=colour, symbolPen=colour, name=label)
+            for r in rows:
+                if x_of(r) is not None and self.accuracy(r) is not None:
+                    text = pg.TextItem(r.name, color="#333", anchor=(0, 1))
+                    text.setPos(x_of(r), self.accuracy(r))
+                    plot.addItem(text)
+
+    def plotted_points(self, plot: pg.PlotWidget) -> int:
+        """How many variants a plot shows (tests read the plot itself)."""
+        return sum(len(item.getData()[0]) for item in plot.getPlotItem().listDataItems())
+
+    def _fill_sensitivity(self, sensitivity) -> None:
+        self.sensitivity_plot.clear()
+        if not sensitivity:
+            self.sensitivity_plot.hide()
+            return
+        layers = sensitivity[:20]
+        self.sensitivity_plot.addItem(pg.BarGraphItem(x=list(range(len(layers))), height=[d for _n, d in layers],
+                                                      width=0.7, brush="#8e44ad"))
+        axis = self.sensitivity_plot.getAxis("bottom")
+        axis.setTicks([[(i, name.split(".")[-1]) for i, (name, _d) in enumerate(layers)]])
+        self.sensitivity_plot.show()
+
+    # -- keeping and comparing -------------------------------------------------------------------
+    def checked_names(self) -> list[str]:
+        return [name for name, box in self.keep_boxes.items() if box.isChecked()]
+
+    def keep_checked(self) -> None:
+        if self.result is None:
+            return
+        from app.compress_job import keep_variants
+        self.keep_button.setEnabled(False)
+        self.problem_label.setText("")
+        self.jobs.submit("Keep compressed variants", keep_variants, self.result.run_folder, self.checked_names(),
+                         self.destination.text().strip() or self.result.run_folder, self.result.rows,
+                         on_result=self._kept, on_error=self._keep_failed)
+
+    def _kept(self, paths: list[str]) -> None:
+        self.problem_label.setStyleSheet("")
+        self.problem_label.setText(f"Kept {len(paths)} variant(s); recorded in the audit log.")
+        self.kept_paths = list(paths)
+        self.variants_kept.emit(list(paths))
+
+    def _keep_failed(self, message: str, _detail: str) -> None:
+        self.keep_button.setEnabled(True)
+        self.problem_label.setStyleSheet(PROBLEM_STYLE)
+        self.problem_label.setText(f"Could not keep the variants: {message}")
+
+    def compare_selected(self) -> None:
+        if self.result is None:
+            return
+        chosen = set(self.checked_names())
+        kept = getattr(self, "kept_paths", None)
+        paths = [self.result.rows[0].card_path]
+        if kept is not None:
+            paths += [p for p in kept if Path(p).parent.name in {Path(r.card_path).parent.name for r in
+                                                                 self.result.rows if r.name in chosen}]
+        else:
+            paths += [r.card_path for r in self.result.rows[1:] if r.name in chosen]
+        self.compare_requested.emit(paths)
+
+    def page_problems(self) -> list[str]:
+        return []

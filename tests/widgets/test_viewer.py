@@ -54,7 +54,7 @@ def test_wheel_and_keys_scroll_the_view_under_the_cursor(qtbot, chest):
     assert axial.slice_index == NK - 1
     qtbot.keyClick(axial, Qt.Key.Key_Home)
     assert axial.slice_index == 0
-    assert "Im 24 / 24" in axial.info_top_right.text()  # image numbers count k from 1
+    assert "Im 24 / 24" in axial.annotations.top_right.text()  # image numbers count k from 1
 
 
 def test_presets_change_the_rendered_pixels_as_the_window_predicts(qtbot, chest):
@@ -183,7 +183,7 @@ def test_patient_right_is_on_the_screen_left_whatever_the_position(qtbot, positi
     panel.state.set_crosshair(False)
     panel.jump_to(12, 24, 8)
     axial = panel.mpr.views["axial"]
-    letters = {edge: label.text() for edge, label in axial.letters.items()}
+    letters = {edge: label.text() for edge, label in axial.annotations.letters.items()}
     assert letters == {"left": "R", "right": "L", "top": "A", "bottom": "P"}
     red_columns = np.nonzero(is_red(grab_rgb(axial)))[1]
     marker_x = volume.index_to_patient(12, 24, 8)[0]
@@ -199,7 +199,7 @@ def test_monochrome1_is_shown_inverted(qtbot):
     expected = 255 - int(window_to_uint8(np.array([BODY_HU]), *panel.state.window)[0])
     assert axial.image_item.image[24, 4] == expected
     assert int(axial.image_item.image[0, 0]) == 255 - int(window_to_uint8(np.array([AIR_HU]), *panel.state.window)[0])
-    assert "MONOCHROME1" in axial.info_bottom_left.text()
+    assert "MONOCHROME1" in axial.annotations.bottom_left.text()
 
 
 def test_clicking_moves_the_crosshair_and_the_other_views(qtbot, chest):
@@ -223,7 +223,7 @@ def test_thick_slab_mip_shows_a_nodule_from_a_neighbouring_slice(qtbot, chest):
     qtbot.keyClick(axial, Qt.Key.Key_M)  # 10 mm slab = 5 slices of 2.5 mm: k 13..17
     assert panel.state.slab_mm == 10.0 and panel.mip_action.isChecked()
     assert axial.image_item.image[18, 14] == nodule
-    assert "MIP 10 mm" in axial.info_top_right.text()
+    assert "MIP 10 mm" in axial.annotations.top_right.text()
 
 
 def test_layout_switches_between_1x3_and_1x1(qtbot, chest):
@@ -244,16 +244,16 @@ def test_progressive_loading_shows_slices_as_they_arrive(qtbot):
     volume = type(full)(voxels, spacing=full.spacing, loaded=loaded)
     panel = _panel(qtbot, volume)
     axial, coronal = panel.mpr.views["axial"], panel.mpr.views["coronal"]
-    assert axial.loading.isVisible() and not axial.image_item.image.any()
+    assert axial.annotations.loading.isVisible() and not axial.image_item.image.any()
     voxels[:14] = full.voxels[:14]
     loaded[:14] = True
     panel.refresh_slices(0, 14)  # the shown slice (k=12) has arrived
-    assert not axial.loading.isVisible()
+    assert not axial.annotations.loading.isVisible()
     assert axial.image_item.image[24, 4] == window_to_uint8(np.array([BODY_HU]), *panel.state.window)[0]
     qtbot.waitUntil(lambda: coronal.image_item.image[NK - 1 - 5, 4] > 0, timeout=2000)
     assert not coronal.image_item.image[0].any()  # k=23 (top row) not loaded yet: dark
     wheel(axial, QPoint(axial.width() // 2, axial.height() // 2), 3)  # scrolling works while loading
-    assert axial.loading.isVisible()
+    assert axial.annotations.loading.isVisible()
 
 
 def test_probability_heat_map_hides_below_threshold(qtbot, chest):
@@ -267,7 +267,7 @@ def test_probability_heat_map_hides_below_threshold(qtbot, chest):
     assert shown[24] and not shown[4] and shown.sum() == (probability[12, 20] >= 0.5).sum()
     panel.controls.group("nodule probability").threshold.setValue(90)
     assert (layer.item.image[20] > 0).sum() == (probability[12, 20] >= 0.9).sum()
-    assert panel.mpr.views["axial"].ai_banner.isVisible()
+    assert panel.mpr.views["axial"].annotations.ai_banner.isVisible()
 
 
 def test_screenshots_of_the_main_layouts(qtbot):
@@ -333,4 +333,4 @@ def test_an_mr_series_without_a_window_gets_one_from_its_pixels(qtbot):
     assert 800 < width <= 940 and level == pytest.approx(470, abs=10)
     axial = panel.mpr.views["axial"]
     axial._hover(axial.view_box.mapViewToScene(QPointF(*pixel_centre_mm(axial, 10, 10))))
-    assert axial.info_bottom_right.text().startswith("200<br>")  # a plain value: MR has no HU
+    assert axial.annotations.bottom_right.text().startswith("200<br>")  # a plain value: MR has no HU

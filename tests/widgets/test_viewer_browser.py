@@ -86,20 +86,21 @@ def test_a_series_opened_from_the_browser_is_shown_while_it_loads(qtbot, job_man
     series = _double_click(qtbot, browser, index.image_series()[0])
     loader = open_series(series)
     panel.set_volume(loader.volume, loader.first_slice)
-    refreshed = []
+    refreshed, load = [], {}
 
     def on_progress(job_id, fraction, message, data):
-        if isinstance(data, tuple) and len(data) == 2:
+        if job_id == load["job"].job_id and data is not None:  # the thumbnail job reports too
             refreshed.append(data)
             panel.refresh_slices(*data)
 
     job_manager.progress.connect(on_progress)
-    with qtbot.waitSignal(job_manager.finished, timeout=30_000):
-        job_manager.submit("Load slices", loader.fill)
+    with qtbot.waitSignal(job_manager.finished, timeout=30_000,
+                          check_params_cb=lambda job_id, result: job_id == load["job"].job_id):
+        load["job"] = job_manager.submit("Load slices", loader.fill)
     volume = loader.volume
     assert refreshed and volume.is_complete
     axial = panel.mpr.views["axial"]
-    assert not axial.loading.isVisible()
+    assert not axial.annotations.loading.isVisible()
     k = panel.state.position[0]
     expected = panel.mpr.views["axial"].image_item.image
     assert expected.shape == volume.shape[1:] and expected.any()

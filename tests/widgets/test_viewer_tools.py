@@ -104,7 +104,7 @@ def test_cursor_readout_shows_hu_and_patient_coordinates(qtbot):
     axial = panel.mpr.views["axial"]
     x_mm, y_mm = pixel_centre_mm(axial, 12, 33)
     axial._hover(axial.view_box.mapViewToScene(QPointF(x_mm, y_mm)))  # as the scene reports a move
-    text = axial.info_bottom_right.text()
+    text = axial.annotations.bottom_right.text()
     k = panel.state.position[0]
     lps = volume.index_to_patient(k, 12, 33)
     assert text.startswith("330 HU")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt, Signal
 from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QLabel, QTableView, QVBoxLayout, QWidget
 
-AI_MARKER = "AI finding — research use only"
+from widgets.viewer.annotations import AI_MARKER
 
 
 def _image_numbers(k_first: int, k_last: int) -> str:

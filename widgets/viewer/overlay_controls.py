@@ -10,7 +10,7 @@ from PySide6.QtWidgets import (QCheckBox, QFormLayout, QGroupBox, QHBoxLayout, Q
 
 from app.core.display import heat_lut, label_colour
 from app.viewer_state import LabelOverlay, OverlayState
-from widgets.viewer.lesion_list import AI_MARKER
+from widgets.viewer.annotations import AI_MARKER
 
 AI_STYLE = "background: #ffb000; color: #202020; padding: 1px 4px;"
 

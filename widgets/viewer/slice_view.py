@@ -10,23 +10,18 @@ from __future__ import annotations
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QPointF, Qt, Signal
-from PySide6.QtGui import QFont
-from PySide6.QtWidgets import QLabel
 
 from app.core.display import (VIEW_AXES, DisplayedScan, apply_window, loaded_along_view,
                               orientation_letters, slab_voxels, view_index_to_canonical,
                               view_pixel_size, view_slice, voxel_value, window_lut_int16)
 from app.viewer_state import OverlayState, ViewerState
+from widgets.viewer.annotations import ViewAnnotations
 from widgets.viewer.overlays import LabelLayer, LesionMarkers, ProbabilityLayer, place_in_mm
 from widgets.viewer.tools import EllipseRoi, Ruler, crosshair_lines
 
 SCROLL_KEYS = {Qt.Key.Key_Up: -1, Qt.Key.Key_Down: 1, Qt.Key.Key_Left: -1, Qt.Key.Key_Right: 1,
                Qt.Key.Key_PageUp: -10, Qt.Key.Key_PageDown: 10}
 WHEEL_NOTCH = 120
-# A faint dark box keeps white text readable over white bone or contrast.
-TEXT_STYLE = "color: #e8e8e8; background: rgba(0, 0, 0, 110); font-size: 11px; padding: 1px 3px;"
-LETTER_STYLE = ("color: #ffb000; background: rgba(0, 0, 0, 110); font-size: 15px; font-weight: bold;"
-                " padding: 0px 3px;")
 
 
 class SliceViewBox(pg.ViewBox):
@@ -69,7 +64,7 @@ class SliceView(pg.GraphicsView):
         self.measurements: list = []
         self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
         self._build_scene()
-        self._build_text()
+        self.annotations = ViewAnnotations(self)
         self.scene().sigMouseMoved.connect(self._hover)
 
     # --- construction ----------------------------------------------------------------------
@@ -85,27 +80,6 @@ class SliceView(pg.GraphicsView):
         self.probability_layer: ProbabilityLayer | None = None
         self.markers = LesionMarkers(self.view_box)
 
-    def _text(self, style: str = TEXT_STYLE) -> QLabel:
-        label = QLabel(self)
-        label.setStyleSheet(style)
-        label.setAttribute(Qt.WidgetAttribute.WA_TransparentForMouseEvents)
-        return label
-
-    def _build_text(self) -> None:
-        self.info_top_left = self._text()
-        self.info_top_right = self._text()
-        self.info_top_right.setAlignment(Qt.AlignmentFlag.AlignRight)
-        self.info_bottom_left = self._text()
-        self.info_bottom_right = self._text()
-        self.info_bottom_right.setAlignment(Qt.AlignmentFlag.AlignRight)
-        self.letters = {edge: self._text(LETTER_STYLE) for edge in ("left", "right", "top", "bottom")}
-        self.loading = self._text("color: #bbbbbb; background: transparent; font-size: 16px;")
-        self.loading.setText("loading…")
-        self.loading.hide()
-        self.ai_banner = self._text("color: #202020; background: #ffb000; font-size: 11px;"
-                                    " font-weight: bold; padding: 1px 6px;")
-        self.ai_banner.hide()
-
     # --- the scan ------------------------------------------------------------------------------
     def set_scan(self, scan: DisplayedScan | None) -> None:
         self.scan = scan
@@ -120,8 +94,8 @@ class SliceView(pg.GraphicsView):
             return
         self._mm_rect = self._image_rect()
         self.image_item._mm_rect = None  # placed in mm after its first image (pyqtgraph needs one)
-        self._set_letters()
-        self.info_top_left.setText(self._description())
+        self.annotations.set_letters(orientation_letters(self.view, scan.axes))
+        self.annotations.set_text(self.annotations.top_left, self._description())
         self.on_window_changed()
         self.reset_zoom()
 
@@ -139,12 +113,6 @@ class SliceView(pg.GraphicsView):
         parts = [d.get("series_description") or d.get("description") or "", d.get("modality", self.scan.volume.modality),
                  d.get("date", "")]
         return f"<b>{self.view.capitalize()}</b><br>" + " · ".join(p for p in parts if p)
-
-    def _set_letters(self) -> None:
-        for edge, text in orientation_letters(self.view, self.scan.axes).items():
-            self.letters[edge].setText(text)
-            self.letters[edge].adjustSize()
-        self._place_text()
 
     def reset_zoom(self) -> None:
         if self.scan is not None:
@@ -219,7 +187,7 @@ class SliceView(pg.GraphicsView):
                 grey[~row_mask, :] = 0
             if col_mask is not None:
                 grey[:, ~col_mask] = 0
-        self.loading.setVisible(not loaded)
+        self.annotations.set_loading(not loaded)
         self.image_item.setImage(grey, autoLevels=False)
         place_in_mm(self.image_item, self._mm_rect)
 
@@ -234,7 +202,7 @@ class SliceView(pg.GraphicsView):
         if self.probability_layer is not None and self.overlay_state.probability is not None:
             self.probability_layer.draw(self.view, self.slice_index, self.overlay_state.probability,
                                         slab, self._mm_rect)
-        self._ai_banner()
+        self.annotations.set_ai_sources(self.overlay_state.ai_sources_shown())
 
     def on_markers_changed(self, shown: bool) -> None:
         self.markers.draw(self.slice_index, shown)
@@ -259,24 +227,12 @@ class SliceView(pg.GraphicsView):
         lines = [f"Im {int(round(kji[a])) + 1} / {n}", f"{along[0]} = {lps[along[1]]:.1f} mm"]
         if self.state.slab_mm > 0:
             lines.append(f"MIP {self.state.slab_mm:g} mm")
-        self.info_top_right.setText("<br>".join(lines))
-        self.info_top_right.adjustSize()
-        self._place_text()
+        self.annotations.set_text(self.annotations.top_right, "<br>".join(lines))
 
     def _window_text(self) -> None:
         width, level = self.state.window
         inverted = " (MONOCHROME1, inverted)" if self.scan.inverted else ""
-        self.info_bottom_left.setText(f"W {width:.0f}  L {level:.0f}{inverted}")
-        self.info_bottom_left.adjustSize()
-        self._place_text()
-
-    def _ai_banner(self) -> None:
-        sources = self.overlay_state.ai_sources_shown()
-        self.ai_banner.setVisible(bool(sources))
-        if sources:
-            self.ai_banner.setText("AI finding — research use only · " + ", ".join(dict.fromkeys(sources)))
-            self.ai_banner.adjustSize()
-            self._place_text()
+        self.annotations.set_text(self.annotations.bottom_left, f"W {width:.0f}  L {level:.0f}{inverted}")
 
     def _hover(self, scene_pos) -> None:
         """HU and patient coordinates under the cursor, bottom right."""
@@ -285,40 +241,17 @@ class SliceView(pg.GraphicsView):
         kji = self._kji_at(self.view_box.mapSceneToView(scene_pos))
         value = voxel_value(self.scan.volume.voxels, kji)
         if value is None:
-            self.info_bottom_right.setText("")
-            self.info_bottom_right.hide()
+            self.annotations.set_text(self.annotations.bottom_right, "")
             return
         x, y, z = self.scan.volume.index_to_patient(*[round(v) for v in kji])
         unit = " HU" if self.scan.volume.modality == "CT" else ""
-        self.info_bottom_right.setText(f"{value:.0f}{unit}<br>L/P/S ({x:.1f}, {y:.1f}, {z:.1f}) mm")
-        self.info_bottom_right.adjustSize()
-        self._place_text()
+        self.annotations.set_text(self.annotations.bottom_right,
+                                  f"{value:.0f}{unit}<br>L/P/S ({x:.1f}, {y:.1f}, {z:.1f}) mm")
 
     def resizeEvent(self, ev):
         super().resizeEvent(ev)
-        self._place_text()
-
-    def _place_text(self) -> None:
-        if not hasattr(self, "loading"):
-            return  # pyqtgraph resizes the view before the text labels exist
-        w, h, m = self.width(), self.height(), 6
-        for label in (self.info_top_right, self.info_bottom_right, self.info_top_left, self.info_bottom_left):
-            label.setMaximumWidth(max(40, w // 2 - 2 * m))  # two corners never overlap in a narrow view
-            label.adjustSize()
-            label.setVisible(bool(label.text()))  # an empty label would still draw its dark box
-        self.info_top_left.move(m, m)
-        self.info_top_right.move(w - self.info_top_right.width() - m, m)
-        self.info_bottom_left.move(m, h - self.info_bottom_left.height() - m)
-        self.info_bottom_right.move(w - self.info_bottom_right.width() - m, h - self.info_bottom_right.height() - m)
-        letters = self.letters
-        letters["left"].move(m, (h - letters["left"].height()) // 2)
-        letters["right"].move(w - letters["right"].width() - m, (h - letters["right"].height()) // 2)
-        letters["top"].move((w - letters["top"].width()) // 2, m)
-        letters["bottom"].move((w - letters["bottom"].width()) // 2, h - letters["bottom"].height() - m)
-        self.loading.adjustSize()
-        self.loading.move((w - self.loading.width()) // 2, (h - self.loading.height()) // 2)
-        # Under the series description, left: never over the image centre nor the slice number.
-        self.ai_banner.move(m, self.info_top_left.y() + self.info_top_left.height() + 4)
+        if hasattr(self, "annotations"):  # pyqtgraph resizes the view before they exist
+            self.annotations.place()
 
     # --- intents from the mouse and keyboard ------------------------------------------------------
     def _kji_at(self, point: QPointF) -> tuple[float, float, float]:

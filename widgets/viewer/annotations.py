@@ -1,0 +1,91 @@
+"""The text a radiologist reads around an image: four corners, orientation letters at the edges,
+"loading…" over a slice that has not arrived, and the research-use marker of AI overlays.
+
+Plain QLabels over the graphics view: cheap to update per frame and never scaled by the zoom.
+"""
+from __future__ import annotations
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QLabel, QWidget
+
+# A faint dark box keeps white text readable over white bone or contrast.
+TEXT_STYLE = "color: #e8e8e8; background: rgba(0, 0, 0, 110); font-size: 11px; padding: 1px 3px;"
+LETTER_STYLE = ("color: #ffb000; background: rgba(0, 0, 0, 110); font-size: 15px; font-weight: bold;"
+                " padding: 0px 3px;")
+LOADING_STYLE = "color: #bbbbbb; background: transparent; font-size: 16px;"
+AI_STYLE = "color: #202020; background: #ffb000; font-size: 11px; font-weight: bold; padding: 1px 6px;"
+AI_MARKER = "AI finding — research use only"
+MARGIN = 6
+
+
+def _label(parent: QWidget, style: str) -> QLabel:
+    label = QLabel(parent)
+    label.setStyleSheet(style)
+    label.setAttribute(Qt.WidgetAttribute.WA_TransparentForMouseEvents)
+    return label
+
+
+class ViewAnnotations:
+    """Owns the labels; ``place`` lays them out for the view's current size."""
+
+    def __init__(self, parent: QWidget):
+        self.parent = parent
+        self.top_left, self.top_right = _label(parent, TEXT_STYLE), _label(parent, TEXT_STYLE)
+        self.bottom_left, self.bottom_right = _label(parent, TEXT_STYLE), _label(parent, TEXT_STYLE)
+        for right in (self.top_right, self.bottom_right):
+            right.setAlignment(Qt.AlignmentFlag.AlignRight)
+        self.letters = {edge: _label(parent, LETTER_STYLE) for edge in ("left", "right", "top", "bottom")}
+        self.loading = _label(parent, LOADING_STYLE)
+        self.loading.setText("loading…")
+        self.loading.hide()
+        self.ai_banner = _label(parent, AI_STYLE)
+        self.ai_banner.hide()
+
+    @property
+    def corners(self) -> tuple[QLabel, ...]:
+        return self.top_left, self.top_right, self.bottom_left, self.bottom_right
+
+    def set_text(self, label: QLabel, text: str) -> None:
+        if label.text() != text:
+            label.setText(text)
+            self.place()
+
+    def set_letters(self, letters: dict[str, str]) -> None:
+        for edge, text in letters.items():
+            self.letters[edge].setText(text)
+        self.place()
+
+    def set_loading(self, loading: bool) -> None:
+        self.loading.setVisible(loading)
+
+    def set_ai_sources(self, sources: list[str]) -> None:
+        """Show the research-use marker, naming each AI source once, while any AI overlay is shown."""
+        self.ai_banner.setVisible(bool(sources))
+        if sources:
+            self.set_text(self.ai_banner, f"{AI_MARKER} · " + ", ".join(dict.fromkeys(sources)))
+
+    def place(self) -> None:
+        w, h, m = self.parent.width(), self.parent.height(), MARGIN
+        for label in self.corners:
+            label.setMaximumWidth(max(40, w // 2 - 2 * m))  # two corners never overlap in a narrow view
+            label.adjustSize()
+            label.setVisible(bool(label.text()))  # an empty label would still draw its dark box
+        self.top_left.move(m, m)
+        self.top_right.move(w - self.top_right.width() - m, m)
+        self.bottom_left.move(m, h - self.bottom_left.height() - m)
+        self.bottom_right.move(w - self.bottom_right.width() - m, h - self.bottom_right.height() - m)
+        self._place_letters(w, h, m)
+        for label in (self.loading, self.ai_banner):
+            label.adjustSize()
+        self.loading.move((w - self.loading.width()) // 2, (h - self.loading.height()) // 2)
+        # Under the series description, left: never over the image centre nor the slice number.
+        self.ai_banner.move(m, self.top_left.y() + self.top_left.height() + 4)
+
+    def _place_letters(self, w: int, h: int, m: int) -> None:
+        letters = self.letters
+        for label in letters.values():
+            label.adjustSize()
+        letters["left"].move(m, (h - letters["left"].height()) // 2)
+        letters["right"].move(w - letters["right"].width() - m, (h - letters["right"].height()) // 2)
+        letters["top"].move((w - letters["top"].width()) // 2, m)
+        letters["bottom"].move((w - letters["bottom"].width()) // 2, h - letters["bottom"].height() - m)

@@ -96,6 +96,22 @@ def default_window(default: tuple[float, float] | None, modality: str = "CT",
     return 2000.0, 1000.0
 
 
+# --- text around the image -----------------------------------------------------------------
+
+def dicom_date(text) -> str:
+    """DICOM dates (YYYYMMDD) as YYYY-MM-DD; anything else as it is."""
+    text = str(text or "")
+    return f"{text[:4]}-{text[4:6]}-{text[6:8]}" if len(text) == 8 and text.isdigit() else text
+
+
+def series_caption(volume) -> str:
+    """'Chest 1 · CT · 2023-07-01' from a volume's display description (never identifiers)."""
+    d = volume.description or {}
+    title = d.get("series_description") or d.get("series") or d.get("description") or ""
+    parts = [title, d.get("modality") or volume.modality, dicom_date(d.get("date", ""))]
+    return " · ".join(p for p in parts if p)
+
+
 # --- orientation ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)

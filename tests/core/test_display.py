@@ -7,7 +7,7 @@ import pytest
 from app.core.display import (PRESETS, DisplayedScan, apply_window, array_to_canonical, canonical_to_array,
                               default_window, display_axes, ellipse_mask, label_lut, label_slice_uint8,
                               loaded_along_view, orientation_letters, outline, probability_to_uint8,
-                              roi_stats, ruler_distance_mm, slab_voxels, view_pixel_size, view_slice,
+                              roi_stats, ruler_distance_mm, series_caption, slab_voxels, view_pixel_size, view_slice,
                               window_lut_int16, window_to_uint8)
 from app.core.volume import Volume
 
@@ -161,3 +161,9 @@ def test_overlay_on_another_grid_is_refused():
     scan = DisplayedScan(Volume(np.zeros((2, 3, 4), np.int16), spacing=(1, 1, 1)))
     with pytest.raises(ValueError, match="does not match"):
         scan.orient(np.zeros((2, 3, 5), np.uint8))
+
+
+def test_series_caption_reads_the_loaders_description_and_formats_the_date():
+    volume = Volume(np.zeros((1, 1, 1), np.int16), spacing=(1, 1, 1),
+                    description={"series": "Chest 1", "date": "20230701", "modality": "CT"})
+    assert series_caption(volume) == "Chest 1 · CT · 2023-07-01"

@@ -9,11 +9,14 @@ from PySide6.QtCore import QSize, Qt, Signal
 from PySide6.QtGui import QIcon, QImage, QPixmap
 from PySide6.QtWidgets import QLabel, QSplitter, QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget
 
+from app.core.display import dicom_date
 from app.core.progress import Progress
 
 THUMB_SIZE = 64
 ENTRY_ROLE = Qt.ItemDataRole.UserRole
-COLUMNS = ["Series", "Modality", "Date", "Images"]
+# One column, two lines per series, as radiology study browsers do: a dock is narrow, and four
+# squeezed columns elide the one thing a reader looks for, the series description.
+COLUMNS = ["Series"]
 
 
 def series_thumbnails(series_list, size: int = THUMB_SIZE):
@@ -30,6 +33,12 @@ def series_thumbnails(series_list, size: int = THUMB_SIZE):
     return len(series_list)
 
 
+def series_details(series) -> str:
+    """Second line of a series row: 'CT · 139 images · 2023-07-01'."""
+    count = f"{series.n_images} image{'s' if series.n_images != 1 else ''}"
+    return " · ".join(p for p in (series.modality, count, dicom_date(series.date)) if p)
+
+
 def thumbnail_icon(thumb: np.ndarray) -> QIcon:
     grey = np.ascontiguousarray(thumb, dtype=np.uint8)
     if grey.ndim == 3:
@@ -37,12 +46,6 @@ def thumbnail_icon(thumb: np.ndarray) -> QIcon:
     h, w = grey.shape
     image = QImage(grey.data, w, h, w, QImage.Format.Format_Grayscale8).copy()
     return QIcon(QPixmap.fromImage(image))
-
-
-def _date(text: str) -> str:
-    """DICOM dates (YYYYMMDD) as YYYY-MM-DD; anything else as it is."""
-    text = str(text or "")
-    return f"{text[:4]}-{text[4:6]}-{text[6:8]}" if len(text) == 8 and text.isdigit() else text
 
 
 class SeriesBrowser(QWidget):
@@ -58,6 +61,7 @@ class SeriesBrowser(QWidget):
         self._thumb_job = None
         self.tree = QTreeWidget()
         self.tree.setHeaderLabels(COLUMNS)
+        self.tree.setHeaderHidden(True)
         self.tree.setIconSize(QSize(THUMB_SIZE, THUMB_SIZE))
         self.tree.setUniformRowHeights(False)
         self.tree.itemActivated.connect(self._on_activated)
@@ -89,9 +93,6 @@ class SeriesBrowser(QWidget):
         for patient in index.patients:
             self._add_patient(patient)
         self.tree.expandAll()
-        for column in range(1, len(COLUMNS)):
-            self.tree.resizeColumnToContents(column)
-        self.tree.setColumnWidth(0, max(self.tree.columnWidth(0), 260))
         self._show_problems(index.problems)
         self._start_thumbnails([s for s in index.all_series() if s.kind == "image"])
 
@@ -100,7 +101,8 @@ class SeriesBrowser(QWidget):
         item = QTreeWidgetItem([f"{name}  [{patient.patient_id}]"])
         self.tree.addTopLevelItem(item)
         for study in patient.studies:
-            study_item = QTreeWidgetItem([study.description or "(study)", "", _date(study.date), ""])
+            study_item = QTreeWidgetItem([" · ".join(p for p in (dicom_date(study.date), study.description) if p)
+                                          or "(study)"])
             item.addChild(study_item)
             for series in study.series:
                 study_item.addChild(self._series_item(series))
@@ -108,11 +110,11 @@ class SeriesBrowser(QWidget):
     def _series_item(self, series) -> QTreeWidgetItem:
         number = "" if series.number in (None, "") else f"{series.number}: "
         kind = "" if series.kind == "image" else f"  [{series.kind}]"
-        item = QTreeWidgetItem([f"{number}{series.description or '(no description)'}{kind}",
-                                series.modality, _date(series.date), str(series.n_images)])
+        item = QTreeWidgetItem([f"{number}{series.description or '(no description)'}{kind}\n"
+                                f"{series_details(series)}"])
         item.setData(0, ENTRY_ROLE, series)
-        item.setToolTip(0, f"{series.rows}×{series.columns}, {series.n_images} images\n{series.series_uid}")
-        item.setTextAlignment(3, Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        item.setToolTip(0, f"{series.description}\n{series.rows}×{series.columns}, {series.n_images} images"
+                           f"\n{series.series_uid}")
         self._items[series.key] = item
         return item
 

@@ -11,7 +11,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QPointF, Qt, Signal
 
-from app.core.display import (VIEW_AXES, DisplayedScan, apply_window, loaded_along_view,
+from app.core.display import (VIEW_AXES, DisplayedScan, apply_window, loaded_along_view, series_caption,
                               orientation_letters, slab_voxels, view_index_to_canonical,
                               view_pixel_size, view_slice, voxel_value, window_lut_int16)
 from app.viewer_state import OverlayState, ViewerState
@@ -109,10 +109,7 @@ class SliceView(pg.GraphicsView):
         return (0.0, 0.0, n_cols * col_mm, n_rows * row_mm)
 
     def _description(self) -> str:
-        d = self.scan.volume.description
-        parts = [d.get("series_description") or d.get("description") or "", d.get("modality", self.scan.volume.modality),
-                 d.get("date", "")]
-        return f"<b>{self.view.capitalize()}</b><br>" + " · ".join(p for p in parts if p)
+        return f"<b>{self.view.capitalize()}</b><br>" + series_caption(self.scan.volume)
 
     def reset_zoom(self) -> None:
         if self.scan is not None:

@@ -252,6 +252,7 @@ def test_progressive_loading_shows_slices_as_they_arrive(qtbot):
     assert axial.image_item.image[24, 4] == window_to_uint8(np.array([BODY_HU]), *panel.state.window)[0]
     qtbot.waitUntil(lambda: coronal.image_item.image[NK - 1 - 5, 4] > 0, timeout=2000)
     assert not coronal.image_item.image[0].any()  # k=23 (top row) not loaded yet: dark
+    assert coronal.annotations.loading.text() == f"loading… {14 / NK:.0%}"
     wheel(axial, QPoint(axial.width() // 2, axial.height() // 2), 3)  # scrolling works while loading
     assert axial.annotations.loading.isVisible()
 

@@ -55,8 +55,14 @@ class ViewAnnotations:
             self.letters[edge].setText(text)
         self.place()
 
-    def set_loading(self, loading: bool) -> None:
+    def set_loading(self, loading: bool, fraction: float | None = None) -> None:
+        """'loading…' over a slice still to come; with the share already there over a reformat."""
         self.loading.setVisible(loading)
+        if loading:
+            text = "loading…" if fraction is None else f"loading… {fraction:.0%}"
+            if text != self.loading.text():
+                self.loading.setText(text)
+                self.place()
 
     def set_ai_sources(self, sources: list[str]) -> None:
         """Show the research-use marker, naming each AI source once, while any AI overlay is shown."""

@@ -184,7 +184,11 @@ class SliceView(pg.GraphicsView):
                 grey[~row_mask, :] = 0
             if col_mask is not None:
                 grey[:, ~col_mask] = 0
-        self.annotations.set_loading(not loaded)
+        partial = row_mask if row_mask is not None else col_mask
+        if partial is not None:  # a reformat through a series still arriving
+            self.annotations.set_loading(True, float(partial.mean()))
+        else:
+            self.annotations.set_loading(not loaded)
         self.image_item.setImage(grey, autoLevels=False)
         place_in_mm(self.image_item, self._mm_rect)
 

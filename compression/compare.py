@@ -89,6 +89,11 @@ class ComparisonRun:
         """Mean seconds per case (load to post-processing) each variant's runner reported."""
         return [_mean([r.total_s for r in result.rows]) for result in self.evaluation.variants]
 
+    def network_s(self) -> list[float]:
+        """Mean seconds per case in the network alone (the first case also pays the model's loading
+        in ``latency_s``; this does not)."""
+        return [_mean([r.network_s for r in result.rows]) for result in self.evaluation.variants]
+
 
 def _deployed_size(variant) -> int:
     try:
@@ -375,32 +380,58 @@ def per_case_table(run: ComparisonRun, labels: Sequence[str]):
 def cost_table(run: ComparisonRun):
     from app.core.report import Table
 
-    rows = [[name, variant.format, f"{size / 1e6:.2f}", _number(latency, 2)]
-            for name, variant, size, latency in zip(run.names, run.variants, run.size_bytes(), run.latency_s())]
-    return Table("Size and latency", ["Variant", "Format", "Deployed size (MB)", "Seconds per case"], rows,
-                 "Seconds per case: load to post-processing, as each runner reported on this machine.")
+    rows = [[name, variant.format, f"{size / 1e6:.3f}", _number(network, 3), _number(total, 2)]
+            for name, variant, size, network, total in zip(run.names, run.variants, run.size_bytes(),
+                                                           run.network_s(), run.latency_s())]
+    return Table("Size and latency", ["Variant", "Format", "Deployed size (MB)", "Network s per case",
+                                      "Total s per case"], rows,
+                 "As each runner reported on this machine; the total runs from loading to post-processing "
+                 "and includes loading the model on the first case.")
+
+
+@dataclass
+class ChartSeries:
+    """One bar chart's numbers: a group of bars per category, a bar per variant."""
+
+    title: str
+    categories: list[str]
+    values: dict[str, list[float]]  # variant -> one value per category
+    unit: str
+    errors: dict[str, tuple[list[float], list[float]]] | None = None  # variant -> (lows, highs)
+    note: str = ""
+    y_range: tuple[float, float] | None = None  # fixed axis (Dice: 0..1), else fitted
+
+
+def chart_series(run: ComparisonRun, labels: Sequence[str]) -> list[ChartSeries]:
+    """Per-case Dice (vs truth when labelled, else fidelity), whole-set Dice with its interval
+    when there is evidence for one, deployed size and network latency — for the view and the report."""
+    results = run.evaluation.variants
+    has_truth = "dice" in run.evaluation.reference.verdicts
+    metric = "dice" if has_truth else "fidelity_dice"
+    name = "Dice vs ground truth" if has_truth else "Fidelity Dice vs the reference"
+    charts = [ChartSeries(f"{name}, per case", list(labels),
+                          {r.name: [getattr(row, metric) for row in r.rows] for r in results}, "Dice",
+                          y_range=(0.0, 1.05))]
+    errors = {r.name: ([r.verdicts[metric].low], [r.verdicts[metric].high]) for r in results
+              if r.verdicts.get(metric) is not None and r.verdicts[metric].low is not None}
+    charts.append(ChartSeries(f"{name}, whole set", ["whole set"], {r.name: [r.value(metric)] for r in results},
+                              "Dice", errors or None, "95 % intervals" if errors else "no interval: insufficient evidence",
+                              (0.0, 1.05)))
+    sizes = run.size_bytes()
+    scale, unit = (1e6, "MB") if max(sizes, default=0) >= 1e6 else (1e3, "kB")
+    charts.append(ChartSeries("Deployed size", ["size"], {n: [b / scale] for n, b in zip(run.names, sizes)}, unit))
+    charts.append(ChartSeries("Network seconds per case", ["latency"],
+                              {n: [s] for n, s in zip(run.names, run.network_s())}, "s",
+                              note="the network alone; model loading excluded"))
+    return charts
 
 
 def charts(run: ComparisonRun, labels: Sequence[str]):
     from app.core.report import Figure, bar_chart_png
 
-    results = run.evaluation.variants
-    has_truth = "dice" in run.evaluation.reference.verdicts
-    metric = "dice" if has_truth else "fidelity_dice"
-    per_case = {r.name: [getattr(row, metric) for row in r.rows] for r in results}
-    title = "Dice vs ground truth per case" if has_truth else "Fidelity Dice vs the reference per case"
-    figures = [Figure(title, bar_chart_png(title, list(labels), per_case, "Dice"))]
-    whole = {r.name: [r.value(metric)] for r in results}
-    errors = {r.name: ([r.verdicts[metric].low], [r.verdicts[metric].high]) for r in results
-              if r.verdicts.get(metric) is not None and r.verdicts[metric].low is not None}
-    whole_title = f"{'Dice' if has_truth else 'Fidelity Dice'}, whole set" + (
-        " (95 % intervals)" if errors else " (insufficient evidence for intervals)")
-    figures.append(Figure(whole_title, bar_chart_png(whole_title, ["whole set"], whole, "Dice", errors or None)))
-    sizes = {name: [size / 1e6] for name, size in zip(run.names, run.size_bytes())}
-    figures.append(Figure("Deployed size", bar_chart_png("Deployed size", ["size"], sizes, "MB")))
-    latency = {name: [s] for name, s in zip(run.names, run.latency_s())}
-    figures.append(Figure("Seconds per case", bar_chart_png("Seconds per case", ["latency"], latency, "s")))
-    return figures
+    return [Figure(c.title, bar_chart_png(c.title, c.categories, c.values, c.unit, c.errors, c.y_range),
+                   f"{c.title} ({c.note})" if c.note else c.title)
+            for c in chart_series(run, labels)]
 
 
 def disagreement_table(run: ComparisonRun, labels: Sequence[str]):
@@ -409,7 +440,7 @@ def disagreement_table(run: ComparisonRun, labels: Sequence[str]):
 
     rows = []
     for n, (case_index, name, item) in enumerate(run.all_disagreements(), 1):
-        rows.append([str(n), labels[case_index], name, KIND_TITLES[item.kind].format(other=name),
+        rows.append([str(n), labels[case_index], name, KIND_TITLES[item.kind],
                      f"{item.mean_diameter_mm:.1f}", item.size_band, str(item.slice_number), item.describe(name)])
     return Table("Lesion by lesion, against the reference",
                  ["#", "Case", "Variant", "Kind", "Size mm", "Lung-RADS size", "Slice", "Detail"], rows,
@@ -424,7 +455,7 @@ def disagreement_images(run: ComparisonRun, labels: Sequence[str], top: int):
     for n, (case_index, name, item) in enumerate(run.all_disagreements()[:top], 1):
         png = disagreement_slice_png(run, case_index, run.names.index(name), item.centre_index)
         caption = f"#{n} {labels[case_index]}, slice {item.slice_number}: " \
-                  f"{KIND_TITLES[item.kind].format(other=name)}, {item.mean_diameter_mm:.1f} mm"
+                  f"{KIND_TITLES[item.kind].lower()} by {name}, {item.mean_diameter_mm:.1f} mm"
         figures.append(Figure(f"Disagreement {n}", png, caption))
     return figures
 
@@ -460,3 +491,52 @@ def variant_section(run: ComparisonRun, index: int):
     if card.description:
         facts.insert(2, ("Description", card.description))
     return VariantSection(run.names[index], "reference" if index == run.reference_index else "compared", facts)
+
+
+# ---------------------------------------------------------------- DICOM SEG
+
+
+def export_segs(run: ComparisonRun, folder: Path, identify: bool = False,
+                variant_indices: Sequence[int] | None = None) -> list[Path]:
+    """Each variant's findings on each case as DICOM SEG referencing the case's series files."""
+    from app.core.seg_export import export_seg, series_files
+
+    labels = case_labels(run, identify)
+    written = []
+    for ci, compared in enumerate(run.cases):
+        source = Path(compared.case.series)
+        if not source.exists():
+            continue   # the manifest named the series by UID: no files to reference
+        for vi in variant_indices if variant_indices is not None else range(len(run.variants)):
+            variant = run.variants[vi]
+            name = f"{labels[ci]}_{run.names[vi]}".replace(" ", "_").replace("#", "")
+            result = export_seg(run.findings(ci, vi).labels, compared.case.volume, series_files(source),
+                                variant.card, Path(folder) / f"{name}.seg.dcm", weights_sha256=variant.weights_sha256)
+            written.append(result.path)
+    return written
+
+
+# ---------------------------------------------------------------- what the compare view shows
+
+
+@dataclass
+class ViewSummary:
+    """The comparison as the compare view shows it: tables, bar charts and the disagreement
+    list with, per row, the case and voxel (k, j, i) the views jump to."""
+
+    tables: list  # app.core.report.Table: whole set, per case, size and latency
+    charts: list[ChartSeries]
+    disagreements: object  # app.core.report.Table, most serious first
+    locations: list[tuple[int, tuple[float, float, float]]]
+    kinds: list[str]  # app.core.disagreement kind of each row
+    evidence: str
+
+
+def view_summary(run: ComparisonRun, identify: bool = False) -> ViewSummary:
+    labels = case_labels(run, identify)
+    return ViewSummary(
+        tables=[verdict_table(run), per_case_table(run, labels), cost_table(run)],
+        charts=chart_series(run, labels), disagreements=disagreement_table(run, labels),
+        locations=[(ci, d.centre_index) for ci, _name, d in run.all_disagreements()],
+        kinds=[d.kind for _ci, _name, d in run.all_disagreements()],
+        evidence=run.evaluation.evidence)

@@ -66,7 +66,8 @@ def _compare(args, variants) -> int:
     from app.core.audit import audit_data_root
     from app.core.findings_cache import FindingsCache
     from app.core.report import write_html, write_pdf
-    from compression.compare import InProcessRunner, check_variants, compare, load_compare_cases, report_data
+    from compression.compare import (InProcessRunner, check_variants, compare, export_segs, load_compare_cases,
+                                     report_data)
 
     check_variants(variants)
     cases = _progress(load_compare_cases(args.data, args.split), "loading cases")
@@ -82,30 +83,6 @@ def _compare(args, variants) -> int:
             print(f"seg: {path}")
     _print_summary(run)
     return 0
-
-
-def export_segs(run, folder: Path, identify: bool = False) -> list[Path]:
-    """Each variant's findings on each case as DICOM SEG (cases whose series folder is known)."""
-    from app.core.seg_export import export_seg, series_files
-    from compression.compare import case_labels
-
-    labels = case_labels(run, identify)
-    written = []
-    for ci, compared in enumerate(run.cases):
-        source = _series_folder(compared.case)
-        if source is None:
-            continue
-        for vi, variant in enumerate(run.variants):
-            name = f"{labels[ci]}_{run.names[vi]}".replace(" ", "_").replace("#", "")
-            result = export_seg(run.findings(ci, vi).labels, compared.case.volume, series_files(source),
-                                variant.card, folder / f"{name}.seg.dcm", weights_sha256=variant.weights_sha256)
-            written.append(result.path)
-    return written
-
-
-def _series_folder(case) -> Path | None:
-    path = Path(case.series)
-    return path if path.exists() else None
 
 
 def _print_summary(run) -> None:

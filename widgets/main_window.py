@@ -19,6 +19,7 @@ class MainWindow(QMainWindow):
     open_path_requested = Signal(str)
     open_model_requested = Signal(str)
     compress_requested = Signal()
+    compare_requested = Signal()
     closing = Signal()   # after jobs have stopped: services release what they hold
 
     def __init__(self, jobs: JobManager, parent: QWidget | None = None):
@@ -62,6 +63,8 @@ class MainWindow(QMainWindow):
         tools = bar.addMenu("&Tools")
         self.action_compress = self._action("&Compress model…", self.compress_requested.emit)
         tools.addAction(self.action_compress)
+        self.action_compare = self._action("C&ompare models…", self.compare_requested.emit)
+        tools.addAction(self.action_compare)
         self.view_menu = bar.addMenu("&View")
         self.view_menu.addAction(self.job_panel.toggleViewAction())
         help_menu = bar.addMenu("&Help")

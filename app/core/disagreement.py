@@ -27,8 +27,7 @@ from app.core.volume import Volume
 
 MISSED, ADDED, VOLUME_CHANGE, CLASS_FLIP = "missed", "added", "volume_change", "class_flip"
 KINDS = (MISSED, ADDED, VOLUME_CHANGE, CLASS_FLIP)
-KIND_TITLES = {MISSED: "Missed by {other}", ADDED: "Only {other} finds", VOLUME_CHANGE: "Volume changed",
-               CLASS_FLIP: "Type changed"}
+KIND_TITLES = {MISSED: "Missed", ADDED: "Added", VOLUME_CHANGE: "Volume changed", CLASS_FLIP: "Type changed"}
 DEFAULT_VOLUME_CHANGE_PCT = 25.0
 # Voxel disagreement map values (uint8): where the two label maps' foregrounds differ.
 AGREE, ONLY_REFERENCE, ONLY_OTHER = 0, 1, 2

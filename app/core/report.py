@@ -161,7 +161,8 @@ def _rgb(colour: str) -> tuple[float, float, float]:
 
 
 def bar_chart_png(title: str, categories: Sequence[str], series: dict[str, Sequence[float]], ylabel: str,
-                  errors: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None) -> bytes:
+                  errors: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+                  y_range: tuple[float, float] | None = None) -> bytes:
     """Grouped bars: one group per category, one bar per series (variant); optional error bars."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.0, 2.8))
@@ -177,6 +178,8 @@ def bar_chart_png(title: str, categories: Sequence[str], series: dict[str, Seque
                color=VARIANT_COLOURS[n % len(VARIANT_COLOURS)], yerr=yerr, capsize=3)
     ax.set_xticks(x, list(categories))
     ax.set_ylabel(ylabel)   # the title is printed by the page around the chart, not in it
+    if y_range is not None:
+        ax.set_ylim(*y_range)
     ax.legend(fontsize=7, loc="best")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -234,7 +237,7 @@ def render_html(data: ReportData) -> str:
     parts += [f"<p>{_esc(line)}</p>" for line in data.summary]
     parts.append("<h2>Before / after accuracy</h2>")
     parts += [_html_table(t) for t in data.tables]
-    parts += [f"<h3>{_esc(c.title)}</h3>{_img(c)}" for c in data.charts]
+    parts += [f"<h3>{_esc(c.caption or c.title)}</h3>{_img(c)}" for c in data.charts]
     parts += ["<h2>Disagreements, most serious first</h2>", _html_table(data.disagreements), _legend(),
               "<div class='images'>"]
     parts += [f"<figure>{_img(f, '240px')}<figcaption>{_esc(f.caption or f.title)}</figcaption></figure>"
@@ -359,5 +362,5 @@ def _image_page(title: str, figures: Sequence[Figure], columns: int, rows: int, 
                            height - 0.05))
         ax.imshow(mpimg.imread(io.BytesIO(figure.png), format="png"))
         ax.set_axis_off()
-        ax.set_title(figure.caption or figure.title, fontsize=7)
+        ax.set_title(figure.caption or figure.title, fontsize=8)
     return fig

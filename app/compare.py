@@ -1,0 +1,198 @@
+"""The compare service: 2–4 model variants on a study or an eval split, as jobs, for the compare view.
+
+It turns intents (compare these models on this data, show that case, export the report) into
+jobs on the one job manager and announces results through signals; it holds no widget. Each
+variant × case runs as one heavy job through the compute process (one at a time; findings go
+to the on-disk cache, so a second comparison runs nothing again); the disagreements and
+verdicts are then assembled in a light job (:mod:`compression.compare`). Volumes are loaded
+once and shared by every variant's job and view.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from PySide6.QtCore import QObject, Signal
+
+from app.compute import ComputeClient, run_model
+from app.jobs import JobManager
+
+OWNER = "compare"
+
+
+@dataclass
+class CaseView:
+    """What the views show for one case: the shared volume, each variant's labels and lesions,
+    and each variant's voxel disagreement map against the reference (None for the reference)."""
+
+    case_index: int
+    volume: object
+    labels: list
+    lesions: list
+    disagreement_maps: list
+
+
+def findings_cache_root() -> Path:
+    from app.paths import data_root
+
+    return data_root() / "findings-cache"
+
+
+class CompareService(QObject):
+    variants_ready = Signal(object)      # list of names
+    cases_ready = Signal(object)         # list of case labels (de-identified)
+    comparison_ready = Signal(object, object)   # compression.compare.ComparisonRun, ViewSummary
+    case_ready = Signal(object)          # CaseView
+    exported = Signal(str)               # what was written, in words
+    status = Signal(str)
+
+    def __init__(self, jobs: JobManager, compute: ComputeClient | None = None, cache=None,
+                 threads: int | None = None, parent: QObject | None = None):
+        super().__init__(parent)
+        from app.core.findings_cache import FindingsCache
+
+        self.jobs, self.threads = jobs, threads
+        self.compute = compute or ComputeClient()
+        self.cache = cache or FindingsCache(findings_cache_root())
+        self.variants: list = []
+        self.cases: list = []
+        self.run = None
+        self._pending = 0
+        self._failed = False
+
+    # -- starting a comparison -------------------------------------------------------------
+    def compare(self, model_paths: list[str], data_path: str, split: str = "eval") -> None:
+        """Open the models, load the cases, run every variant on every case, assemble."""
+        self.jobs.submit("Compare: open models and cases", _open_models_and_cases, list(model_paths),
+                         data_path, split, owner=OWNER, on_result=self._opened,
+                         on_error=lambda message, _detail: self.status.emit(f"Compare: {message}"))
+
+    def compare_loaded(self, variants: list, cases: list) -> None:
+        """Compare variants already opened on cases already loaded (e.g. the open study)."""
+        from compression.compare import CompareError, check_variants
+
+        try:
+            check_variants(variants)
+        except CompareError as exc:
+            self.status.emit(str(exc))
+            return
+        self._opened((variants, cases))
+
+    def _opened(self, result) -> None:
+        from compression.compare import case_labels, variant_names
+
+        self.variants, self.cases = result
+        self.run, self._failed = None, False
+        self.variants_ready.emit(variant_names(self.variants))
+        self.cases_ready.emit([f"Case {n}" for n in range(1, len(self.cases) + 1)])
+        self._pending = len(self.variants) * len(self.cases)
+        for case in self.cases:
+            for variant in self.variants:
+                self._run_variant(variant, case)
+
+    def _run_variant(self, variant, case) -> None:
+        from compression.compare import findings_for
+
+        run = _ComputeRun(self.compute, self.threads)
+        self.jobs.submit(f"Compare: {variant.card.name} {variant.card.version} on {case.case}", findings_for,
+                         variant, case.volume, self.cache, run, heavy=True, on_result=self._one_done,
+                         on_error=self._one_failed)
+
+    def _one_done(self, _findings) -> None:
+        self._pending -= 1
+        if self._pending == 0 and not self._failed:
+            self._assemble()
+
+    def _one_failed(self, message: str, _detail: str) -> None:
+        self._failed = True
+        self.status.emit(f"Compare stopped: {message}")
+
+    def _assemble(self) -> None:
+        self.jobs.submit("Compare: disagreements and accuracy", assemble_for_view, self.variants, self.cases,
+                         self.cache, owner=OWNER, on_result=self._assembled)
+
+    def _assembled(self, result) -> None:
+        run, summary = result
+        self.run = run
+        self.comparison_ready.emit(run, summary)
+        self.status.emit(f"Compared {len(run.names)} variants on {len(run.cases)} case(s): "
+                         f"{len(run.all_disagreements())} disagreement(s)")
+        if run.cases:
+            self.show_case(0)
+
+    # -- showing a case ----------------------------------------------------------------------
+    def show_case(self, case_index: int) -> None:
+        """Read the case's findings (cache, maybe from disk) and disagreement maps in a light job."""
+        if self.run is None:
+            return
+        self.jobs.submit(f"Compare: show case {case_index + 1}", case_view, self.run, case_index,
+                         owner="compare-case", on_result=self.case_ready.emit)
+
+    # -- exports -----------------------------------------------------------------------------
+    def export_report(self, html_path: str, pdf_path: str | None = None, identify: bool = False) -> None:
+        if self.run is None:
+            self.status.emit("Run a comparison first.")
+            return
+        self.jobs.submit("Compare: write the report", write_report, self.run, html_path, pdf_path, identify,
+                         on_result=lambda paths: self.exported.emit("Report written: " + ", ".join(paths)))
+
+    def export_seg(self, folder: str) -> None:
+        from compression.compare import export_segs
+
+        if self.run is None:
+            self.status.emit("Run a comparison first.")
+            return
+        self.jobs.submit("Compare: export DICOM SEG", export_segs, self.run, Path(folder),
+                         on_result=lambda paths: self.exported.emit(f"{len(paths)} DICOM SEG file(s) in {folder}"))
+
+
+class _ComputeRun:
+    """The run strategy of :func:`compression.compare.findings_for`: the model runs in the
+    compute process (the GUI process never imports torch or ONNX Runtime)."""
+
+    def __init__(self, compute: ComputeClient, threads: int | None):
+        self.compute, self.threads = compute, threads
+
+    def __call__(self, variant, volume):
+        model = str(variant.card_path or variant.main_file)
+        findings = yield from self.compute.run(run_model, volume, model=model, threads=self.threads)
+        return findings
+
+
+def _open_models_and_cases(model_paths: list[str], data_path: str, split: str):
+    from app.core.models import open_model
+    from compression.compare import check_variants, load_compare_cases
+
+    variants = [open_model(path) for path in model_paths]
+    check_variants(variants)
+    cases = yield from load_compare_cases(data_path, split)
+    return variants, cases
+
+
+def assemble_for_view(variants, cases, cache):
+    from compression.compare import assemble, view_summary
+
+    run = yield from assemble(variants, cases, cache)
+    return run, view_summary(run)
+
+
+def case_view(run, case_index: int) -> CaseView:
+    from app.core.disagreement import voxel_disagreement
+
+    findings = [run.findings(case_index, v) for v in range(len(run.variants))]
+    reference = findings[run.reference_index].labels
+    maps = [None if v == run.reference_index else voxel_disagreement(reference, f.labels)
+            for v, f in enumerate(findings)]
+    return CaseView(case_index, run.cases[case_index].case.volume, [f.labels for f in findings],
+                    [f.lesions for f in findings], maps)
+
+
+def write_report(run, html_path: str, pdf_path: str | None, identify: bool) -> list[str]:
+    from app.core.report import write_html, write_pdf
+    from compression.compare import report_data
+
+    data = report_data(run, identify=identify)
+    written = [str(write_html(data, html_path))]
+    if pdf_path:
+        written.append(str(write_pdf(data, pdf_path)))
+    return written

@@ -122,12 +122,13 @@ def _batch(arrays: dict[str, np.ndarray], idx: np.ndarray, rng: np.random.Genera
 
 def train_loop(module, arrays: dict[str, np.ndarray], loss_fn: Callable, config: TrainConfig, *,
                penalty: Callable | None = None, after_backward: Callable | None = None,
-               label: str = "fine-tune") -> Generator[Progress, None, dict]:
+               after_step: Callable | None = None, label: str = "fine-tune") -> Generator[Progress, None, dict]:
     """Train ``module`` in place on ``arrays`` (``x`` plus targets) for ``config.steps`` steps.
 
     ``loss_fn(logits, batch_tensors)`` gives the task loss; ``penalty(module)`` adds a
     regulariser (sparsity); ``after_backward(module)`` runs between backward and the optimiser
-    step (torch-pruning's group regularisation). Yields a progress tick with the loss per step.
+    step (torch-pruning's group regularisation); ``after_step(module, lr)`` after it (proximal
+    shrinkage, projections). Yields a progress tick with the loss per step.
     """
     import torch
 
@@ -156,6 +157,8 @@ def train_loop(module, arrays: dict[str, np.ndarray], loss_fn: Callable, config:
             after_backward(module)
         scaler.step(optimiser)
         scaler.update()
+        if after_step is not None:
+            after_step(module, optimiser.param_groups[0]["lr"])
         schedule.step()
         losses.append(float(loss.detach()))
         yield Progress((step + 1) / config.steps, f"{label} step {step + 1}/{config.steps} loss {losses[-1]:.4f}",

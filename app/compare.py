@@ -59,6 +59,7 @@ class CompareService(QObject):
         self.run = None
         self._pending = 0
         self._failed = False
+        self._generation = 0   # results of an earlier comparison arriving late are ignored
 
     # -- starting a comparison -------------------------------------------------------------
     def compare(self, model_paths: list[str], data_path: str, split: str = "eval") -> None:
@@ -83,29 +84,34 @@ class CompareService(QObject):
 
         self.variants, self.cases = result
         self.run, self._failed = None, False
+        self._generation += 1
         self.variants_ready.emit(variant_names(self.variants))
         self.cases_ready.emit([f"Case {n}" for n in range(1, len(self.cases) + 1)])
         self._pending = len(self.variants) * len(self.cases)
         for case in self.cases:
             for variant in self.variants:
-                self._run_variant(variant, case)
+                self._run_variant(variant, case, self._generation)
 
-    def _run_variant(self, variant, case) -> None:
+    def _run_variant(self, variant, case, generation: int) -> None:
         from compression.compare import findings_for
 
         run = _ComputeRun(self.compute, self.threads)
         self.jobs.submit(f"Compare: {variant.card.name} {variant.card.version} on {case.case}", findings_for,
-                         variant, case.volume, self.cache, run, heavy=True, on_result=self._one_done,
-                         on_error=self._one_failed)
+                         variant, case.volume, self.cache, run, heavy=True,
+                         on_result=lambda _findings: self._one_done(generation),
+                         on_error=lambda message, _detail: self._one_failed(generation, message))
 
-    def _one_done(self, _findings) -> None:
+    def _one_done(self, generation: int) -> None:
+        if generation != self._generation:
+            return
         self._pending -= 1
         if self._pending == 0 and not self._failed:
             self._assemble()
 
-    def _one_failed(self, message: str, _detail: str) -> None:
-        self._failed = True
-        self.status.emit(f"Compare stopped: {message}")
+    def _one_failed(self, generation: int, message: str) -> None:
+        if generation == self._generation:
+            self._failed = True
+            self.status.emit(f"Compare stopped: {message}")
 
     def _assemble(self) -> None:
         self.jobs.submit("Compare: disagreements and accuracy", assemble_for_view, self.variants, self.cases,

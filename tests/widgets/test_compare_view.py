@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PySide6.QtCore import Qt
 from scipy import ndimage
 
 from app.compare import CaseView
@@ -126,8 +127,10 @@ def test_comparing_two_variants_on_the_demo_eval_split_end_to_end(qtbot, job_man
     view.resize(1400, 900)
     view.show()
     try:
+        view.set_models(models)                       # what the user picks in the setup row
+        view.data_edit.setText(str(demo_tiny))
         with qtbot.waitSignals([service.comparison_ready, service.case_ready], timeout=240_000):
-            service.compare(models, str(demo_tiny), "eval")
+            qtbot.mouseClick(view.compare_button, Qt.MouseButton.LeftButton)
         assert len(view.panels) == 2 and view.disagreement_table.rowCount() == len(service.run.all_disagreements())
         assert view.disagreement_table.rowCount() > 0
         view.disagreement_table.cellClicked.emit(0, 0)   # the most serious one
@@ -142,3 +145,18 @@ def test_comparing_two_variants_on_the_demo_eval_split_end_to_end(qtbot, job_man
         save_screenshot(view, "compare_charts.png")
     finally:
         compute.close()
+
+
+def test_tools_menu_opens_the_compare_view_with_the_open_models(qtbot, tmp_path):
+    from widgets.application import create_main_window
+    from tests.compression.compare_fixtures import original_and_degraded
+
+    window = create_main_window()
+    qtbot.addWidget(window)
+    models = [str(p) for p in original_and_degraded(tmp_path)]
+    window.workspace.show_compare(models)
+    view = window.central.currentWidget()
+    assert isinstance(view, CompareView) and view.model_paths() == models
+    window.action_compare.trigger()                 # the menu again: the same view, not a second one
+    assert window.central.currentWidget() is view
+    window.session.close()

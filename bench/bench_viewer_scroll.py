@@ -2,8 +2,9 @@
 
 Side by side in one run: a bare pyqtgraph baseline (one ImageItem + one overlay ImageItem, the
 same 512×512 slices) and the real ViewerPanel, each scrolled one slice per frame with one
-processEvents per frame, as a wheel scroll does; then the viewer again while a CPU-heavy job
-(numpy products in a child process, through the JobManager) runs. Also the time from
+processEvents per frame, as a wheel scroll does, in alternating rounds so that the load other
+programs put on the machine falls on both alike; then both again while a CPU-heavy job (numpy
+products in a child process, through the JobManager) runs. Also the time from
 set_volume to the first slice on screen for a 300-slice series. The stall meter's heartbeat
 runs during every scroll.
 
@@ -77,8 +78,11 @@ def bouncing(n: int, count: int) -> int:
     return m if m < count else period - m
 
 
-def bare_baseline(app, volume: Volume, labels: np.ndarray, frames: int):
-    """pyqtgraph alone: grey ImageItem with levels + overlay ImageItem with a colour table."""
+def bare_baseline(app, volume: Volume, labels: np.ndarray):
+    """pyqtgraph alone: grey ImageItem with levels + overlay ImageItem with a colour table.
+
+    Returns (widget, step): ``step(n)`` shows slice n of a bouncing scroll.
+    """
     widget = pg.GraphicsLayoutWidget()
     widget.resize(*SIZE)
     view = widget.addViewBox(lockAspect=True, invertY=True)
@@ -98,9 +102,7 @@ def bare_baseline(app, volume: Volume, labels: np.ndarray, frames: int):
         grey.setImage(volume.voxels[k], autoLevels=False)
         overlay.setImage(labels[k], autoLevels=False)
 
-    result = scroll_frames(app, step, frames)
-    widget.close()
-    return result
+    return widget, step
 
 
 def open_viewer(app, volume: Volume, labels: np.ndarray) -> tuple[ViewerPanel, float]:
@@ -116,20 +118,32 @@ def open_viewer(app, volume: Volume, labels: np.ndarray) -> tuple[ViewerPanel, f
     return panel, time.perf_counter() - t0
 
 
-def viewer_scroll(app, panel: ViewerPanel, frames: int, view: str = "axial"):
+def viewer_step(panel: ViewerPanel, view: str = "axial"):
     shown = panel.mpr.views[view]
     n_slices = shown.scan.canonical.shape[shown.axis]
 
     def step(n):
         shown.scroll(bouncing(n, n_slices) - shown.slice_index)
 
-    return scroll_frames(app, step, frames)
+    return step
 
 
-def summary(name: str, times: np.ndarray, stalls) -> str:
-    return (f"{name:<44} p50 {np.percentile(times, 50):6.2f} ms  p99 {np.percentile(times, 99):6.2f} ms  "
-            f"max {times.max():6.1f} ms  {1000 / times.mean():6.0f} frames/s | stalls p99 {stalls.p99_ms:5.1f} ms "
-            f"max {stalls.max_ms:5.1f} ms")
+def interleaved(app, steps: dict, frames: int, rounds: int = 4) -> dict:
+    """Scroll each contender ``frames`` in total, in alternating rounds, so that the load other
+    programs put on the machine falls on all of them alike; per-frame ms and the worst stall."""
+    times = {name: [] for name in steps}
+    worst_stall = dict.fromkeys(steps, 0.0)
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t, stalls = scroll_frames(app, step, frames // rounds)
+            times[name].append(t)
+            worst_stall[name] = max(worst_stall[name], stalls.max_ms)
+    return {name: (np.concatenate(times[name]), worst_stall[name]) for name in steps}
+
+
+def summary(name: str, times: np.ndarray, max_stall_ms: float) -> str:
+    return (f"{name:<48} p50 {np.percentile(times, 50):6.2f} ms  p99 {np.percentile(times, 99):6.2f} ms  "
+            f"max {times.max():6.1f} ms  {1000 / times.mean():6.0f} frames/s | max stall {max_stall_ms:5.1f} ms")
 
 
 def main() -> None:
@@ -140,25 +154,30 @@ def main() -> None:
     app = QApplication.instance() or QApplication(sys.argv)
     print(f"platform {app.platformName()}, volume 512×512×{args.slices}, {args.frames} frames per run")
     volume, labels = chest_volume(args.slices)
-    bare = bare_baseline(app, volume, labels, args.frames)
+    bare_widget, bare = bare_baseline(app, volume, labels)
     panel, open_s = open_viewer(app, volume, labels)
-    viewer_scroll(app, panel, 30)  # warm-up: first paints, caches
-    idle = viewer_scroll(app, panel, args.frames)
-    coronal = viewer_scroll(app, panel, args.frames // 2, "coronal")
+    axial, coronal = viewer_step(panel, "axial"), viewer_step(panel, "coronal")
+    scroll_frames(app, axial, 30)  # warm-up: first paints, caches
+    idle = interleaved(app, {"bare": bare, "axial": axial, "coronal": coronal}, args.frames)
     jobs = JobManager()
     jobs.submit("numpy products (child process)", workloads.numpy_products, 600.0, in_process=True)
     time.sleep(1.0)  # let the child start and load the CPU
-    busy = viewer_scroll(app, panel, args.frames)
+    busy = interleaved(app, {"bare": bare, "axial": axial}, args.frames)
     jobs.shutdown(timeout_ms=20_000)
-    print(summary("bare pyqtgraph image + overlay (baseline)", *bare))
-    print(summary("viewer 1×3, overlay + crosshair, axial", *idle))
-    print(summary("viewer 1×3, overlay + crosshair, coronal", *coronal))
-    print(summary("viewer 1×3, axial, CPU job in a child", *busy))
-    ratio = np.percentile(idle[0], 99) / np.percentile(bare[0], 99)
-    print(f"p99 frame ratio viewer / bare: {ratio:.2f}; "
-          f"with a CPU job: {np.percentile(busy[0], 99) / np.percentile(bare[0], 99):.2f}")
+    print(summary("bare pyqtgraph image + overlay (baseline)", *idle["bare"]))
+    print(summary("viewer 1×3, overlay + crosshair, axial", *idle["axial"]))
+    print(summary("viewer 1×3, overlay + crosshair, coronal", *idle["coronal"]))
+    print(summary("bare baseline, CPU job in a child process", *busy["bare"]))
+    print(summary("viewer 1×3 axial, CPU job in a child process", *busy["axial"]))
+
+    def p99(result):
+        return np.percentile(result[0], 99)
+
+    print(f"p99 frame ratio viewer / bare: {p99(idle['axial']) / p99(idle['bare']):.2f} idle, "
+          f"{p99(busy['axial']) / p99(busy['bare']):.2f} with a CPU job")
     print(f"set_volume → scrollable ({args.slices} slices, overlay included): {open_s * 1000:.0f} ms")
     panel.close()
+    bare_widget.close()
 
 
 if __name__ == "__main__":

@@ -46,9 +46,13 @@ class ViewAnnotations:
         return self.top_left, self.top_right, self.bottom_left, self.bottom_right
 
     def set_text(self, label: QLabel, text: str) -> None:
+        """Change one label; only that label is measured and moved again (this runs per frame)."""
         if label.text() != text:
             label.setText(text)
-            self.place()
+            if label in self.corners:
+                self._place_corner(label)
+            else:
+                self.place()
 
     def set_letters(self, letters: dict[str, str]) -> None:
         for edge, text in letters.items():
@@ -73,19 +77,24 @@ class ViewAnnotations:
     def place(self) -> None:
         w, h, m = self.parent.width(), self.parent.height(), MARGIN
         for label in self.corners:
-            label.setMaximumWidth(max(40, w // 2 - 2 * m))  # two corners never overlap in a narrow view
-            label.adjustSize()
-            label.setVisible(bool(label.text()))  # an empty label would still draw its dark box
-        self.top_left.move(m, m)
-        self.top_right.move(w - self.top_right.width() - m, m)
-        self.bottom_left.move(m, h - self.bottom_left.height() - m)
-        self.bottom_right.move(w - self.bottom_right.width() - m, h - self.bottom_right.height() - m)
+            self._place_corner(label)
         self._place_letters(w, h, m)
         for label in (self.loading, self.ai_banner):
             label.adjustSize()
         self.loading.move((w - self.loading.width()) // 2, (h - self.loading.height()) // 2)
         # Under the series description, left: never over the image centre nor the slice number.
         self.ai_banner.move(m, self.top_left.y() + self.top_left.height() + 4)
+
+    def _place_corner(self, label: QLabel) -> None:
+        w, h, m = self.parent.width(), self.parent.height(), MARGIN
+        label.setMaximumWidth(max(40, w // 2 - 2 * m))  # two corners never overlap in a narrow view
+        label.adjustSize()
+        label.setVisible(bool(label.text()))  # an empty label would still draw its dark box
+        x = m if label in (self.top_left, self.bottom_left) else w - label.width() - m
+        y = m if label in (self.top_left, self.top_right) else h - label.height() - m
+        label.move(x, y)
+        if label is self.top_left:
+            self.ai_banner.move(m, self.top_left.y() + self.top_left.height() + 4)
 
     def _place_letters(self, w: int, h: int, m: int) -> None:
         letters = self.letters

@@ -1,0 +1,444 @@
+"""Compression on the demo segmentation UNet at 512×512: each technique alone and the best recipes,
+side by side with fp32 torch eager, ONNX Runtime fp32 and ORT's default ``quantize_static``.
+
+For every contender, measured in one run on this machine:
+
+- deployed size (the files a stock runtime loads) and its ratio to the fp32 ONNX file;
+- network latency on one 512×512 slice, median of interleaved rounds after a warm-up, at 1
+  and 2 threads, as ratios to fp32 torch eager and to ORT fp32;
+- Dice against ground truth and fidelity against the original on the eval split, with the
+  evaluation's paired-bootstrap intervals (or "insufficient evidence" below 30 cases / 50
+  lesions ≥ 6 mm: the bench data is small, the point estimates are still printed);
+- end to end (scan → findings, pre- and post-processing included) for the best recipe
+  against the fp32 eager pipeline.
+
+Then the issue's targets for the best recipe, each marked met or not with the real figure.
+
+    python bench/bench_compression.py [--model CARD] [--data DIR] [--cases 6] [--threads 1 2]
+                                      [--rounds 5] [--eval-slices 8] [--finetune-steps 40] [--out DIR]
+    python bench/bench_compression.py --quick      # the harness on tiny data and an untrained UNet
+
+Without ``--data`` the demo generator writes full-size phantom cases (seed 2026, not the seed
+the demo model was trained on) under the data folder and reuses them on later runs; the eval
+cases are cut to a slab of ``--eval-slices`` slices around their nodules so that a dozen
+contenders can be judged within minutes on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CARD = REPO / "resources" / "models" / "lung-nodule-unet2d" / "card.json"
+SLICE = (1, 1, 512, 512)
+TARGETS = {"size_ratio": 20.0, "speedup_vs_eager": 4.0, "speedup_vs_ort": 2.5, "max_dice_drop": 0.01,
+           "max_lost_large": 0, "end_to_end": 3.0}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+@dataclass
+class Contender:
+    name: str
+    kind: str  # "baseline" | "technique" | "recipe"
+    variant: object = None  # ModelVariant
+    autocast: str | None = None  # torch bf16 runs under autocast
+    error: str = ""
+    build_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- data
+
+
+def bench_data(args) -> Path:
+    """The data folder: --data, or generated demo cases (cached under the data root)."""
+    if args.data:
+        return Path(args.data)
+    from app.paths import data_root
+
+    size = "tiny" if args.quick else "full"
+    root = data_root() / "bench-compression" / f"{size}-{args.cases}-seed{args.data_seed}"
+    if not (root / "bench-manifest.done").is_file():
+        generate(root, args.cases, args.data_seed, size)
+    return root
+
+
+def generate(root: Path, cases: int, seed: int, size: str) -> None:
+    from app.core.demo_data import generate_demo_data
+    from app.core.manifest import build_manifest, read_manifest, write_manifest
+    from app.core.progress import run_to_end
+
+    log(f"generating {cases} {size} demo cases (seed {seed}) in {root}")
+    run_to_end(generate_demo_data(root, cases=cases, seed=seed, size=size))
+    # More eval cases than the demo's 60/20/20: the verdicts are what this bench is about.
+    old = read_manifest(root / "manifest.csv")
+    records = [(c.case, c.patient, c.series, c.labels) for c in old.cases]
+    write_manifest(build_manifest(records, {"train": 0.4, "calib": 0.2, "eval": 0.4}, seed=seed, root=root),
+                   root / "manifest.csv")
+    (root / "bench-manifest.done").write_text("ok\n")
+
+
+def load_split(data_dir: Path, split: str) -> list:
+    from app.core.demo_models import read_demo_cases
+    from compression.data import CaseData
+
+    return [CaseData(c.name, c.name, c.name, c.volume, c.labels) for c in read_demo_cases(data_dir, (split,))]
+
+
+def slab(case, slices: int):
+    """The case cut to ``slices`` axial slices around its nodules (the centre slices if it has none)."""
+    labelled = np.flatnonzero(case.labels.reshape(case.labels.shape[0], -1).any(axis=1))
+    depth = case.volume.shape[0]
+    centre = int(np.median(labelled)) if labelled.size else depth // 2
+    k0 = max(0, min(depth - slices, centre - slices // 2))
+    k1 = min(depth, k0 + slices)
+    volume = case.volume
+    origin = np.asarray(volume.origin) + np.asarray(volume.direction)[:, 2] * volume.spacing[0] * k0
+    cut = replace(volume, voxels=volume.voxels[k0:k1], origin=tuple(origin),
+                  padding_mask=None if volume.padding_mask is None else volume.padding_mask[k0:k1],
+                  sop_uids=tuple(volume.sop_uids[k0:k1]), loaded=None)
+    return replace(case, volume=cut, labels=case.labels[k0:k1])
+
+
+# ---------------------------------------------------------------- the model
+
+
+def bench_model(args, work: Path):
+    from app.core.models import open_model
+
+    if args.model:
+        return open_model(args.model, prefer="state_dict")
+    if DEMO_CARD.is_file() and not args.quick:
+        return open_model(DEMO_CARD, prefer="state_dict")
+    if not args.quick:
+        raise SystemExit(f"{DEMO_CARD} is missing: train the demo model first (python main.py train-demo) "
+                         "or pass --model, or run --quick")
+    return untrained_demo_unet(work / "untrained")
+
+
+def untrained_demo_unet(folder: Path):
+    """The pinned demo architecture with random weights: exercises the harness, not accuracy."""
+    import torch
+
+    from app.core.demo_models import unet_card, write_model_folder
+    from app.core.model_card import Lineage
+    from app.core.models import build_network, open_model
+
+    torch.manual_seed(0)
+    card = unet_card(Lineage(), "none: untrained (bench --quick)")
+    net = build_network(card.architecture).eval()
+    write_model_folder(net, card, folder, (1, 1, 64, 64), True)
+    return open_model(folder / "card.json", prefer="state_dict")
+
+
+# ---------------------------------------------------------------- contenders
+
+
+def technique_recipes(ft: int) -> dict[str, list[dict]]:
+    """Each technique alone (the wizard's defaults, with --finetune-steps of recovery where it has any)."""
+    crop = {"crop": 128, "batch_size": 8}
+    return {
+        "int8 ORT static per-channel (u8/s8)": [{"step": "quantize_int8_ort", "mode": "static",
+                                                 "per_channel": True, "calibrate": "percentile"}],
+        "int8 ORT dynamic": [{"step": "quantize_int8_ort", "mode": "dynamic"}],
+        "channels -50 % + fine-tune": [{"step": "prune_channels", "ratio": 0.5, "finetune_steps": ft, **crop}],
+        "unstructured 80 % + fine-tune (sparse file)": [{"step": "prune_unstructured", "sparsity": 0.8,
+                                                         "finetune_steps": ft, **crop}],
+        "sparsity training (group lasso)": [{"step": "sparsity_train", "steps": ft, **crop}],
+        "weight clustering (16 clusters)": [{"step": "cluster_weights", "clusters": 16}],
+        "bf16": [{"step": "half_precision", "precision": "bf16"}],
+        "fp16 ONNX": [{"step": "half_precision", "precision": "fp16"}],
+        "distillation to a ½-width student": [{"step": "distill", "width": 0.5, "steps": 2 * ft, **crop}],
+        "int8 torch (PT2E)": [{"step": "quantize_int8_torch"}],
+    }
+
+
+def best_recipes(ft: int) -> dict[str, list[dict]]:
+    crop = {"crop": 128, "batch_size": 8}
+    int8 = {"step": "quantize_int8_ort", "mode": "static", "per_channel": True, "calibrate": "percentile"}
+    return {
+        "recipe: channels -60 % + ft + int8": [{"step": "prune_channels", "ratio": 0.6, "iterations": 2,
+                                               "finetune_steps": ft, **crop},
+                                              {"step": "finetune", "steps": ft, **crop}, int8],
+        "recipe: channels -75 % + ft + int8": [{"step": "prune_channels", "ratio": 0.75, "iterations": 3,
+                                               "finetune_steps": ft, **crop},
+                                              {"step": "finetune", "steps": ft, **crop}, int8],
+    }
+
+
+def build_contenders(parent, train, calib, out: Path, args) -> list[Contender]:
+    contenders = [Contender("fp32 torch eager", "baseline", parent),
+                  Contender("ORT fp32", "baseline", parent.as_format("onnx"))]
+    contenders.append(ort_default_quantize(parent, calib, out))
+    for kind, recipes in (("technique", technique_recipes(args.finetune_steps)),
+                          ("recipe", best_recipes(args.finetune_steps))):
+        for name, steps in recipes.items():
+            if args.only and not any(o in name for o in args.only):
+                continue
+            contenders.append(compress(parent, name, kind, steps, train, calib, out, args))
+    return contenders
+
+
+def ort_default_quantize(parent, calib, out: Path) -> Contender:
+    """The off-the-shelf baseline: quantize_static with every option left at its default."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    from app.core.model_card import save_card
+    from compression.data import slice_tensors
+
+    start = time.perf_counter()
+    x, _ = slice_tensors(calib, parent.card, with_labels=False, max_slices=16)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"image": x[i:i + 1]} for i in range(len(x))])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    folder = out / "ort-default-quantize-static"
+    folder.mkdir(parents=True, exist_ok=True)
+    quiet = logging.getLogger()  # ORT's quantizer warns per layer on the root logger
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        quantize_static(str(parent.as_format("onnx").main_file), str(folder / "model.onnx"), Reader())
+    finally:
+        quiet.setLevel(level)
+    save_card(replace(parent.card, name="ort-default-int8", files={"onnx": "model.onnx"}), folder / "card.json")
+    from app.core.models import open_model
+
+    return Contender("ORT default quantize_static", "baseline", open_model(folder / "card.json"),
+                     build_s=time.perf_counter() - start)
+
+
+def compress(parent, name, kind, steps, train, calib, out: Path, args) -> Contender:
+    from app.core.progress import run_to_end
+    from compression.pipeline import StepData, run_steps
+
+    log(f"compressing: {name}")
+    start = time.perf_counter()
+    data = StepData(train=train, calib=calib, threads=max(args.threads), seed=args.seed)
+    folder_name = "".join(c if c.isalnum() else "-" for c in name).strip("-")
+    try:
+        variant = run_to_end(run_steps(parent, steps, data, out, name=folder_name))
+    except Exception as exc:  # a technique that is not there yet, or refuses this model: say so, go on
+        reason = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        log(f"  {name}: not measured ({reason})")
+        return Contender(name, kind, error=reason, build_s=time.perf_counter() - start)
+    hint = getattr(variant.card.lineage, "metrics", {}) or {}
+    autocast = "bf16" if "bf16" in json.dumps(hint).lower() and variant.format != "onnx" else None
+    log(f"  built in {time.perf_counter() - start:.0f} s")
+    return Contender(name, kind, variant, autocast, build_s=time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def predictor(contender: Contender, threads: int):
+    from app.core.models import load_torch_module
+    from compression.cost import torch_predictor, variant_predictor
+
+    if contender.autocast:
+        return torch_predictor(load_torch_module(contender.variant), threads, autocast=contender.autocast)[0]
+    return variant_predictor(contender.variant, "cpu", threads)[0]
+
+
+def latencies(contenders: list[Contender], threads: int, rounds: int) -> dict[str, float]:
+    """Median ms per 512×512 slice, every contender interleaved in the same rounds."""
+    from app.core.progress import run_to_end
+    from compression.cost import measure_latency
+
+    live = [c for c in contenders if c.variant is not None]
+    predictors = {c.name: predictor(c, threads) for c in live}
+    batch = np.random.default_rng(0).random(SLICE, dtype=np.float32)
+    stats = run_to_end(measure_latency(predictors, batch, warmup=1, rounds=rounds))
+    return {name: s.median_ms for name, s in stats.items()}
+
+
+def accuracy(contenders: list[Contender], eval_cases: list, threads: int, seed: int):
+    from app.core.progress import run_to_end
+    from compression.evaluate import evaluate
+
+    live = [c for c in contenders if c.variant is not None]
+    return run_to_end(evaluate([c.variant for c in live], eval_cases, names=[c.name for c in live],
+                               threads=threads, seed=seed))
+
+
+def end_to_end(original, best, case, threads: int, rounds: int = 2) -> dict[str, float]:
+    """Seconds from scan to findings (pre-processing, network, post-processing), interleaved."""
+    from app.core.inference import make_runner
+    from app.core.progress import run_to_end
+
+    runners = {"fp32 eager pipeline": make_runner(original.variant, threads=threads, backend="torch"),
+               best.name: make_runner(best.variant, threads=threads)}
+    for runner in runners.values():
+        run_to_end(runner.run(case.volume))  # warm-up, and the model load is paid here
+    seconds = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            start = time.perf_counter()
+            run_to_end(runner.run(case.volume))
+            seconds[name].append(time.perf_counter() - start)
+    return {name: float(np.median(v)) for name, v in seconds.items()}
+
+
+# ---------------------------------------------------------------- report
+
+
+def sizes(contenders: list[Contender]) -> dict[str, dict]:
+    from compression.cost import archive_size, deployed_size
+
+    out = {}
+    for c in contenders:
+        if c.variant is not None:
+            archive, kind = archive_size(c.variant)
+            out[c.name] = {"deployed": deployed_size(c.variant), "archive": archive, "archive_kind": kind}
+    return out
+
+
+def verdict_text(comparison, name: str, metric: str) -> str:
+    try:
+        return comparison.variant(name).verdicts[metric].text(4)
+    except (StopIteration, KeyError):
+        return "n/a"
+
+
+def table(contenders, size, latency, comparison) -> str:
+    fp32_bytes = size["ORT fp32"]["deployed"]
+    threads = sorted(latency)
+    head = ["contender", "deployed", "size ×"]
+    for t in threads:
+        head += [f"ms @{t}t", f"vs eager @{t}t", f"vs ORT @{t}t"]
+    head += ["Dice", "Dice drop", "fidelity Dice", "lost ≥6 mm"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in contenders:
+        if c.variant is None:
+            rows.append(f"| {c.name} | not measured: {c.error} |" + " |" * (len(head) - 2))
+            continue
+        cells = [c.name, f"{size[c.name]['deployed'] / 1e6:.2f} MB", f"{fp32_bytes / size[c.name]['deployed']:.1f}×"]
+        for t in threads:
+            ms = latency[t][c.name]
+            cells += [f"{ms:.0f}", f"{latency[t]['fp32 torch eager'] / ms:.2f}×", f"{latency[t]['ORT fp32'] / ms:.2f}×"]
+        cells += [verdict_text(comparison, c.name, m) for m in ("dice", "dice_drop", "fidelity_dice")]
+        lost = comparison.variant(c.name).value("lesions_lost_large")
+        cells.append(f"{lost:.0f}")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def choose_best(contenders, size, latency, comparison) -> Contender:
+    """The recipe that meets the most targets (ties: the smaller file)."""
+    recipes = [c for c in contenders if c.kind == "recipe" and c.variant is not None]
+    if not recipes:
+        raise SystemExit("no recipe could be built; see the errors above")
+    return max(recipes, key=lambda c: (sum(targets(c, size, latency, comparison, None).values()),
+                                       -size[c.name]["deployed"]))
+
+
+def targets(best, size, latency, comparison, e2e) -> dict[str, bool]:
+    result = comparison.variant(best.name)
+    met = {
+        "size ≥ 20× smaller": size["ORT fp32"]["deployed"] / size[best.name]["deployed"] >= TARGETS["size_ratio"],
+        "Dice drop ≤ 0.01": result.value("dice_drop") <= TARGETS["max_dice_drop"],
+        "no lost lesion ≥ 6 mm": result.value("lesions_lost_large") <= TARGETS["max_lost_large"],
+    }
+    for t, ms in latency.items():
+        met[f"≥ 4× fp32 eager @{t}t"] = ms["fp32 torch eager"] / ms[best.name] >= TARGETS["speedup_vs_eager"]
+        met[f"≥ 2.5× ORT fp32 @{t}t"] = ms["ORT fp32"] / ms[best.name] >= TARGETS["speedup_vs_ort"]
+        met[f"faster than ORT default int8 @{t}t"] = ms[best.name] < ms["ORT default quantize_static"]
+    met["smaller than ORT default int8"] = (size[best.name]["deployed"]
+                                           < size["ORT default quantize_static"]["deployed"])
+    if e2e is not None:
+        met["end to end ≥ 3×"] = e2e["fp32 eager pipeline"] / e2e[best.name] >= TARGETS["end_to_end"]
+    return met
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="model card (default: the demo UNet in resources/models)")
+    parser.add_argument("--data", help="demo data folder with manifest.csv (default: generated)")
+    parser.add_argument("--cases", type=int, default=6, help="demo cases to generate (default 6)")
+    parser.add_argument("--data-seed", type=int, default=2026)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--eval-slices", type=int, default=8)
+    parser.add_argument("--finetune-steps", type=int, default=40)
+    parser.add_argument("--only", nargs="*", help="only contenders whose name contains one of these")
+    parser.add_argument("--out", help="where the variants and results go (default: a scratch folder)")
+    parser.add_argument("--quick", action="store_true", help="tiny data, untrained UNet: checks the harness only")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.cases, args.rounds, args.eval_slices, args.finetune_steps = 5, 2, 4, 2
+    return args
+
+
+def main(argv=None) -> int:
+    import tempfile
+
+    args = parse(argv)
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench-compression-"))
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    parent = bench_model(args, out)
+    data_dir = bench_data(args)
+    train, calib = load_split(data_dir, "train"), load_split(data_dir, "calib")
+    eval_cases = [slab(c, args.eval_slices) for c in load_split(data_dir, "eval")]
+    log(f"model {parent.card.name}; {len(train)} train, {len(calib)} calib, {len(eval_cases)} eval cases "
+        f"({args.eval_slices}-slice slabs); cpu threads {os.cpu_count()}")
+    contenders = build_contenders(parent, train, calib, out / "variants", args)
+    size = sizes(contenders)
+    latency = {}
+    for t in args.threads:
+        log(f"latency at {t} thread(s), {args.rounds} interleaved rounds")
+        latency[t] = latencies(contenders, t, args.rounds)
+    log("accuracy on the eval slabs (every contender on every case)")
+    comparison = accuracy(contenders, eval_cases, max(args.threads), args.seed)
+    best = choose_best(contenders, size, latency, comparison)
+    log(f"end to end: {best.name} vs the fp32 eager pipeline")
+    e2e = end_to_end(contenders[0], best, eval_cases[0], max(args.threads))
+    report(contenders, size, latency, comparison, best, e2e, out, args, time.perf_counter() - started)
+    return 0
+
+
+def report(contenders, size, latency, comparison, best, e2e, out, args, seconds) -> None:
+    from compression.evaluate import comparison_record
+
+    print()
+    print(table(contenders, size, latency, comparison))
+    print(f"\n{comparison.evidence}; {len(comparison.cases)} eval cases, {comparison.large_lesions} lesions ≥ 6 mm")
+    print(f"\nend to end ({args.eval_slices}-slice scan → findings, {max(args.threads)} threads): "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in e2e.items())
+          + f" → {e2e['fp32 eager pipeline'] / e2e[best.name]:.2f}×")
+    met = targets(best, size, latency, comparison, e2e)
+    print(f"\nbest recipe: {best.name}")
+    for name, ok in met.items():
+        print(f"  {'MET    ' if ok else 'NOT MET'} {name}")
+    print(f"\nbench took {seconds / 60:.1f} min; variants and results in {out}")
+    record = {"contenders": [{"name": c.name, "kind": c.kind, "error": c.error, "build_s": c.build_s}
+                             for c in contenders],
+              "size": size, "latency_ms": latency, "end_to_end_s": e2e, "best": best.name,
+              "targets": met, "evaluation": comparison_record(comparison), "args": vars(args)}
+    (out / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,6 +27,7 @@ class Preset:
     key: str                     # the preset recipe resources/recipes/<key>.yaml (compression.recipe)
     title: str
     summary: str
+    search_for: str = ""         # "size" | "latency": try candidates (compression.search) within the time limit
 
 
 PRESETS = (
@@ -34,11 +35,13 @@ PRESETS = (
            "Stores weights and activations as 8-bit integers, calibrated on your scans: about 4× "
            "smaller, no retraining; risks a small loss of contrast detail."),
     Preset("smallest", "Smallest within budget",
-           "Removes most channels, fine-tunes against the original, then int8: the smallest file; "
-           "takes longest and risks missing faint nodules."),
+           "Tries int8, channel pruning with fine-tuning and sparsity, cheapest first, until the time "
+           "limit; recommends the smallest variant within your budget. Pruning risks faint nodules.",
+           "size"),
     Preset("fastest", "Fastest on this machine",
-           "Removes half the channels, fine-tunes, then int8 with the kernels this CPU runs fastest; "
-           "risks missing faint nodules."),
+           "Tries int8 and channel pruning with fine-tuning, timed on this machine, until the time "
+           "limit; recommends the fastest variant within your budget.",
+           "latency"),
 )
 
 
@@ -96,7 +99,7 @@ TECHNIQUES = (
     Technique("half_precision", "Half precision",
               "Stores weights in 16 bits (half the size); on a CPU it runs no faster, and very small "
               "activations may underflow.",
-              (Parameter("dtype", "type", "fp16", choices=("fp16", "bf16")),)),
+              (Parameter("precision", "type", "fp16", choices=("fp16", "bf16")),)),
     Technique("quantize_int8_ort", "int8 quantization (ONNX Runtime)",
               "Stores weights and activations as 8-bit integers calibrated on your scans; about 4× "
               "smaller, and rare intensities may be rounded away.",
@@ -136,6 +139,7 @@ class CompressConfig:
     output: str = ""
     name: str = ""              # the run's name: the output sub-folder
     max_train_slices: int | None = 64   # keeps calibration / fine-tuning short on a laptop
+    search_finetune_steps: int = 200    # fine-tuning per pruned candidate in a search
 
     def copy(self) -> "CompressConfig":
         return copy.deepcopy(self)
@@ -286,9 +290,15 @@ def run_plan(config: CompressConfig) -> dict:
     if found:
         raise ValueError("\n".join(found))
     budget = budget_values(config)
-    name = EXPERT if config.preset == EXPERT else config.preset
-    steps = [dict(s) for s in config.steps] if config.preset == EXPERT else preset_steps(config.preset)
-    return {"model": config.model, "data": _data_dict(config.data), "recipes": [{"name": name, "steps": steps}],
+    search_for = "" if config.preset == EXPERT else preset(config.preset).search_for
+    if search_for:
+        recipes = []
+    else:
+        name = EXPERT if config.preset == EXPERT else config.preset
+        steps = [dict(s) for s in config.steps] if config.preset == EXPERT else preset_steps(config.preset)
+        recipes = [{"name": name, "steps": steps}]
+    return {"model": config.model, "data": _data_dict(config.data), "recipes": recipes,
+            "search": {"objectives": [search_for], "finetune_steps": config.search_finetune_steps} if search_for else None,
             "budget": budget.as_dict(), "lost_lesion_mm": budget.lost_lesion_mm,
             "sensitivity_first": config.sensitivity_first, "device": config.device,
             "threads": config.threads, "time_limit_s": 60.0 * parse_minutes(config.search_minutes),

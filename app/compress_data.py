@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Generator, Mapping
 
 from app.core.manifest import Case, Manifest, SPLITS, build_manifest, check_manifest, read_manifest
-from app.core.progress import Progress
+from app.core.progress import Progress, run_to_end
 
 LABEL_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
-NON_IMAGE_MODALITIES = ("SEG", "RTSTRUCT", "SR", "PR", "KO", "REG")
 # compression.evaluate's evidence rule: below these a verdict reads "insufficient evidence"
 MIN_EVAL_CASES = 30
 MIN_LARGE_LESIONS = 50
@@ -60,29 +59,13 @@ def _is_label_file(path: Path) -> bool:
     return any(name.endswith(s) for s in LABEL_SUFFIXES)
 
 
-def _dicom_header(path: Path):
-    import pydicom
+def find_series(folder: Path) -> Generator[Progress, None, list[FoundSeries]]:
+    """Image series under ``folder`` from the shared DICOM index (headers only)."""
+    from app.core.dicom_index import index_path
 
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True, force=False)
-    except Exception:   # not DICOM, or unreadable: the folder scan skips it
-        return None
-
-
-def find_series(folder: Path) -> list[FoundSeries]:
-    """Image series (one per folder of DICOM files), read from headers only."""
-    found = []
-    for directory, _dirs, files in sorted(os.walk(folder)):
-        headers = [h for h in (_dicom_header(Path(directory) / f) for f in sorted(files)
-                               if not _is_label_file(Path(f))) if h is not None]
-        images = [h for h in headers if str(getattr(h, "Modality", "")) not in NON_IMAGE_MODALITIES
-                  and "Rows" in h]
-        if images:
-            first = images[0]
-            patient = str(getattr(first, "PatientID", "") or Path(directory).name)
-            found.append(FoundSeries(Path(directory), patient, len(images),
-                                     (len(images), int(first.Rows), int(first.Columns))))
-    return found
+    index = yield from index_path(folder)
+    return [FoundSeries(Path(s.files[0]).parent, s.patient_id or Path(s.files[0]).parent.name, s.n_images,
+                        (s.n_images, s.rows, s.columns)) for s in index.image_series() if s.files]
 
 
 def labels_for(series: FoundSeries, root: Path) -> Path | None:
@@ -104,9 +87,9 @@ def orphan_labels(root: Path, series: list[FoundSeries]) -> list[Path]:
 
 
 def manifest_from_folder(folder: str | os.PathLike, proportions: Mapping[str, float],
-                         seed: int) -> tuple[Manifest, list[FoundSeries]]:
+                         seed: int) -> Generator[Progress, None, tuple[Manifest, list[FoundSeries]]]:
     root = Path(folder)
-    series = find_series(root)
+    series = yield from find_series(root)
     records = []
     for s in series:
         labels = labels_for(s, root)
@@ -139,7 +122,7 @@ def _series_shape(manifest: Manifest, case: Case, known: dict[Path, FoundSeries]
         return None
     if path.resolve() in known:
         return known[path.resolve()]
-    found = find_series(path) if path.is_dir() else []
+    found = run_to_end(find_series(path)) if path.is_dir() else []
     return found[0] if found else None
 
 
@@ -186,7 +169,7 @@ def survey_data(manifest_path: str = "", folder: str = "", proportions: Mapping[
     """Count what a run would use; a job body (yields progress, returns a DataSurvey)."""
     survey = DataSurvey()
     yield Progress(None, "examining the data")
-    manifest, known = _open(manifest_path, folder, proportions or {}, seed, survey)
+    manifest, known = yield from _open(manifest_path, folder, proportions or {}, seed, survey)
     if manifest is None:
         return survey
     survey.manifest = manifest
@@ -214,7 +197,7 @@ def _open(manifest_path: str, folder: str, proportions, seed: int, survey: DataS
     if not root.is_dir():
         survey.problems.append(f"The data folder {root} does not exist.")
         return None, {}
-    manifest, series = manifest_from_folder(root, proportions, seed)
+    manifest, series = yield from manifest_from_folder(root, proportions, seed)
     for orphan in orphan_labels(root, series):
         survey.problems.append(f"labels {orphan.relative_to(root)} match no series: no DICOM series beside them")
     if not series:
@@ -228,7 +211,7 @@ def open_data(manifest_path: str = "", folder: str = "", proportions: Mapping[st
     """The manifest a run uses (folder split exactly as the Data page showed it)."""
     if manifest_path:
         return read_manifest(manifest_path)
-    manifest, _series = manifest_from_folder(Path(folder), proportions or {}, seed)
+    manifest, _series = run_to_end(manifest_from_folder(Path(folder), proportions or {}, seed))
     if not manifest.cases:
         raise ValueError(f"The data folder {folder} holds no DICOM image series.")
     return manifest

@@ -112,6 +112,7 @@ def in_phase(clock: PhaseClock, phase: int, gen: Generator) -> Generator[Progres
 
 
 def plan_phases(plan: dict) -> tuple[list[str], list[float]]:
+    """Phase names and relative weights: loading, sensitivity, one per recipe, evaluation, cost."""
     names, weights = ["Load scans"], [1.0]
     if plan.get("sensitivity_first"):
         names, weights = names + ["Per-layer sensitivity"], weights + [1.5]
@@ -120,6 +121,15 @@ def plan_phases(plan: dict) -> tuple[list[str], list[float]]:
         names.append(f"{recipe['name']}: {steps}")
         weights.append(1.0 + 0.5 * len(recipe["steps"]))
     return names + ["Evaluate on eval scans", "Measure size and latency"], weights + [2.0, 1.0]
+
+
+def search_recipes(plan: dict, sensitivity=None) -> list[dict]:
+    """A search preset's candidates (compression.search), cheapest and safest first."""
+    from compression.search import candidate_recipes
+
+    found = candidate_recipes(plan["search"]["objectives"], sensitivity,
+                              finetune_steps=int(plan["search"].get("finetune_steps", 200)))
+    return [{"name": c.name, "steps": c.steps, "why": c.why} for c in found]
 
 
 def source_fingerprint(variant) -> str:
@@ -140,15 +150,18 @@ def compress_run(plan: dict, scratch: Path | None = None) -> Generator[Progress,
     """The whole run (a job body): yields progress, returns a :class:`CompressResult`."""
     from app.core.models import open_model
 
+    plan = dict(plan)
+    if plan.get("search"):
+        plan["recipes"] = search_recipes(plan)
     names, weights = plan_phases(plan)
-    clock = PhaseClock(names, weights)
+    run = Run(plan, PhaseClock(names, weights))
     yield Progress(0.0, "starting", {"plan": names})
     original = open_model(plan["model"])
     fingerprint = source_fingerprint(original)
     own_scratch = scratch is None
     work = Path(tempfile.mkdtemp(prefix="medcompress-run-")) if own_scratch else Path(scratch)
     try:
-        result = yield from _run(plan, original, clock, work)
+        result = yield from run.everything(original, work)
         if source_fingerprint(original) != fingerprint:
             raise RuntimeError(f"the source model's files changed during the run ({plan['model']}); "
                                "nothing was saved")
@@ -159,54 +172,106 @@ def compress_run(plan: dict, scratch: Path | None = None) -> Generator[Progress,
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _run(plan: dict, original, clock: PhaseClock, work: Path):
-    from compression.data import load_cases
-    from compression.pipeline import StepData
+class Run:
+    """One compression run's steps, in order; ``phase`` counts the phases done so far."""
 
-    from app.compress_data import open_data
+    def __init__(self, plan: dict, clock: PhaseClock):
+        self.plan, self.clock = plan, clock
+        self.phase, self.notes, self.sensitivity = 0, [], None
+        self.recommended: set[str] | None = None
 
-    manifest = open_data(plan["data"].get("manifest", ""), plan["data"].get("folder", ""),
-                         plan["data"].get("proportions"), int(plan["data"].get("seed", 0)))
-    cases = yield from in_phase(clock, 0, load_cases(manifest, ("train", "calib", "eval")))
-    by_split = {s: [c for c, m in zip(cases, _cases_of(manifest, ("train", "calib", "eval"))) if m.split == s]
-                for s in ("train", "calib", "eval")}
-    data = StepData(train=by_split["train"], calib=by_split["calib"] or by_split["train"], teacher=original,
-                    device=plan["device"], threads=plan.get("threads"), seed=int(plan["data"].get("seed", 0)))
-    phase, sensitivity, notes = 1, None, []
-    if plan.get("sensitivity_first"):
-        sensitivity = yield from in_phase(clock, phase, _sensitivity(original, data, notes))
-        phase += 1
-    variants = yield from _run_recipes(plan, original, data, clock, phase, work / "variants", notes)
-    phase += len(plan["recipes"])
-    comparison = yield from in_phase(clock, phase, _evaluate(original, variants, by_split["eval"], manifest, plan))
-    costs = yield from in_phase(clock, phase + 1, _costs(original, variants, plan))
-    rows = _rows(original, variants, comparison, costs, plan)
-    run_folder = _publish(work / "variants", Path(plan["output"]), plan["run_name"])
-    for row in rows[1:]:
-        row.card_path = str(run_folder / Path(row.card_path).parent.name / "card.json")
-    yield Progress(1.0, f"{len(variants)} variant(s) written to {run_folder}",
-                   {"phase": phase + 1, "phase_fraction": 1.0, "eta_s": 0.0})
-    return CompressResult(str(run_folder), rows, comparison.evidence, "", sensitivity, notes)
+    def everything(self, original, work: Path):
+        manifest, data, eval_cases = yield from self.load(original)
+        if self.plan.get("sensitivity_first"):
+            yield from self.measure_sensitivity(original, data)
+        if self.plan.get("search"):
+            variants = yield from self.search(original, data, eval_cases, work / "variants")
+        else:
+            variants = yield from self.recipes(original, data, work / "variants")
+        comparison = yield from in_phase(self.clock, self.phase, _evaluate(original, variants, eval_cases,
+                                                                            manifest, self.plan))
+        costs = yield from in_phase(self.clock, self.phase + 1, _costs(original, variants, self.plan))
+        rows = _rows(original, variants, comparison, costs, self.plan, self.recommended)
+        run_folder = _publish(work / "variants", Path(self.plan["output"]), self.plan["run_name"])
+        for row in rows[1:]:
+            row.card_path = str(run_folder / Path(row.card_path).parent.name / "card.json")
+        yield Progress(1.0, f"{len(variants)} variant(s) written to {run_folder}",
+                       {"phase": self.phase + 1, "phase_fraction": 1.0, "eta_s": 0.0})
+        return CompressResult(str(run_folder), rows, comparison.evidence, "", self.sensitivity, self.notes)
 
+    def load(self, original):
+        from compression.data import load_cases
+        from compression.pipeline import StepData
 
-def _cases_of(manifest, splits):
-    return [c for c in manifest.cases if c.split in splits]
+        from app.compress_data import open_data
 
+        d = self.plan["data"]
+        manifest = open_data(d.get("manifest", ""), d.get("folder", ""), d.get("proportions"), int(d.get("seed", 0)))
+        splits = ("train", "calib", "eval")
+        cases = yield from in_phase(self.clock, 0, load_cases(manifest, splits))
+        in_order = [c for c in manifest.cases if c.split in splits]   # load_cases keeps the manifest's order
+        by_split = {s: [c for c, m in zip(cases, in_order) if m.split == s] for s in splits}
+        data = StepData(train=by_split["train"], calib=by_split["calib"] or by_split["train"], teacher=original,
+                        device=self.plan["device"], threads=self.plan.get("threads"), seed=int(d.get("seed", 0)))
+        self.phase = 1
+        return manifest, data, by_split["eval"]
 
-def _run_recipes(plan, original, data, clock, first_phase, out_dir: Path, notes: list[str]):
-    from compression.pipeline import run_steps
+    def measure_sensitivity(self, original, data):
+        self.sensitivity = yield from in_phase(self.clock, self.phase, _sensitivity(original, data, self.notes))
+        self.phase += 1
+        if self.plan.get("search") and self.sensitivity:
+            self.plan["recipes"] = search_recipes(self.plan, self.sensitivity)
+            names, weights = plan_phases(self.plan)
+            self.clock = PhaseClock(names, weights)
+            yield Progress(self.clock.starts[self.phase], "the most sensitive layers get candidates of their own",
+                           {"plan": names})
 
-    variants, deadline = [], time.monotonic() + float(plan.get("time_limit_s") or math.inf)
-    for k, recipe in enumerate(plan["recipes"]):
-        if k > 0 and time.monotonic() > deadline:
-            notes.append(f"time limit reached: recipe {recipe['name']} was not tried")
-            yield clock.tick(first_phase + k, 1.0, "skipped (time limit reached)")
-            continue
-        name = f"{original.card.name}-{recipe['name']}"
-        variant = yield from in_phase(clock, first_phase + k, run_steps(
-            original, recipe["steps"], data, out_dir, name=name, recipe={**plan["recipe"], "steps": recipe["steps"]}))
-        variants.append((recipe, variant))
-    return variants
+    def recipes(self, original, data, out_dir: Path):
+        from compression.pipeline import run_steps
+
+        variants = []
+        for recipe in self.plan["recipes"]:
+            name = f"{original.card.name}-{recipe['name']}"
+            variant = yield from in_phase(self.clock, self.phase, run_steps(
+                original, recipe["steps"], data, out_dir, name=name,
+                recipe={**self.plan["recipe"], "steps": recipe["steps"]}))
+            variants.append((recipe, variant))
+            self.phase += 1
+        return variants
+
+    def search(self, original, data, eval_cases, out_dir: Path):
+        """compression.search over the candidates, one progress bar per candidate."""
+        from compression.evaluate import Budget
+        from compression.search import Candidate, pipeline_runner, search
+
+        recipes = self.plan["recipes"]
+        candidates = [Candidate(r["name"], r["steps"], r.get("why", "")) for r in recipes]
+        runner = pipeline_runner(original, data, eval_cases, out_dir, Budget(**self.plan["budget"]),
+                                 device=self.plan["device"], threads=self.plan.get("threads"),
+                                 seed=data.seed, latency_rounds=LATENCY_ROUNDS)
+        result = yield from self.spread(search(candidates, runner, Budget(**self.plan["budget"]),
+                                               objectives=self.plan["search"]["objectives"],
+                                               time_limit_s=self.plan.get("time_limit_s")), len(recipes))
+        self.notes += [f"{t.candidate.name} could not run: {t.error}" for t in result.trials if t.error]
+        self.notes += [f"{c.name} was not tried: the time limit came first" for c in result.not_tried]
+        self.recommended = {t.candidate.name for t in result.front}
+        by_name = {r["name"]: r for r in recipes}
+        self.phase += len(recipes)
+        return [(by_name[t.candidate.name], t.variant) for t in result.trials if t.variant is not None]
+
+    def spread(self, gen, count: int):
+        """A generator over ``count`` equal parts (the search's candidates), as that many phases."""
+        while True:
+            try:
+                p = next(gen)
+            except StopIteration as done:
+                return done.value
+            f = 0.0 if p.fraction is None else p.fraction * count
+            part = min(count - 1, int(f))
+            extra = None
+            if isinstance(p.data, dict) and "loss" in p.data:
+                extra = {"loss": float(p.data["loss"]), "iteration": int(p.data.get("step", 0))}
+            yield self.clock.tick(self.phase + part, f - part, p.message, extra)
 
 
 def _sensitivity(original, data, notes: list[str]):
@@ -233,10 +298,13 @@ def _evaluate(original, variants, eval_cases, manifest, plan):
 
 def _costs(original, variants, plan):
     from compression.cost import compare_costs, default_input_shape
+    from compression.search import deployable_baseline
 
     names = ["original"] + [r["name"] for r, _v in variants]
     shape = default_input_shape(original.card, whole_slice=COST_SLICE)
-    return (yield from compare_costs([original] + [v for _r, v in variants], names, input_shape=shape,
+    # the original as deployed without us (its ONNX in ORT), so the runtime's speed is not credited
+    baseline = deployable_baseline(original)
+    return (yield from compare_costs([baseline] + [v for _r, v in variants], names, input_shape=shape,
                                      device=plan["device"], threads=plan.get("threads"),
                                      rounds=LATENCY_ROUNDS, warmup=1, memory=False))
 
@@ -245,7 +313,7 @@ def _finite(value) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
-def _rows(original, variants, comparison, costs, plan) -> list[VariantRow]:
+def _rows(original, variants, comparison, costs, plan, recommended: set[str] | None) -> list[VariantRow]:
     from compression.evaluate import Budget, budget_failures
 
     budget = Budget(**plan["budget"])
@@ -265,7 +333,7 @@ def _rows(original, variants, comparison, costs, plan) -> list[VariantRow]:
             fidelity=_finite(result.value("fidelity_dice")) if k else 1.0,
             lost_lesions=_lost(result) if k else 0, budget_met=not failures, budget_failures=failures,
             weights_sha256=variant.weights_sha256))
-    _recommend(rows, plan.get("pick", "all"))
+    _recommend(rows, (plan.get("search") or {}).get("objectives", ["all"])[0], recommended)
     return rows
 
 
@@ -274,12 +342,12 @@ def _lost(result) -> int | None:
     return None if value is None else int(round(value))
 
 
-def _recommend(rows: list[VariantRow], pick: str) -> None:
-    """Mark the preset's choice: every variant within budget, or the smallest/fastest of them."""
-    within = [r for r in rows[1:] if r.budget_met]
-    if pick == "smallest" and within:
+def _recommend(rows: list[VariantRow], objective: str, front: set[str] | None) -> None:
+    """Mark the choice: every variant within budget, or the search front's smallest / fastest."""
+    within = [r for r in rows[1:] if r.budget_met and (front is None or r.name in front)]
+    if objective == "size" and within:
         within = [min(within, key=lambda r: r.deployed_bytes)]
-    elif pick == "fastest" and within:
+    elif objective == "latency" and within:
         within = [min(within, key=lambda r: r.latency_ms if r.latency_ms is not None else math.inf)]
     for row in within:
         row.recommended = True

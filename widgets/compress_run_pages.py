@@ -53,6 +53,7 @@ class RunPage(ConfigPage):
         self.result = None
         self.state = "idle"   # idle | running | finished | failed | cancelled
         self.phase_bars: list[QProgressBar] = []
+        self.phases_seen: set[int] = set()
         self.losses: list[float] = []
         self.overall = _bar()
         self.eta = QLabel("")
@@ -126,7 +127,7 @@ class RunPage(ConfigPage):
             item = self.phases.takeAt(0)
             if item.widget() is not None:
                 item.widget().deleteLater()
-        self.phase_bars = []
+        self.phase_bars, self.phases_seen = [], set()
         for row, name in enumerate(names):
             label = QLabel(name)
             bar = _bar()
@@ -144,9 +145,7 @@ class RunPage(ConfigPage):
         if progress.fraction is not None:
             self.overall.setValue(int(1000 * progress.fraction))
         if "phase" in data and 0 <= data["phase"] < len(self.phase_bars):
-            for k in range(data["phase"]):
-                self.phase_bars[k].setValue(1000)
-            self.phase_bars[data["phase"]].setValue(int(1000 * data.get("phase_fraction", 0.0)))
+            self._show_phase(int(data["phase"]), float(data.get("phase_fraction", 0.0)))
         if "eta_s" in data:
             self.eta.setText(eta_text(data["eta_s"]))
         if "loss" in data:
@@ -154,6 +153,14 @@ class RunPage(ConfigPage):
             self.loss_curve.setData(list(range(1, len(self.losses) + 1)), self.losses)
         if progress.message and progress.message != self._last_log_line():
             self.log.appendPlainText(progress.message)
+
+    def _show_phase(self, phase: int, fraction: float) -> None:
+        """Phases run in order: one that reports means every earlier one that ran is done."""
+        for k in self.phases_seen:
+            if k < phase:
+                self.phase_bars[k].setValue(1000)
+        self.phases_seen.add(phase)
+        self.phase_bars[phase].setValue(int(1000 * fraction))
 
     def _last_log_line(self) -> str:
         block = self.log.document().lastBlock()
@@ -167,8 +174,11 @@ class RunPage(ConfigPage):
 
     def _finished(self, result) -> None:
         self.result = result
-        for bar in self.phase_bars:
-            bar.setValue(1000)
+        for k, bar in enumerate(self.phase_bars):
+            if k in self.phases_seen:
+                bar.setValue(1000)
+            else:
+                bar.setFormat("not tried (time limit)")
         self.overall.setValue(1000)
         self.eta.setText("")
         self._set_state("finished", f"Done: {len(result.rows) - 1} variant(s) in {result.run_folder}. "
@@ -240,6 +250,7 @@ class ResultsPage(ConfigPage):
         self.table.setHorizontalHeaderLabels(list(COLUMNS))
         self.table.verticalHeader().setVisible(False)
         self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.setWordWrap(False)
         self.keep_boxes: dict[str, QCheckBox] = {}
         self.latency_plot = self._plot("latency (ms)")
         self.size_plot = self._plot("deployed size (MB)")
@@ -258,18 +269,20 @@ class ResultsPage(ConfigPage):
         plot = pg.PlotWidget(background="w")
         plot.setLabel("bottom", x_label)
         plot.setLabel("left", "accuracy (Dice)")
-        plot.addLegend(offset=(-10, 10))
+        plot.getViewBox().setDefaultPadding(0.2)   # room for the names beside the points
+        plot.showGrid(x=True, y=True, alpha=0.2)
+        plot.addLegend(offset=(10, -10), labelTextColor="#333")
         return plot
 
     def _layout(self) -> None:
         layout = QVBoxLayout(self)
-        layout.addWidget(self.table, 2)
+        layout.addWidget(self.table, 1)
         layout.addWidget(self.evidence)
         plots = QHBoxLayout()
         plots.addWidget(self.latency_plot)
         plots.addWidget(self.size_plot)
         plots.addWidget(self.sensitivity_plot)
-        layout.addLayout(plots, 3)
+        layout.addLayout(plots, 2)
         actions = QHBoxLayout()
         actions.addWidget(QLabel("Save kept variants in"))
         actions.addWidget(self.destination, 1)
@@ -314,6 +327,9 @@ class ResultsPage(ConfigPage):
                 self.keep_boxes[row.name] = box
                 self.table.setCellWidget(r, 0, box)
         self.table.resizeColumnsToContents()
+        rows_height = sum(self.table.rowHeight(r) for r in range(len(rows)))
+        height = self.table.horizontalHeader().height() + rows_height + 2 * self.table.frameWidth() + 20
+        self.table.setMaximumHeight(min(height, 280))   # the plots get the room a short table leaves
 
     def accuracy(self, row) -> float | None:
         """Dice against ground truth when the eval scans are labelled, else fidelity to the original."""
@@ -322,8 +338,10 @@ class ResultsPage(ConfigPage):
 
     def _fill_plots(self, rows) -> None:
         use_dice = all(r.dice is not None for r in rows)
+        unit, scale = ("MB", 1e6) if max(r.deployed_bytes for r in rows) >= 1e6 else ("kB", 1e3)
+        self.size_plot.setLabel("bottom", f"deployed size ({unit})")
         for plot, x_of in ((self.latency_plot, lambda r: r.latency_ms),
-                           (self.size_plot, lambda r: r.deployed_bytes / 1e6)):
+                           (self.size_plot, lambda r: r.deployed_bytes / scale)):
             plot.clear()
             plot.setLabel("left", "Dice vs ground truth" if use_dice else "fidelity Dice vs the original")
             for label, pick, symbol, colour in (
@@ -337,7 +355,7 @@ class ResultsPage(ConfigPage):
                               symbolBrush=colour, symbolPen=colour, name=label)
             for r in rows:
                 if x_of(r) is not None and self.accuracy(r) is not None:
-                    text = pg.TextItem(r.name, color="#333", anchor=(0, 1))
+                    text = pg.TextItem(r.name, color="#333", anchor=(0.5, 1.3))
                     text.setPos(x_of(r), self.accuracy(r))
                     plot.addItem(text)
 

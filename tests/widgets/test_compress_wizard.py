@@ -159,6 +159,34 @@ def test_wizard_end_to_end_every_page(qtbot, make_wizard, demo_tiny, tiny_model,
     shutil.copyfile(SHOTS / "wizard_6_results.png", SHOTS / "wizard_6_results_copy.png")
 
 
+def test_smallest_preset_searches_until_the_time_limit(qtbot, make_wizard, demo_tiny, tmp_path):
+    wizard = make_wizard(search_minutes="0.01")
+    pick_model(qtbot, wizard)
+    wizard.next()
+    choose_manifest(qtbot, wizard, demo_tiny / "manifest.csv")
+    wizard.next()
+    wizard.techniques_page.preset_buttons["smallest"].setChecked(True)
+    wizard.next()
+    wizard.next()
+    run = wizard.run_page
+    qtbot.waitUntil(lambda: run.state != "running", timeout=RUN_TIMEOUT_MS)
+    assert run.state == "finished", run.status.text()
+    assert len(run.phase_bars) > 4                                  # one bar per search candidate
+    assert run.phase_bars[1].value() == 1000                       # the first candidate always runs
+    assert run.phase_bars[-3].format() == "not tried (time limit)"  # the time limit stopped the rest
+    wizard.next()
+    results = wizard.results_page
+    rows = results.result.rows
+    assert [r.name for r in rows][:2] == ["original", "int8-percentile"]
+    assert any("not tried" in note for note in results.result.notes)
+    assert "not tried" in results.evidence.text()
+    recommended = [r for r in rows if r.recommended]
+    assert all(r.budget_met for r in recommended)
+    assert results.table.item(1, 8).text().startswith("within budget" if rows[1].budget_met else "over")
+    shoot(wizard, "5_run_search")
+    open_model(rows[1].card_path)
+
+
 def test_cancel_mid_run_leaves_no_output(qtbot, make_wizard, demo_tiny, tiny_model, tmp_path):
     before = model_hashes(tiny_model)
     wizard = make_wizard()

@@ -335,3 +335,20 @@ def test_an_mr_series_without_a_window_gets_one_from_its_pixels(qtbot):
     axial = panel.mpr.views["axial"]
     axial._hover(axial.view_box.mapViewToScene(QPointF(*pixel_centre_mm(axial, 10, 10))))
     assert axial.annotations.bottom_right.text().startswith("200<br>")  # a plain value: MR has no HU
+
+
+def test_a_single_image_is_shown_alone(qtbot):
+    from app.core.volume import Volume
+    panel = _panel(qtbot, Volume(np.zeros((1, 40, 30), np.int16), spacing=(1.0, 0.2, 0.2), modality="DX"))
+    assert panel.state.layout == "1x1" and panel.state.single_view == "axial"
+    assert panel.mpr.views["axial"].image_item.image.shape == (40, 30)
+    panel.set_volume(phantom()[0])
+    assert panel.state.layout == "1x3"
+
+
+def test_float_voxels_are_windowed_like_integers(qtbot):
+    from app.core.volume import Volume
+    voxels = np.full((4, 16, 16), 40.5, np.float32)
+    panel = _panel(qtbot, Volume(voxels, spacing=(1.0, 1.0, 1.0)))
+    expected = window_to_uint8(np.array([40.5]), *panel.state.window)[0]
+    assert panel.mpr.views["axial"].image_item.image[3, 3] == expected

@@ -7,7 +7,7 @@ from PySide6.QtGui import QAction, QActionGroup
 from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QLabel, QScrollArea, QSplitter, QToolBar,
                                QVBoxLayout, QWidget)
 
-from app.core.display import PRESETS, VIEWS, DisplayedScan
+from app.core.display import PRESETS, VIEW_AXES, VIEWS, DisplayedScan
 from app.viewer_state import LabelOverlay, OverlayState, ProbabilityOverlay, ViewerState
 from widgets.viewer.lesion_list import LesionList
 from widgets.viewer.mpr_viewer import MprViewer
@@ -28,6 +28,7 @@ class ViewerPanel(QWidget):
         self.state = ViewerState(self)
         self.overlay_state = OverlayState(self)
         self.scan: DisplayedScan | None = None
+        self._layout_before_single: tuple[str, str] | None = None
         self.mpr = MprViewer(self.state, self.overlay_state)
         self.controls = OverlayControls(self.overlay_state)
         self.lesion_list = LesionList()
@@ -130,6 +131,18 @@ class ViewerPanel(QWidget):
         if first_slice is not None:
             self.state.set_position((first_slice, *self.state.position[1:]))
         self.mpr.set_scan(self.scan)
+        self._single_image_layout()
+
+    def _single_image_layout(self) -> None:
+        """A single image (radiograph, one slice) has no reformats worth a view: show it alone."""
+        flat = [c for c in range(3) if self.scan.canonical.shape[c] == 1]
+        if flat:
+            if self._layout_before_single is None:
+                self._layout_before_single = (self.state.layout, self.state.single_view)
+            self.state.set_layout("1x1", next(v for v in VIEWS if VIEW_AXES[v][0] == flat[0]))
+        elif self._layout_before_single is not None:  # back to a volume: the reader's own layout
+            self.state.set_layout(*self._layout_before_single)
+            self._layout_before_single = None
 
     def refresh_slices(self, k_lo: int, k_hi: int) -> None:
         """Slices k_lo..k_hi-1 of the volume have arrived (progressive loading)."""

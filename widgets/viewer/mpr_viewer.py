@@ -58,7 +58,7 @@ class MprViewer(QWidget):
             view.setVisible(layout == "1x3" or name == single_view)
         if layout == "1x1":
             self.active_view = single_view
-        QTimer.singleShot(0, self._fit_all)
+        QTimer.singleShot(0, self, self._fit_all)  # dropped if the viewer is gone by then
 
     def _fit_all(self) -> None:
         for view in self.views.values():

@@ -93,25 +93,33 @@ def slice_positions(spec: SeriesSpec, row: np.ndarray, col: np.ndarray) -> list[
     return [start + k * step for k in range(spec.shape[0])]
 
 
-def phantom_pixels(spec: SeriesSpec) -> np.ndarray:
-    """Stored values: a body ellipse with a bright 'spine', slice-dependent so order matters."""
-    n, rows, cols = spec.shape
-    rng = np.random.default_rng(spec.seed)
-    y, x = np.mgrid[0:rows, 0:cols]
+def phantom_slice(spec: SeriesSpec, k: int) -> np.ndarray:
+    """Stored values of slice k: a body ellipse with a bright 'spine', different per slice."""
+    _, rows, cols = spec.shape
+    rng = np.random.default_rng([spec.seed, k])
+    y, x = np.ogrid[0:rows, 0:cols]
     body = ((y - rows / 2) / (rows * 0.4)) ** 2 + ((x - cols / 2) / (cols * 0.45)) ** 2 <= 1
     hi = 2 ** (spec.bits_stored - 1) - 1 if spec.signed else 2**spec.bits_stored - 1
     lo = -(2 ** (spec.bits_stored - 1)) if spec.signed else 0
-    base = np.where(body, 1024 + 40, 24).astype(np.int64)
-    stack = np.stack([base + 7 * k for k in range(n)])
-    stack += rng.integers(-20, 21, size=stack.shape)
-    stack[:, rows // 2 + rows // 5 : rows // 2 + rows // 5 + 3, cols // 2 - 2 : cols // 2 + 2] = 2000
+    image = np.where(body, 1024 + 40 + 7 * k, 24 + 7 * k).astype(np.int32)
+    image += rng.integers(-20, 21, size=image.shape, dtype=np.int32)
+    image[rows // 2 + rows // 5 : rows // 2 + rows // 5 + 3, cols // 2 - 2 : cols // 2 + 2] = 2000
     if spec.padding_value is not None:
-        stack[:, ~body] = spec.padding_value
-    return np.clip(stack, lo, hi)
+        image[~body] = spec.padding_value
+    return np.clip(image, lo, hi)
 
 
-def write_ct_series(folder: str | os.PathLike, spec: SeriesSpec | None = None) -> WrittenSeries:
-    """Write a CT series into ``folder`` (created if needed); returns what was written."""
+def phantom_pixels(spec: SeriesSpec) -> np.ndarray:
+    return np.stack([phantom_slice(spec, k) for k in range(spec.shape[0])])
+
+
+def write_ct_series(folder: str | os.PathLike, spec: SeriesSpec | None = None, *,
+                    keep_pixels: bool = True) -> WrittenSeries:
+    """Write a CT series into ``folder`` (created if needed); returns what was written.
+
+    ``keep_pixels=False`` writes slice by slice without keeping the stack (benchmark-sized
+    series); ``stored`` and ``hu`` are then empty.
+    """
     from pydicom.uid import generate_uid
 
     spec = spec or SeriesSpec()
@@ -119,22 +127,28 @@ def write_ct_series(folder: str | os.PathLike, spec: SeriesSpec | None = None) -
     folder.mkdir(parents=True, exist_ok=True)
     row, col = plane_directions(spec)
     positions = slice_positions(spec, row, col)
-    stored = phantom_pixels(spec)
     series_uid = spec.series_uid or generate_uid()
     study_uid = spec.study_uid or generate_uid()
     frame_uid = generate_uid()
     keep = [k for k in range(spec.shape[0]) if k not in spec.missing_slices]
     names = _file_names(len(keep), spec)
-    out = WrittenSeries([], stored[keep], stored[keep] * spec.slope + spec.intercept,
-                        [tuple(positions[k]) for k in keep], row, col, spec, series_uid)
+    out = WrittenSeries([], np.empty((0,)), np.empty((0,)), [tuple(positions[k]) for k in keep],
+                        row, col, spec, series_uid)
+    kept = []
     for n, k in enumerate(keep):
-        ds = _ct_dataset(spec, stored[k], positions[k], row, col, k + 1)
+        stored = phantom_slice(spec, k)
+        if keep_pixels:
+            kept.append(stored)
+        ds = _ct_dataset(spec, stored, positions[k], row, col, k + 1)
         ds.SeriesInstanceUID, ds.StudyInstanceUID = series_uid, study_uid
         ds.FrameOfReferenceUID = frame_uid
         path = folder / names[n]
         ds.save_as(path, enforce_file_format=True)
         out.paths.append(str(path))
         out.sop_uids.append(ds.SOPInstanceUID)
+    if kept:
+        out.stored = np.stack(kept)
+        out.hu = out.stored * spec.slope + spec.intercept
     return out
 
 

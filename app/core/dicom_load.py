@@ -24,6 +24,7 @@ from typing import Callable, Generator
 
 import numpy as np
 
+from app.core.dicom_geometry import stack_geometry
 from app.core.dicom_header import IMPLICIT_VR_LE, NATIVE_SYNTAXES, InstanceHeader, read_header
 from app.core.dicom_index import ZIP_MEMBER_SEPARATOR, SeriesEntry
 from app.core.progress import Progress
@@ -293,8 +294,6 @@ def open_series(series: SeriesEntry) -> SeriesLoader:
         slices, warnings = _single_frame_slices(series, headers)
         reader = _single_frame_reader()
     _check_decoders(series, {s.header.transfer_syntax for s in slices})
-    from app.core.dicom_geometry import stack_geometry
-
     slices, geometry = stack_geometry(slices)
     volume = _allocate(series, slices, geometry, warnings + geometry.warnings)
     return SeriesLoader(series, slices, volume, len(slices) // 2, reader)
@@ -370,12 +369,13 @@ def _single_frame_reader() -> Callable[[_Slice], np.ndarray]:
 
 
 def _check_decoders(series: SeriesEntry, syntaxes: set[str]) -> None:
+    compressed = sorted(s for s in syntaxes if s and s not in NATIVE_SYNTAXES)
+    if not compressed:
+        return  # and pydicom need not even be imported: the first slice comes sooner
     from pydicom.pixels import get_decoder
     from pydicom.uid import UID
 
-    for syntax in sorted(syntaxes):
-        if syntax in NATIVE_SYNTAXES or not syntax:
-            continue
+    for syntax in compressed:
         name = UID(syntax).name if UID(syntax).is_valid else syntax
         try:
             decoder = get_decoder(syntax)

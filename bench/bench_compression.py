@@ -93,11 +93,19 @@ def generate(root: Path, cases: int, seed: int, size: str) -> None:
     (root / "bench-manifest.done").write_text("ok\n")
 
 
-def load_split(data_dir: Path, split: str) -> list:
-    from app.core.demo_models import read_demo_cases
+def load_split(data_dir: Path, split: str, limit: int | None = None) -> list:
+    """The first ``limit`` cases of a split (manifest order), read with SimpleITK."""
+    from app.core.demo_models import read_labels, read_series_volume
+    from app.core.manifest import read_manifest
     from compression.data import CaseData
 
-    return [CaseData(c.name, c.name, c.name, c.volume, c.labels) for c in read_demo_cases(data_dir, (split,))]
+    manifest = read_manifest(data_dir / "manifest.csv" if data_dir.is_dir() else data_dir)
+    cases = []
+    for case in manifest.cases_in(split)[:limit]:
+        volume = read_series_volume(manifest.series_path(case))
+        labels = read_labels(manifest.labels_path(case), volume.shape)
+        cases.append(CaseData(case.case, case.patient, case.series, volume, labels))
+    return cases
 
 
 def slab(case, slices: int):
@@ -380,7 +388,10 @@ def parse(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--eval-slices", type=int, default=8)
+    parser.add_argument("--eval-slices", type=int, default=8, help="slices per eval case, around its nodules")
+    parser.add_argument("--train-cases", type=int, default=4, help="at most this many train cases (memory, time)")
+    parser.add_argument("--calib-cases", type=int, default=2)
+    parser.add_argument("--eval-cases", type=int, default=None, help="default: the whole eval split")
     parser.add_argument("--finetune-steps", type=int, default=40)
     parser.add_argument("--only", nargs="*", help="only contenders whose name contains one of these")
     parser.add_argument("--out", help="where the variants and results go (default: a scratch folder)")
@@ -400,8 +411,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     parent = bench_model(args, out)
     data_dir = bench_data(args)
-    train, calib = load_split(data_dir, "train"), load_split(data_dir, "calib")
-    eval_cases = [slab(c, args.eval_slices) for c in load_split(data_dir, "eval")]
+    train = load_split(data_dir, "train", args.train_cases)
+    calib = load_split(data_dir, "calib", args.calib_cases)
+    eval_cases = [slab(c, args.eval_slices) for c in load_split(data_dir, "eval", args.eval_cases)]
     log(f"model {parent.card.name}; {len(train)} train, {len(calib)} calib, {len(eval_cases)} eval cases "
         f"({args.eval_slices}-slice slabs); cpu threads {os.cpu_count()}")
     contenders = build_contenders(parent, train, calib, out / "variants", args)

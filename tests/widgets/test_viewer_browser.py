@@ -1,5 +1,6 @@
-"""The series browser on a real index of real DICOM files (the demo generator's), and a series
-opened from it into the viewer while it loads progressively."""
+"""The series browser on a real index of real DICOM files (the demo generator's): tree, SEG
+marked, thumbnails from a background job, double-click, problems; and a series opened from it
+into the viewer while it loads progressively."""
 from __future__ import annotations
 
 import shutil
@@ -54,6 +55,12 @@ def test_tree_lists_patients_studies_series_and_double_click_emits_the_series(qt
     for series in images:
         item = browser.series_item(series.key)
         assert item.text(0).split("\n")[1].startswith(f"CT · {series.n_images} images")
+    segs = [s for s in index.all_series() if s.kind == "SEG"]
+    assert segs and all("[SEG]" in browser.series_item(s.key).text(0) for s in segs)
+    patient = browser.tree.topLevelItem(0)
+    assert index.patients[0].patient_id in patient.text(0) and "^" not in patient.text(0)
+    study_text = patient.child(0).text(0)
+    assert study_text[4] == "-" and study_text[7] == "-"  # the study date as YYYY-MM-DD
     chosen = images[1]
     assert _double_click(qtbot, browser, chosen).series_uid == chosen.series_uid
     # thumbnails arrive from the background job, not from the UI thread

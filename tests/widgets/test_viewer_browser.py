@@ -6,16 +6,10 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
-import pytest
 from PySide6.QtCore import Qt
 
 from app.core.progress import run_to_end
 from widgets.viewer import SeriesBrowser, ViewerPanel
-
-
-def _needs_loader() -> None:
-    # Thumbnails and loading run as soon as the DICOM loader (issue: open scans) is in the tree.
-    pytest.importorskip("app.core.dicom_load", reason="app.core.dicom_load not landed yet")
 
 
 def _index(path):
@@ -46,7 +40,6 @@ def _double_click(qtbot, browser: SeriesBrowser, series) -> object:
 
 
 def test_tree_lists_patients_studies_series_and_double_click_emits_the_series(qtbot, job_manager, demo_tiny):
-    _needs_loader()
     index = _index(demo_tiny)
     browser = _browser(qtbot, job_manager, index)
     assert browser.tree.topLevelItemCount() == len(index.patients) == 3
@@ -81,7 +74,6 @@ def test_unreadable_files_are_listed_with_their_reason(qtbot, job_manager, demo_
 
 
 def test_a_series_opened_from_the_browser_is_shown_while_it_loads(qtbot, job_manager, demo_tiny):
-    _needs_loader()
     from app.core.dicom_load import open_series
 
     index = _index(demo_tiny)

@@ -55,6 +55,7 @@ class CompareService(QObject):
         self.compute = compute or ComputeClient()
         self.cache = cache or FindingsCache(findings_cache_root())
         self.variants: list = []
+        self.classifiers: list = []   # lesion-type classifiers, run on the reference's lesions
         self.cases: list = []
         self.run = None
         self._pending = 0
@@ -68,36 +69,40 @@ class CompareService(QObject):
                          data_path, split, owner=OWNER, on_result=self._opened,
                          on_error=lambda message, _detail: self.status.emit(f"Compare: {message}"))
 
-    def compare_loaded(self, variants: list, cases: list) -> None:
+    def compare_loaded(self, models: list, cases: list) -> None:
         """Compare variants already opened on cases already loaded (e.g. the open study)."""
-        from compression.compare import CompareError, check_variants
+        from compression.compare import CompareError, check_variants, split_by_task
 
         try:
-            check_variants(variants)
+            check_variants(*split_by_task(models))
         except CompareError as exc:
             self.status.emit(str(exc))
             return
-        self._opened((variants, cases))
+        self._opened((models, cases))
 
     def _opened(self, result) -> None:
-        from compression.compare import case_labels, variant_names
+        from compression.compare import split_by_task, variant_names
 
-        self.variants, self.cases = result
+        models, self.cases = result
+        self.variants, self.classifiers = split_by_task(models)
         self.run, self._failed = None, False
         self._generation += 1
         self.variants_ready.emit(variant_names(self.variants))
         self.cases_ready.emit([f"Case {n}" for n in range(1, len(self.cases) + 1)])
-        self._pending = len(self.variants) * len(self.cases)
+        self._pending = (len(self.variants) + len(self.classifiers)) * len(self.cases)
         for case in self.cases:
             for variant in self.variants:
                 self._run_variant(variant, case, self._generation)
+            for classifier in self.classifiers:   # heavy jobs run in order: after the segmentations
+                self._run_variant(classifier, case, self._generation, lesions_from=self.variants[0])
 
-    def _run_variant(self, variant, case, generation: int) -> None:
-        from compression.compare import findings_for
+    def _run_variant(self, variant, case, generation: int, lesions_from=None) -> None:
+        from compression.compare import classifier_findings_for, findings_for
 
         run = _ComputeRun(self.compute, self.threads)
-        self.jobs.submit(f"Compare: {variant.card.name} {variant.card.version} on {case.case}", findings_for,
-                         variant, case.volume, self.cache, run, heavy=True,
+        body, extra = (findings_for, ()) if lesions_from is None else (classifier_findings_for, (lesions_from,))
+        self.jobs.submit(f"Compare: {variant.card.name} {variant.card.version} on {case.case}", body,
+                         variant, case.volume, self.cache, run, *extra, heavy=True,
                          on_result=lambda _findings: self._one_done(generation),
                          on_error=lambda message, _detail: self._one_failed(generation, message))
 
@@ -115,7 +120,7 @@ class CompareService(QObject):
 
     def _assemble(self) -> None:
         self.jobs.submit("Compare: disagreements and accuracy", assemble_for_view, self.variants, self.cases,
-                         self.cache, owner=OWNER, on_result=self._assembled)
+                         self.cache, self.classifiers, owner=OWNER, on_result=self._assembled)
 
     def _assembled(self, result) -> None:
         run, summary = result
@@ -159,26 +164,26 @@ class _ComputeRun:
     def __init__(self, compute: ComputeClient, threads: int | None):
         self.compute, self.threads = compute, threads
 
-    def __call__(self, variant, volume):
+    def __call__(self, variant, volume, lesions=None):
         model = str(variant.card_path or variant.main_file)
-        findings = yield from self.compute.run(run_model, volume, model=model, threads=self.threads)
+        findings = yield from self.compute.run(run_model, volume, model=model, threads=self.threads, lesions=lesions)
         return findings
 
 
 def _open_models_and_cases(model_paths: list[str], data_path: str, split: str):
     from app.core.models import open_model
-    from compression.compare import check_variants, load_compare_cases
+    from compression.compare import check_variants, load_compare_cases, split_by_task
 
-    variants = [open_model(path) for path in model_paths]
-    check_variants(variants)
+    models = [open_model(path) for path in model_paths]
+    check_variants(*split_by_task(models))
     cases = yield from load_compare_cases(data_path, split)
-    return variants, cases
+    return models, cases
 
 
-def assemble_for_view(variants, cases, cache):
+def assemble_for_view(variants, cases, cache, classifiers=()):
     from compression.compare import assemble, view_summary
 
-    run = yield from assemble(variants, cases, cache)
+    run = yield from assemble(variants, cases, cache, classifiers=classifiers)
     return run, view_summary(run)
 
 

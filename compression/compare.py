@@ -55,6 +55,10 @@ class ComparisonRun:
     evaluation: evaluate.Comparison
     cache: FindingsCache
     volume_change_pct: float = DEFAULT_VOLUME_CHANGE_PCT
+    # Lesion-type classifiers compared on the reference segmentation's lesions (optional).
+    classifiers: list = field(default_factory=list)
+    classifier_names: list[str] = field(default_factory=list)
+    classifier_evaluation: evaluate.Comparison | None = None
 
     @property
     def reference_name(self) -> str:
@@ -79,7 +83,8 @@ class ComparisonRun:
 
         items = [(ci, name, d) for ci, case in enumerate(self.cases)
                  for name, found in case.disagreements.items() for d in found]
-        return sorted(items, key=lambda t: (seriousness_key(t[2]), t[0], self.names.index(t[1])))
+        order = self.names + self.classifier_names
+        return sorted(items, key=lambda t: (seriousness_key(t[2]), t[0], order.index(t[1])))
 
     def size_bytes(self) -> list[int]:
         """Deployed size: the file each variant runs from."""
@@ -122,13 +127,22 @@ def variant_names(variants: Sequence) -> list[str]:
     return names
 
 
-def check_variants(variants: Sequence) -> None:
-    if not MIN_VARIANTS <= len(variants) <= MAX_VARIANTS:
-        raise CompareError(f"choose {MIN_VARIANTS} to {MAX_VARIANTS} model variants, not {len(variants)}")
-    tasks = {v.card.task for v in variants}
-    if tasks != {"segmentation"}:
-        raise CompareError("the compare view compares segmentation models (their label maps and "
-                           f"lesions); these are: {', '.join(sorted(tasks))}")
+def split_by_task(models: Sequence) -> tuple[list, list]:
+    """(segmentation variants, lesion-type classifiers), each in the order given."""
+    return ([m for m in models if m.card.task == "segmentation"],
+            [m for m in models if m.card.task == "classification"])
+
+
+def check_variants(variants: Sequence, classifiers: Sequence = ()) -> None:
+    """2–4 segmentation variants; or 2–4 classifier variants judged on one segmentation's lesions."""
+    if classifiers and not MIN_VARIANTS <= len(classifiers) <= MAX_VARIANTS:
+        raise CompareError(f"choose {MIN_VARIANTS} to {MAX_VARIANTS} classifier variants, not {len(classifiers)}")
+    least = 1 if classifiers else MIN_VARIANTS
+    if not least <= len(variants) <= MAX_VARIANTS:
+        raise CompareError(f"choose {MIN_VARIANTS} to {MAX_VARIANTS} model variants, not {len(variants)}"
+                           + (" (a classifier needs a segmentation model to find its lesions)" if not variants else ""))
+    if any(v.card.task != "segmentation" for v in variants):
+        raise CompareError("the first list holds segmentation models; classifiers are compared on their lesions")
 
 
 # ---------------------------------------------------------------- cases
@@ -214,13 +228,13 @@ class InProcessRunner:
         self.threads, self.backend = threads, backend
         self._runners: dict[str, object] = {}
 
-    def __call__(self, variant, volume):
+    def __call__(self, variant, volume, lesions=None):
         from app.core.inference import make_runner
 
         key = str(variant.card_path or variant.main_file)
         if key not in self._runners:
             self._runners[key] = make_runner(variant, threads=self.threads, backend=self.backend)
-        findings = yield from self._runners[key].run(volume)
+        findings = yield from self._runners[key].run(volume, lesions=lesions)
         return findings
 
 
@@ -236,14 +250,38 @@ def findings_for(variant, volume, cache: FindingsCache, run: RunVariant):
     return found
 
 
+def classifier_key(volume, segmenter) -> str:
+    """A classifier's findings depend on the lesions it was shown: key them by the segmenter too."""
+    return f"{series_key(volume)}-on-{segmenter.weights_sha256[:16]}"
+
+
+def classifier_findings_for(classifier, volume, cache: FindingsCache, run: RunVariant, segmenter):
+    """Job body: a lesion-type classifier on the reference segmentation's lesions (cached)."""
+    key = classifier_key(volume, segmenter)
+    found = cache.get(classifier.weights_sha256, key)
+    if found is not None:
+        yield Progress(1.0, "from the findings cache")
+        return found
+    lesions_from = cache.get(segmenter.weights_sha256, series_key(volume))
+    if lesions_from is None:
+        raise CompareError(f"run {segmenter.card.name} first: the classifier scores its lesions")
+    found = yield from run(classifier, volume, lesions=lesions_from.lesions)
+    cache.put(classifier.weights_sha256, key, found)
+    return found
+
+
 def collect_findings(variants: Sequence, cases: Sequence[CaseData], cache: FindingsCache,
-                     run: RunVariant) -> Generator[Progress, None, None]:
-    """Every variant on every case, one at a time, into the cache."""
-    total = max(1, len(variants) * len(cases))
+                     run: RunVariant, classifiers: Sequence = (), reference_index: int = 0
+                     ) -> Generator[Progress, None, None]:
+    """Every variant on every case, one at a time, into the cache; classifiers after the
+    segmentations, on the reference's lesions."""
+    total = max(1, (len(variants) + len(classifiers)) * len(cases))
     done = 0
     for case in cases:
-        for variant in variants:
-            gen = findings_for(variant, case.volume, cache, run)
+        jobs = [(v, findings_for(v, case.volume, cache, run)) for v in variants]
+        jobs += [(c, classifier_findings_for(c, case.volume, cache, run, variants[reference_index]))
+                 for c in classifiers]
+        for variant, gen in jobs:
             while True:
                 try:
                     step = as_progress(next(gen))
@@ -259,10 +297,13 @@ def collect_findings(variants: Sequence, cases: Sequence[CaseData], cache: Findi
 
 def assemble(variants: Sequence, cases: Sequence[CaseData], cache: FindingsCache, *, reference_index: int = 0,
              volume_change_pct: float = DEFAULT_VOLUME_CHANGE_PCT, seed: int = 0,
-             resamples: int = evaluate.BOOTSTRAP_RESAMPLES) -> Generator[Progress, None, ComparisonRun]:
+             resamples: int = evaluate.BOOTSTRAP_RESAMPLES, classifiers: Sequence = ()
+             ) -> Generator[Progress, None, ComparisonRun]:
     """Disagreements and verdicts from the cached findings, case by case."""
-    names = variant_names(variants)
+    all_names = variant_names(list(variants) + list(classifiers))
+    names, classifier_names = all_names[:len(variants)], all_names[len(variants):]
     rows: dict[str, list] = {name: [] for name in names}
+    classifier_rows: dict[str, list] = {name: [] for name in classifier_names}
     compared = []
     for number, case in enumerate(cases, 1):
         key = series_key(case.volume)
@@ -273,10 +314,28 @@ def assemble(variants: Sequence, cases: Sequence[CaseData], cache: FindingsCache
         disagreements = {name: findings_disagreements(reference, found, case.volume,
                                                       volume_change_pct=volume_change_pct)
                          for i, (name, found) in enumerate(zip(names, findings)) if i != reference_index}
+        if classifiers:
+            disagreements.update(_type_flips(cache, classifiers, classifier_names, variants[reference_index],
+                                             reference, case, classifier_rows))
         compared.append(CaseComparison(case, key, disagreements))
         yield Progress(number / max(1, len(cases)), f"compared {case.case}")
     summary = evaluate.summarise(rows, names[reference_index], seed=seed, resamples=resamples)
-    return ComparisonRun(list(variants), names, reference_index, compared, summary, cache, volume_change_pct)
+    classifier_summary = (evaluate.summarise(classifier_rows, classifier_names[0], seed=seed, resamples=resamples)
+                          if classifiers else None)
+    return ComparisonRun(list(variants), names, reference_index, compared, summary, cache, volume_change_pct,
+                         list(classifiers), classifier_names, classifier_summary)
+
+
+def _type_flips(cache, classifiers, names, segmenter, reference, case, rows) -> dict[str, list[Disagreement]]:
+    """Type flips of each classifier against the first, on the reference segmentation's lesions."""
+    from app.core.disagreement import class_flips
+
+    key = classifier_key(case.volume, segmenter)
+    found = [_cached(cache, c, key, case) for c in classifiers]
+    for row in evaluate.classification_rows(case, found, names):
+        rows[row.variant].append(row)
+    return {name: class_flips(reference.lesions, found[0].lesion_scores, other.lesion_scores)
+            for name, other in zip(names[1:], found[1:])}
 
 
 def _cached(cache: FindingsCache, variant, key: str, case: CaseData):
@@ -291,11 +350,14 @@ def compare(variants: Sequence, cases: Sequence[CaseData], cache: FindingsCache,
     """Both parts in one generator (the CLI; tests)."""
     from app.core.progress import scaled
 
-    check_variants(variants)
+    classifiers = options.pop("classifiers", ())
+    check_variants(variants, classifiers)
     if not cases:
         raise CompareError("no cases to compare on")
-    yield from scaled(collect_findings(variants, cases, cache, run or InProcessRunner()), 0.0, 0.8)
-    result = yield from scaled(assemble(variants, cases, cache, **options), 0.8, 1.0)
+    reference_index = options.get("reference_index", 0)
+    yield from scaled(collect_findings(variants, cases, cache, run or InProcessRunner(), classifiers,
+                                       reference_index), 0.0, 0.8)
+    result = yield from scaled(assemble(variants, cases, cache, classifiers=classifiers, **options), 0.8, 1.0)
     return result
 
 
@@ -330,10 +392,11 @@ def report_data(run: ComparisonRun, *, identify: bool = False, top_images: int =
                f"{run.volume_change_pct:g} %)."]
     return ReportData(
         title="Model comparison", summary=summary,
-        tables=[verdict_table(run), per_case_table(run, labels), cost_table(run)],
+        tables=[verdict_table(run), per_case_table(run, labels), cost_table(run)] + classifier_tables(run),
         charts=charts(run, labels), disagreements=disagreement_table(run, labels),
         disagreement_images=disagreement_images(run, labels, top_images),
-        variants=[variant_section(run, i) for i in range(len(run.variants))],
+        variants=[variant_section(run, i) for i in range(len(run.variants))]
+        + [classifier_section(run, i) for i in range(len(run.classifiers))],
         environment=environment_facts())
 
 
@@ -348,6 +411,26 @@ def verdict_table(run: ComparisonRun):
                      "Point estimate [paired-bootstrap 95 % interval over cases].")
     return Table("Whole set — insufficient evidence for 95 % intervals", ["Measure"] + run.names, rows,
                  f"Point estimates only: {run.evaluation.evidence}.")
+
+
+CLASSIFIER_TITLES = {"accuracy": "Type accuracy vs ground truth", "auc": "Type AUC vs ground truth",
+                     "class_flip_rate": "Type flips vs the reference classifier (share of lesions)",
+                     "accuracy_drop": "Type accuracy drop"}
+
+
+def classifier_tables(run: ComparisonRun) -> list:
+    """The lesion-type classifiers' verdicts, when the comparison has classifiers."""
+    from app.core.report import Table
+
+    evaluation = run.classifier_evaluation
+    if evaluation is None:
+        return []
+    rows = [[title] + [_verdict_text(v.verdicts.get(metric), metric) for v in evaluation.variants]
+            for metric, title in CLASSIFIER_TITLES.items()]
+    return [Table("Lesion-type classifiers, on the reference segmentation's lesions",
+                  ["Measure"] + run.classifier_names, rows,
+                  f"Point estimates; {evaluation.evidence}." if not evaluation.sufficient else
+                  "Point estimate [paired-bootstrap 95 % interval over cases].")]
 
 
 def _verdict_text(verdict, metric: str) -> str:
@@ -477,12 +560,21 @@ def disagreement_slice_png(run: ComparisonRun, case_index: int, variant_index: i
         centre=(canonical[1], canonical[2]))
 
 
+def classifier_section(run: ComparisonRun, index: int):
+    return _section(run.classifiers[index], run.classifier_names[index],
+                    "reference classifier" if index == 0 else "compared classifier")
+
+
 def variant_section(run: ComparisonRun, index: int):
+    return _section(run.variants[index], run.names[index],
+                    "reference" if index == run.reference_index else "compared")
+
+
+def _section(variant, name: str, role: str):
     import json
 
     from app.core.report import VariantSection
 
-    variant = run.variants[index]
     card, lineage = variant.card, variant.card.lineage
     facts = [("Model", f"{card.name} {card.version}"), ("Task", card.task), ("Intended use", card.intended_use),
              ("Training data", card.training_data), ("Format", variant.format),
@@ -490,7 +582,7 @@ def variant_section(run: ComparisonRun, index: int):
              ("Recipe", json.dumps(lineage.recipe, sort_keys=True) if lineage.recipe else "— (not compressed)")]
     if card.description:
         facts.insert(2, ("Description", card.description))
-    return VariantSection(run.names[index], "reference" if index == run.reference_index else "compared", facts)
+    return VariantSection(name, role, facts)
 
 
 # ---------------------------------------------------------------- DICOM SEG

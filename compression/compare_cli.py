@@ -19,7 +19,8 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("compare", help="compare 2-4 model variants on a study or an eval split: "
                                               "disagreements, accuracy, HTML/PDF report, DICOM SEG")
     p.add_argument("--models", nargs="+", required=True, metavar="MODEL",
-                   help="model cards or files; the first is the reference (the original)")
+                   help="model cards or files; the first is the reference (the original). Lesion-type "
+                        "classifiers among them are compared on the first segmentation model's lesions")
     p.add_argument("--data", required=True, help="manifest.csv, its folder, or one DICOM series folder")
     p.add_argument("--report", required=True, help="the HTML report to write")
     p.add_argument("--pdf", help="also write the report as PDF")
@@ -67,12 +68,15 @@ def _compare(args, variants) -> int:
     from app.core.findings_cache import FindingsCache
     from app.core.report import write_html, write_pdf
     from compression.compare import (InProcessRunner, check_variants, compare, export_segs, load_compare_cases,
-                                     report_data)
+                                     report_data, split_by_task)
 
-    check_variants(variants)
+    variants, classifiers = split_by_task(variants)
+    check_variants(variants, classifiers)
     cases = _progress(load_compare_cases(args.data, args.split), "loading cases")
     cache = FindingsCache(audit_data_root() / "findings-cache")
-    options = {} if args.volume_change is None else {"volume_change_pct": args.volume_change}
+    options = {"classifiers": classifiers}
+    if args.volume_change is not None:
+        options["volume_change_pct"] = args.volume_change
     run = _progress(compare(variants, cases, cache, InProcessRunner(threads=args.threads), **options), "comparing")
     data = report_data(run, identify=args.identify)
     print(f"report: {write_html(data, args.report)}")
@@ -88,6 +92,6 @@ def _compare(args, variants) -> int:
 def _print_summary(run) -> None:
     from app.core.disagreement import count_by_kind
 
-    for name in run.others:
+    for name in run.others + run.classifier_names[1:]:
         counts = count_by_kind([d for c in run.cases for d in c.disagreements.get(name, [])])
         print(f"{name} vs {run.reference_name}: " + ", ".join(f"{k.replace('_', ' ')} {n}" for k, n in counts.items()))

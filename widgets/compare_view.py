@@ -404,7 +404,8 @@ def connect_compare(view: CompareView, service) -> None:
 
 def open_compare_view(window, session, model_paths: list[str] | None = None) -> CompareView:
     """Tools → Compare models…: the one compare view of the window, shown in its central area,
-    filled with the session's open segmentation models and the open series' folder."""
+    filled with the session's open models (classifiers are compared on the first segmentation
+    model's lesions) and the open series' folder."""
     import os
 
     from app.compare import CompareService
@@ -417,8 +418,7 @@ def open_compare_view(window, session, model_paths: list[str] | None = None) -> 
         view.service.status.connect(lambda text: window.statusBar().showMessage(text, 15_000))
         view.service.exported.connect(lambda text: window.statusBar().showMessage(text, 15_000))
         window.compare_view = view
-    paths = model_paths or [str(m.variant.card_path or m.variant.main_file) for m in session.models
-                            if m.task == "segmentation"]
+    paths = model_paths or [str(m.variant.card_path or m.variant.main_file) for m in session.models]
     if paths:
         view.set_models(paths)
     files = getattr(session.series, "files", None) or []

@@ -260,12 +260,16 @@ def write_html(data: ReportData, path: str | os.PathLike) -> Path:
 A4 = (8.27, 11.69)
 
 
+def _table_page_count(table: Table) -> int:
+    return max(1, -(-len(table.rows) // TABLE_ROWS_PER_PDF_PAGE))
+
+
 def pdf_page_count(data: ReportData) -> int:
-    """Pages :func:`write_pdf` writes: summary, tables, charts, disagreements (list pages,
-    then image pages), variants + environment."""
-    list_pages = max(1, -(-len(data.disagreements.rows) // TABLE_ROWS_PER_PDF_PAGE))
+    """Pages :func:`write_pdf` writes: summary, the other tables (long ones over several pages),
+    charts, disagreements (list pages, then image pages), variants + environment."""
+    table_pages = sum(_table_page_count(t) for t in data.tables[1:] + [data.disagreements])
     image_pages = -(-len(data.disagreement_images) // IMAGES_PER_PDF_PAGE)
-    return 3 + list_pages + image_pages + 1
+    return 1 + table_pages + 1 + image_pages + 1
 
 
 def write_pdf(data: ReportData, path: str | os.PathLike) -> Path:
@@ -284,17 +288,22 @@ def write_pdf(data: ReportData, path: str | os.PathLike) -> Path:
 
 def _pdf_pages(data: ReportData):
     yield _text_page(data.title, [data.notice, ""] + data.summary, data.tables[:1])
-    yield _text_page("Before / after accuracy", [], data.tables[1:])
+    for table in data.tables[1:]:
+        yield from _table_pages("Before / after accuracy", table)
     yield _image_page("Charts", data.charts, columns=1, rows=len(data.charts))
-    rows = data.disagreements.rows or [["—"] * len(data.disagreements.columns)]
-    for first in range(0, max(1, len(data.disagreements.rows)), TABLE_ROWS_PER_PDF_PAGE):
-        chunk = Table(data.disagreements.title, data.disagreements.columns,
-                      rows[first:first + TABLE_ROWS_PER_PDF_PAGE], data.disagreements.note)
-        yield _text_page("Disagreements, most serious first", [], [chunk])
+    yield from _table_pages("Disagreements, most serious first", data.disagreements)
     for first in range(0, len(data.disagreement_images), IMAGES_PER_PDF_PAGE):
         yield _image_page("Top disagreements", data.disagreement_images[first:first + IMAGES_PER_PDF_PAGE],
                           columns=2, rows=3, subtitle=IMAGE_LEGEND)
     yield _text_page("Model variants and environment", _variant_lines(data), [])
+
+
+def _table_pages(title: str, table: Table):
+    """One table over as many pages as its rows need (an empty table still gets its page)."""
+    rows = table.rows or [["—"] * len(table.columns)]
+    for first in range(0, max(1, len(table.rows)), TABLE_ROWS_PER_PDF_PAGE):
+        chunk = Table(table.title, table.columns, rows[first:first + TABLE_ROWS_PER_PDF_PAGE], table.note)
+        yield _text_page(title, [], [chunk])
 
 
 def _variant_lines(data: ReportData) -> list[str]:

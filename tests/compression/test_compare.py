@@ -147,3 +147,31 @@ def test_the_cli_says_what_is_wrong_with_a_missing_data_path(variants, tmp_path,
     assert code == 2
     assert "nowhere" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()
+
+
+def test_lesion_type_classifiers_are_compared_on_the_reference_lesions(variants, eval_cases, tmp_path):
+    """Two classifier variants (different weights) score the reference segmentation's lesions; every
+    lesion whose most likely type differs is listed as a type flip, and only those."""
+    from dataclasses import replace as replace_card
+
+    from app.core.disagreement import CLASS_FLIP, most_likely_type
+    from compression.compare import classifier_key
+    from tests.core.model_fixtures import SMALL_DENSENET, build, small_classifier, write_model
+
+    first = open_model(small_classifier(tmp_path / "type-a"))
+    card = replace_card(first.card, version="0.1-int8")
+    second = open_model(write_model(tmp_path / "type-b", card, build("DenseNet", SMALL_DENSENET, seed=3),
+                                    (1, 1, 16, 16), dynamic=False))
+    cache = FindingsCache(tmp_path / "cache")
+    run = run_to_end(compare(variants, eval_cases, cache, classifiers=[first, second]))
+    key = classifier_key(eval_cases[0].volume, variants[0])
+    scores_a, scores_b = (cache.get(c.weights_sha256, key).lesion_scores for c in (first, second))
+    reference_lesions = {lesion.lesion_id for lesion in run.findings(0, 0).lesions}
+    assert set(scores_a) == reference_lesions   # scored on the reference segmentation's lesions
+    expected = {i for i in scores_a if most_likely_type(scores_a[i]) != most_likely_type(scores_b[i])}
+    flips = run.cases[0].disagreements[run.classifier_names[1]]
+    assert {d.reference_id for d in flips} == expected and all(d.kind == CLASS_FLIP for d in flips)
+    assert expected, "the two classifiers should disagree on some lesion"
+    data = report_data(run)
+    assert any(t.title.startswith("Lesion-type classifiers") for t in data.tables)
+    assert [v.role for v in data.variants] == ["reference", "compared", "reference classifier", "compared classifier"]

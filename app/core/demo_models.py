@@ -32,6 +32,7 @@ from app.core.model_card import (
     Label,
     Lineage,
     ModelCard,
+    Postprocessing,
     Preprocessing,
     RoiSpec,
     save_card,
@@ -325,29 +326,57 @@ def bootstrap_ci(values, rng_seed: int = 0, resamples: int = 2000, statistic=np.
     return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
 
 
+def case_outcome(pred: np.ndarray, case: DemoCase, min_diameter_mm: float = 6.0) -> tuple[float, int, int, int]:
+    """(Dice, nodules ≥ min_diameter_mm found, such nodules, false-positive lesions) for one case."""
+    from app.core.lesions import label_instances, lesion_table, match_lesions
+
+    pred, truth = pred > 0, case.labels > 0
+    denom = int(pred.sum()) + int(truth.sum())
+    dice = 1.0 if denom == 0 else 2.0 * int((pred & truth).sum()) / denom
+    truth_inst, _ = label_instances(truth.astype(np.uint8))
+    pred_inst, _ = label_instances(pred.astype(np.uint8))
+    match = match_lesions(truth_inst, pred_inst)
+    found = {ref for ref, _, _ in match.matched}
+    big = [l.lesion_id for l in lesion_table(truth.astype(np.uint8), case.volume, instances=truth_inst)
+           if l.mean_diameter_mm >= min_diameter_mm]
+    return dice, sum(1 for b in big if b in found), len(big), len(match.added)
+
+
 def evaluate_segmentation(runner, cases: list[DemoCase], min_diameter_mm: float = 6.0) -> dict:
     """Per-case Dice, per-lesion sensitivity (≥ min_diameter_mm) and false positives per case."""
-    from app.core.lesions import lesion_table, label_instances, match_lesions
-
-    dice, hits, big_total, false_pos = [], [], [], []
-    for case in cases:
-        findings = run_to_end(runner.run(case.volume))
-        pred, truth = findings.labels > 0, case.labels > 0
-        denom = pred.sum() + truth.sum()
-        dice.append(1.0 if denom == 0 else 2.0 * (pred & truth).sum() / denom)
-        truth_inst, _ = label_instances(truth.astype(np.uint8))
-        pred_inst, _ = label_instances(pred.astype(np.uint8))
-        match = match_lesions(truth_inst, pred_inst)
-        found = {ref for ref, _, _ in match.matched}
-        big = [l.lesion_id for l in lesion_table(truth.astype(np.uint8), case.volume, instances=truth_inst)
-               if l.mean_diameter_mm >= min_diameter_mm]
-        hits.append(sum(1 for b in big if b in found))
-        big_total.append(len(big))
-        false_pos.append(len(match.added))
-    return _segmentation_metrics(dice, hits, big_total, false_pos, min_diameter_mm)
+    outcomes = [case_outcome(run_to_end(runner.run(case.volume)).labels, case, min_diameter_mm) for case in cases]
+    return _segmentation_metrics(*zip(*outcomes), min_diameter_mm=min_diameter_mm)
 
 
-def _segmentation_metrics(dice, hits, big_total, false_pos, min_diameter_mm) -> dict:
+def foreground_probabilities(runner, cases: list[DemoCase]) -> list[np.ndarray]:
+    """The network's nodule probability per case (float16), before any lesion clean-up."""
+    runner.keep_probabilities = True
+    out = [run_to_end(runner.run(case.volume)).probabilities[1] for case in cases]
+    runner.keep_probabilities = False
+    return out
+
+
+def choose_postprocessing(foregrounds: list[np.ndarray], cases: list[DemoCase]) -> tuple[Postprocessing, dict]:
+    """Pick the lesion clean-up on the calibration split: the most sensitive rule with ≤ 0.5
+    false positives per case (then the best Dice); never looks at the eval split."""
+    from app.core.inference import remove_unsure_lesions
+
+    best, best_key, table = Postprocessing(), None, {}
+    for min_mm3 in (0.0, 10.0, 20.0, 40.0, 80.0):
+        for min_score in (0.5, 0.7, 0.9, 0.97):
+            rule = Postprocessing(min_lesion_mm3=min_mm3, min_lesion_score=min_score)
+            outcomes = [case_outcome(remove_unsure_lesions((fg >= 0.5).astype(np.uint8), fg, case.volume, rule), case)
+                        for fg, case in zip(foregrounds, cases)]
+            dice, hits, big, fp = (np.asarray(v, float) for v in zip(*outcomes))
+            sensitivity, fp_rate = hits.sum() / max(1.0, big.sum()), fp.mean()
+            table[f"{min_mm3:g}mm3/{min_score:g}"] = [round(sensitivity, 3), round(fp_rate, 2), round(dice.mean(), 3)]
+            key = (fp_rate <= 0.5, sensitivity, dice.mean(), -fp_rate)
+            if best_key is None or key > best_key:
+                best, best_key = rule, key
+    return best, table
+
+
+def _segmentation_metrics(dice, hits, big_total, false_pos, min_diameter_mm: float = 6.0) -> dict:
     hits, big_total = np.asarray(hits, float), np.asarray(big_total, float)
 
     def pooled(idx_values):  # sensitivity pooled over the resampled cases' lesions
@@ -496,26 +525,35 @@ def train_demo(data_dir: Path, out_dir: Path, seed: int = 0, unet_steps: int = 1
 
 
 def _train_unet_folder(train, evaluation, data_dir, out_dir, seed, steps, threads):
-    from app.core.inference import TorchRunner
-    from app.core.models import open_model
-
     from app.core.progress import scaled
 
     start = time.perf_counter()
-    net = yield from scaled(train_unet(train, seed, steps, threads=threads), 0.05, 0.7, "")
+    net = yield from scaled(train_unet(train, seed, steps, threads=threads), 0.05, 0.6, "")
     seconds = time.perf_counter() - start
     recipe = {"steps": steps, "crop": 224, "batch": 8, "loss": "DiceCE", "optimiser": "Adam+OneCycle(2e-3)",
-              "sampling": "70% crops on nodules, flips"}
+              "sampling": "70% crops on nodules, flips", "postprocessing": "chosen on the calib split"}
     card = unet_card(_lineage(seed, threads, recipe, seconds, {}), _training_data_text(data_dir, train))
     folder = out_dir / card.name
     card = write_model_folder(net, card, folder, (1, 1, 64, 64), dynamic_spatial=True)
-    yield Progress(0.75, "evaluating the UNet on the eval split")
-    runner = TorchRunner(open_model(folder / "card.json", prefer="state_dict"), threads=threads)
-    metrics = evaluate_segmentation(runner, evaluation)
+    yield Progress(0.65, "choosing the lesion clean-up on the calib split")
+    calib = read_demo_cases(data_dir, ("calib",))
+    rule, table = choose_postprocessing(foreground_probabilities(_onnx_runner(folder, threads), calib), calib)
+    card = replace(card, postprocessing=rule)
+    save_card(card, folder / "card.json")
+    yield Progress(0.72, "evaluating the UNet on the eval split")
+    metrics = evaluate_segmentation(_onnx_runner(folder, threads), evaluation)
+    metrics["calib_postprocessing_grid (sensitivity, fp/case, dice)"] = table
     card = card.with_lineage(metrics={**card.lineage.metrics, **metrics})
     save_card(card, folder / "card.json")
     log.info("UNet: %s", json.dumps(metrics))
     return metrics
+
+
+def _onnx_runner(folder: Path, threads: int):
+    from app.core.inference import OnnxRunner
+    from app.core.models import open_model
+
+    return OnnxRunner(open_model(folder / "card.json"), providers=("cpu",), threads=threads)
 
 
 def _train_densenet_folder(train, evaluation, data_dir, out_dir, seed, epochs, threads):

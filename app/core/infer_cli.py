@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
-import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -48,11 +46,14 @@ def run_cli(args) -> int:
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    failures = 0
-    with _readable_folder(Path(args.data)) as data:
-        for label, load in iter_series(data, args.series_uid):
-            failures += not _infer_one(label, load, runners, Path(args.out))
-    return 1 if failures else 0
+    done = failures = 0
+    for label, load in iter_series(Path(args.data), args.series_uid):
+        ok = _infer_one(label, load, runners, Path(args.out))
+        done, failures = done + ok, failures + (not ok)
+    if done + failures == 0:
+        print(f"error: {args.data}: no image series found" + (f" with UID {args.series_uid}" if args.series_uid else ""),
+              file=sys.stderr)
+    return 1 if failures or not done else 0
 
 
 def _seed(seed: int) -> None:
@@ -108,75 +109,42 @@ def _safe_name(text: str) -> str:
 # ---------------------------------------------------------------- finding series
 
 
-class _readable_folder:
-    """A zip is unpacked to a temporary folder for the run; anything else is used in place."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._tmp = None
-
-    def __enter__(self) -> Path:
-        if self.path.is_file() and zipfile.is_zipfile(self.path):
-            self._tmp = tempfile.TemporaryDirectory(prefix="medcompress-infer-")
-            with zipfile.ZipFile(self.path) as archive:
-                archive.extractall(self._tmp.name)
-            return Path(self._tmp.name)
-        return self.path
-
-    def __exit__(self, *exc) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
-
-
 def iter_series(path: Path, series_uid: str | None = None) -> Iterator[tuple[str, object]]:
-    """(label, load()) for each series under ``path``; ``load`` returns a Volume."""
+    """(label, load()) for each image series under ``path``; ``load`` returns a Volume.
+
+    ``path`` may be a series folder, a folder of studies, a DICOMDIR, a zip (the project's
+    DICOM index reads all of them) or a manifest CSV, whose cases' series are indexed in turn.
+    """
     if path.is_file() and path.suffix.lower() == ".csv":
-        yield from _manifest_series(path, series_uid)
+        from app.core.manifest import read_manifest
+
+        manifest = read_manifest(path)
+        for case in manifest.cases:
+            series = manifest.series_path(case)
+            if series is not None:
+                yield from _indexed_series(series, series_uid, f"case {case.case} ")
         return
-    for folder, uid, files in _dicom_series(path):
-        if series_uid and uid != series_uid:
+    yield from _indexed_series(path, series_uid, "")
+
+
+def _indexed_series(path: Path, series_uid: str | None, prefix: str):
+    from app.core.dicom_index import index_path
+    from app.core.progress import run_to_end
+
+    if not path.exists():
+        print(f"error: {path}: no such file or folder", file=sys.stderr)
+        return
+    index = run_to_end(index_path(path))
+    for problem in index.problems:
+        log.warning("%s: %s", problem.path, problem.reason)
+    for entry in index.image_series():
+        if series_uid and entry.series_uid != series_uid:
             continue
-        yield f"{folder} [{uid}]", (lambda f=files: _read_files(f))
+        yield f"{prefix}{entry.description or path.name} [{entry.series_uid}]", (lambda e=entry: _load(e))
 
 
-def _manifest_series(path: Path, series_uid: str | None):
-    from app.core.manifest import read_manifest
+def _load(entry):
+    from app.core.dicom_load import load_series
+    from app.core.progress import run_to_end
 
-    manifest = read_manifest(path)
-    for case in manifest.cases:
-        series = manifest.series_path(case)
-        if series is None:
-            continue
-        for folder, uid, files in _dicom_series(series):
-            if series_uid and uid != series_uid:
-                continue
-            yield f"case {case.case} [{uid}]", (lambda f=files: _read_files(f))
-
-
-def _dicom_series(root: Path):
-    """(folder, SeriesInstanceUID, sorted files) for every DICOM series below ``root``."""
-    import SimpleITK as sitk
-
-    if not root.exists():
-        raise FileNotFoundError(f"{root}: no such file or folder")
-    folders = [root] if root.is_dir() else [root.parent]
-    folders += sorted(p for p in root.rglob("*") if p.is_dir()) if root.is_dir() else []
-    for folder in folders:
-        for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ():
-            yield folder, uid, sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-
-
-def _read_files(files) -> "object":
-    """Read a series through the project's DICOM loader when present, else SimpleITK."""
-    from app.core.demo_models import volume_from_sitk
-    import SimpleITK as sitk
-
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(list(files))
-    reader.MetaDataDictionaryArrayUpdateOn()
-    image = reader.Execute()
-    volume = volume_from_sitk(image)
-    uid = reader.GetMetaData(0, "0020|000e").strip() if reader.HasMetaDataKey(0, "0020|000e") else ""
-    from dataclasses import replace
-
-    return replace(volume, series_uid=uid)
+    return run_to_end(load_series(entry))

@@ -392,8 +392,9 @@ class _Runner:
 
         probabilities = restore(prepared, probabilities, order=1, axis_offset=1)
         labels = labels_from_probabilities(probabilities, self.card)
-        lesions = lesion_table(labels, volume)
         foreground = 1.0 - probabilities[0] if self.card.output_activation == "softmax" else probabilities.max(0)
+        labels = remove_unsure_lesions(labels, foreground, volume, self.card.postprocessing)
+        lesions = lesion_table(labels, volume)
         scores = {lesion.lesion_id: _lesion_score(foreground, lesion) for lesion in lesions}
         keep = probabilities.astype(np.float16) if self.keep_probabilities else None
         return Findings.for_volume(volume, self._identity(), labels=labels, probabilities=keep,
@@ -517,6 +518,27 @@ def extract_patch(array: np.ndarray, centre: Sequence[int], size: Sequence[int])
         src.append(slice(a, max(a, b)))
         dst.append(slice(a - lo, a - lo + max(0, b - a)))
     out[tuple(dst)] = array[tuple(src)]
+    return out
+
+
+def remove_unsure_lesions(labels: np.ndarray, foreground: np.ndarray, volume: Volume, rule) -> np.ndarray:
+    """Drop lesions smaller than ``rule.min_lesion_mm3`` or whose peak probability is below
+    ``rule.min_lesion_score`` (the card's post-processing; chosen on the calibration split)."""
+    if rule.min_lesion_mm3 <= 0 and rule.min_lesion_score <= 0:
+        return labels
+    from scipy import ndimage
+
+    from app.core.lesions import label_instances
+
+    instances, count = label_instances(labels)
+    if count == 0:
+        return labels
+    ids = np.arange(1, count + 1)
+    volume_mm3 = np.bincount(instances.ravel(), minlength=count + 1)[1:] * volume.voxel_volume_ml * 1000.0
+    peak = np.asarray(ndimage.maximum(foreground, instances, ids))
+    drop = ids[(volume_mm3 < rule.min_lesion_mm3) | (peak < rule.min_lesion_score)]
+    out = labels.copy()
+    out[np.isin(instances, drop)] = 0
     return out
 
 
@@ -733,4 +755,6 @@ def make_runner(variant: ModelVariant, device: str = "cpu", threads: int | None 
     if backend == "onnxruntime":
         return OnnxRunner(variant, providers=device_providers(device), threads=threads,
                           batch_size=batch_size, **options)
+    if variant.format == "onnx":  # the same card's torch weights
+        variant = variant.as_format("state_dict" if "weights" in variant.files else "torchscript")
     return TorchRunner(variant, device=device, threads=threads, batch_size=batch_size, **options)

@@ -58,6 +58,14 @@ class Preprocessing:
 
 
 @dataclass(frozen=True)
+class Postprocessing:
+    """Lesion clean-up after the label map: drop components too small or too unsure."""
+
+    min_lesion_mm3: float = 0.0
+    min_lesion_score: float = 0.0  # the lesion's peak foreground probability
+
+
+@dataclass(frozen=True)
 class RoiSpec:
     """Where a classifier looks: e.g. a patch around each lesion centre."""
 
@@ -100,6 +108,7 @@ class ModelCard:
     files: dict[str, str] = field(default_factory=dict)  # role -> path relative to the card
     architecture: Architecture | None = None
     roi: RoiSpec | None = None
+    postprocessing: Postprocessing = field(default_factory=Postprocessing)
     lineage: Lineage = field(default_factory=Lineage)
     description: str = ""
     schema_version: str = SCHEMA_VERSION
@@ -168,6 +177,7 @@ def _build_card(data: dict) -> ModelCard:
         files=dict(data.get("files") or {}),
         architecture=Architecture(**arch) if arch else None,
         roi=roi,
+        postprocessing=Postprocessing(**(data.get("postprocessing") or {})),
         lineage=Lineage(**(data.get("lineage") or {})),
         description=data.get("description", ""),
     )

@@ -103,7 +103,7 @@ class JobPanel(QDockWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(scroll)
         layout.addWidget(clear, 0, Qt.AlignmentFlag.AlignRight)
-        outer.setMinimumHeight(170)
+        outer.setMinimumHeight(100)
         self.setWidget(outer)
         manager.added.connect(self._add_row)
         manager.changed.connect(self._refresh_row)

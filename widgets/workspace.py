@@ -1,7 +1,7 @@
 """Puts the session's state on screen: series browser, viewer, Models dock, in one window."""
 from __future__ import annotations
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import QDockWidget, QFileDialog, QMessageBox
 
 from app.session import Session
@@ -24,9 +24,11 @@ class Workspace:
         self.browser_dock.setObjectName("SeriesDock")
         self.browser_dock.setWidget(self.browser)
         window.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, self.browser_dock)
-        window.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.models)
-        window.resizeDocks([self.browser_dock, self.models], [380, 330], Qt.Orientation.Horizontal)
-        window.resizeDocks([window.job_panel], [150], Qt.Orientation.Vertical)
+        # Series and Models share the left column as tabs: the scan keeps the width it needs.
+        window.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, self.models)
+        window.tabifyDockWidget(self.browser_dock, self.models)
+        self.browser_dock.raise_()
+        QTimer.singleShot(0, self._initial_dock_sizes)
         window.view_menu.addActions([self.browser_dock.toggleViewAction(), self.models.toggleViewAction()])
         window.help_menu.insertAction(window.help_menu.actions()[0], window._action(
             "&Shortcuts", self.show_shortcuts, "F1"))
@@ -34,6 +36,10 @@ class Workspace:
         file_menu.insertAction(window.action_open_model,
                                window._action("Open &labels (NIfTI/NRRD) for this series…", self.choose_labels))
         self._connect()
+
+    def _initial_dock_sizes(self) -> None:
+        self.window.resizeDocks([self.browser_dock], [320], Qt.Orientation.Horizontal)
+        self.window.resizeDocks([self.window.job_panel], [110], Qt.Orientation.Vertical)
 
     def _connect(self) -> None:
         w, s = self.window, self.session
@@ -49,6 +55,7 @@ class Workspace:
         s.lesions_ready.connect(lambda source, lesions, is_ai: self.viewer.set_lesions(lesions, source, is_ai))
         s.scores_ready.connect(lambda source, scores: self.viewer.set_scores(scores, source, True))
         s.model_opened.connect(self.models.add_model)
+        s.model_opened.connect(lambda _model: self.models.raise_())
         s.findings_ready.connect(self.models.show_findings)
         s.status.connect(lambda text: w.statusBar().showMessage(text, 10_000))
         w.compare_requested.connect(self.show_compare)

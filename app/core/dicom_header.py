@@ -330,10 +330,11 @@ def _skip_item(buf: bytes, pos: int, explicit: bool) -> int:
 # ------------------------------------------------------------------------ value decoding
 
 def _apply_values(h: InstanceHeader, values: dict[str, tuple[str, bytes]]) -> None:
-    charset = _text(values.pop("charset", ("CS", b""))[1], "latin-1").split("\\")[-1]
-    if charset not in _TEXT_CHARSETS:
-        raise NotForFastParser  # ISO 2022 escapes and friends: pydicom decodes them
-    encoding = _TEXT_CHARSETS[charset]
+    charsets = [c.strip() for c in
+                _text(values.pop("charset", ("CS", b""))[1], "latin-1").split("\\")]
+    if any(c not in _TEXT_CHARSETS for c in charsets) or len(set(charsets) - {""}) > 1:
+        raise NotForFastParser  # ISO 2022 code extensions and friends: pydicom decodes them
+    encoding = _TEXT_CHARSETS[charsets[-1]]
     h.pixel_representation = _decode("US", values.pop("pixel_representation", ("US", b"")))[0] \
         if "pixel_representation" in values else 0
     window = {}
@@ -381,6 +382,8 @@ def _decode(vr: str, item: tuple[str, bytes], encoding: str = "latin-1", pixel_r
         n = len(raw) // struct.calcsize(fmt)
         return list(struct.unpack_from(f"<{n}{fmt}", raw)) if n else []
     text = _text(raw, encoding)
+    if vr == "PN":
+        return text.rstrip("=")  # empty trailing component groups, as pydicom shows names
     if vr == "DS":
         return [float(v) for v in text.split("\\") if v.strip()]
     if vr == "IS":

@@ -345,3 +345,16 @@ def test_non_image_series_is_refused(tmp_path):
     (series,) = run_to_end(index_path(tmp_path)).all_series()
     with pytest.raises(SeriesLoadError, match="SR object"):
         open_series(series)
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.5",      # RLE Lossless
+                                    "1.2.840.10008.1.2.4.80",   # JPEG-LS Lossless
+                                    "1.2.840.10008.1.2.4.90",   # JPEG 2000 Lossless
+                                    "1.2.840.10008.1.2"])       # Implicit VR Little Endian
+def test_a_compressed_series_loads_equal_to_the_uncompressed_one(tmp_path, syntax):
+    plain = write_ct_series(tmp_path / "plain", SeriesSpec(seed=5, shape=(6, 32, 32)))
+    write_ct_series(tmp_path / "packed", SeriesSpec(seed=5, shape=(6, 32, 32),
+                                                    transfer_syntax=syntax))
+    volume = _load(tmp_path / "packed")
+    assert np.array_equal(volume.voxels, plain.hu.astype(np.int16))
+    assert volume.warnings == ()

@@ -109,3 +109,14 @@ def test_cursor_readout_shows_hu_and_patient_coordinates(qtbot):
     lps = volume.index_to_patient(k, 12, 33)
     assert text.startswith("330 HU")
     assert f"({lps[0]:.1f}, {lps[1]:.1f}, {lps[2]:.1f}) mm" in text
+
+
+def test_ruler_on_a_reformat_uses_the_slice_spacing(qtbot):
+    panel = _panel(qtbot, _ramp_volume())  # 5 mm slices, 0.75 mm pixels
+    panel.state.set_layout("1x1", "coronal")
+    qtbot.wait(20)
+    coronal = panel.mpr.views["coronal"]
+    panel.state.set_tool("ruler")
+    drag(coronal, device_point(coronal, *pixel_centre_mm(coronal, 0, 20)),
+         device_point(coronal, *pixel_centre_mm(coronal, 4, 20)))
+    assert coronal.measurements[-1].length_mm == pytest.approx(4 * 5.0, abs=0.3)

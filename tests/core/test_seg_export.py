@@ -91,3 +91,13 @@ def test_an_empty_result_still_writes_a_valid_seg(case, card, tmp_path):
     result = export_seg(np.zeros(volume.shape, np.uint8), volume, series_files(folder), card, tmp_path / "e.dcm")
     assert result.frames == volume.shape[0]
     assert not read_seg_labels(result.path, volume, series_files(folder)).any()
+
+
+def test_the_seg_reloads_in_our_viewer_on_the_same_voxels(case, exported):
+    """app.core.masks.load_seg is what the viewer calls for a SEG beside a series (by frame position)."""
+    from app.core.masks import load_seg
+
+    _folder, volume, labels = case
+    reloaded, segments = load_seg(str(exported.path), volume)
+    assert np.array_equal(np.asarray(reloaded) > 0, labels > 0)
+    assert len(segments) == 1

@@ -104,3 +104,44 @@ def test_a_series_opened_from_the_browser_is_shown_while_it_loads(qtbot, job_man
     expected = panel.mpr.views["axial"].image_item.image
     assert expected.shape == volume.shape[1:] and expected.any()
     assert np.count_nonzero(volume.voxels[k]) > 0
+
+
+def test_demo_case_seg_overlay_and_lesion_click_on_real_data(qtbot, demo_tiny):
+    """The demo generator's CT with its DICOM SEG: the overlay colour lands exactly on the mask,
+    and clicking a lesion in the list takes the views to it."""
+    from app.core.dicom_load import load_series
+    from app.core.lesions import lesion_table
+    from app.core.masks import load_seg
+    from tests.widgets.viewer_support import device_point, grab_rgb, is_red, pixel_centre_mm
+
+    index = _index(demo_tiny / "CASE001")
+    volume = run_to_end(load_series(index.image_series()[0]))
+    labels, _ = load_seg(str(demo_tiny / "CASE001" / "seg.dcm"), volume)
+    lesions = lesion_table(labels, volume)
+    assert lesions, "the demo case has nodules"
+    panel = ViewerPanel()
+    qtbot.addWidget(panel)
+    panel.resize(1400, 700)
+    panel.show()
+    qtbot.waitExposed(panel)
+    panel.set_volume(volume)
+    panel.add_label_overlay("ground truth", labels, {1: (255, 0, 0)}, source="SEG")
+    panel.overlay_state.update_label("ground truth", opacity=1.0)
+    panel.overlay_state.set_show_markers(False)
+    panel.state.set_crosshair(False)
+    panel.set_lesions(lesions, source="SEG")
+    table = panel.lesion_list.table
+    rect = table.visualRect(panel.lesion_list.proxy.index(panel.lesion_list.row_of(lesions[0].lesion_id), 0))
+    qtbot.mouseClick(table.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    k = int(round(lesions[0].centre_index[0]))
+    assert panel.state.position[0] == k
+    axial = panel.mpr.views["axial"]
+    shown = axial.scan.canonical.shape
+    truth = axial.label_layers["ground truth"].labels[axial.slice_index] > 0  # as the view orients it
+    rgb = grab_rgb(axial)
+    rows, cols = np.nonzero(truth)
+    region = [(r, c) for r in range(max(0, rows.min() - 2), min(shown[1], rows.max() + 3))
+              for c in range(max(0, cols.min() - 2), min(shown[2], cols.max() + 3))]
+    red = [bool(is_red(rgb[p.y(), p.x()])) for p in (device_point(axial, *pixel_centre_mm(axial, r, c))
+                                                   for r, c in region)]
+    assert red == [bool(truth[r, c]) for r, c in region]

@@ -14,7 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Generator, Iterable
 
-from app.core.dicom_header import DICOMDIR_CLASS, IMPLICIT_VR_LE, InstanceHeader, read_header
+from app.core.dicom_header import (DICOMDIR_CLASS, IMPLICIT_VR_LE, NATIVE_SYNTAXES,
+                                   InstanceHeader, read_header)
 from app.core.progress import Progress
 
 ZIP_MEMBER_SEPARATOR = "::"
@@ -225,8 +226,8 @@ def _read_one(source: _Source) -> tuple[InstanceHeader | None, str]:
         return read_header(source.path, opener=source.opener, size=source.size), ""
     except ValueError as exc:
         return None, str(exc)
-    except (OSError, EOFError, zipfile.BadZipFile, RuntimeError) as exc:
-        # RuntimeError: an encrypted zip member.
+    except Exception as exc:  # noqa: BLE001 - one odd file must never stop the indexing
+        # e.g. OSError, an encrypted zip member (RuntimeError), a value pydicom chokes on
         return None, f"cannot read: {_first_line(exc)}"
 
 
@@ -262,7 +263,20 @@ def _unusable_reason(h: InstanceHeader) -> str | None:
         return None
     if h.has_pixels is False:
         return "no pixel data"
-    return _truncation(h)
+    return _size_mismatch(h) or _truncation(h)
+
+
+def _size_mismatch(h: InstanceHeader) -> str | None:
+    """Native pixel data whose length contradicts Rows x Columns x Bits: a damaged header."""
+    if h.pixel_length is None or h.transfer_syntax not in NATIVE_SYNTAXES \
+            or h.bits_allocated not in (8, 16, 32, 64):
+        return None
+    expected = (h.rows * h.columns * h.samples_per_pixel * h.number_of_frames
+                * h.bits_allocated // 8)
+    if h.pixel_length in (expected, expected + 1):
+        return None
+    return (f"pixel data holds {h.pixel_length} bytes but Rows x Columns x Bits Allocated "
+            f"({h.rows} x {h.columns} x {h.bits_allocated}) needs {expected}: damaged header")
 
 
 def _truncation(h: InstanceHeader) -> str | None:
@@ -322,7 +336,7 @@ def _entry(key: str, group: list[InstanceHeader]) -> SeriesEntry:
     n_images = h.number_of_frames if len(group) == 1 else len(group)
     return SeriesEntry(
         key=key, series_uid=h.series_uid, modality=h.modality,
-        description=h.series_description, date=h.series_date or h.study_date,
+        description=h.series_description, date=dicom_date(h.series_date or h.study_date),
         number=h.series_number, kind=h.kind, files=[m.path for m in group],
         n_images=n_images if h.kind == "image" else len(group), rows=h.rows,
         columns=h.columns, study_uid=h.study_uid, patient_id=h.patient_id,
@@ -348,7 +362,13 @@ def _patients(entries: list[SeriesEntry], headers: list[InstanceHeader]) -> list
 
 def _study(uid: str, series: list[SeriesEntry], h: InstanceHeader) -> StudyEntry:
     series.sort(key=lambda s: (s.number if s.number is not None else 1 << 30, s.key))
-    return StudyEntry(uid, h.study_date, h.study_description, series)
+    return StudyEntry(uid, dicom_date(h.study_date), h.study_description, series)
+
+
+def dicom_date(text: str) -> str:
+    """YYYYMMDD, or "" — old ACR-NEMA files write 1997.04.24."""
+    digits = "".join(ch for ch in text if ch.isdigit())
+    return digits if len(digits) == 8 else ""
 
 
 def _first_line(exc: BaseException) -> str:

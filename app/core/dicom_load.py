@@ -33,6 +33,8 @@ from app.core.volume import Volume
 _CHUNK = 8  # slices per pool task; progress is reported per chunk
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
 _INT16 = (-32768, 32767)
+# A damaged header can claim 65535 x 65535 images; refuse before touching that memory.
+MAX_VOLUME_BYTES = 16 * 2**30
 
 
 class SeriesLoadError(Exception):
@@ -391,6 +393,10 @@ def _allocate(series: SeriesEntry, slices: list[_Slice], geometry, warnings) -> 
     h = slices[0].header
     dtype = np.int16 if _integral(slices) else np.float32
     shape = (len(slices), h.rows, h.columns)
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if size > MAX_VOLUME_BYTES or min(shape) < 1:
+        raise SeriesLoadError(f"series {series.key}: {shape[0]} x {h.rows} x {h.columns} "
+                              f"voxels ({size / 2**30:.1f} GiB) is not a loadable volume")
     padded = any(s.header.padding_value is not None for s in slices)
     return Volume(
         voxels=np.empty(shape, dtype),

@@ -127,6 +127,7 @@ def test_every_broken_file_is_reported_and_the_rest_still_indexes(ct_folder, tmp
     (junk / "empty.dcm").write_bytes(b"")
     shutil.copy(written.paths[0], junk / "zz_copy.dcm")  # the same SOP instance again
     _write_without_pixels(junk / "no_pixels.dcm", written.paths[1])
+    _write_with_rows(junk / "wrong_rows.dcm", written.paths[2], rows=64)
     index = _index(folder)
     reasons = _reasons(index)
     assert "not a DICOM file" in reasons["notes.txt"]
@@ -135,6 +136,7 @@ def test_every_broken_file_is_reported_and_the_rest_still_indexes(ct_folder, tmp
     assert "empty.dcm" in reasons
     assert "duplicate instance" in reasons["zz_copy.dcm"]
     assert reasons["no_pixels.dcm"] == "no pixel data"
+    assert "damaged header" in reasons["wrong_rows.dcm"] and "64 x 32" in reasons["wrong_rows.dcm"]
     (series,) = index.image_series()
     assert series.n_images == 6
 
@@ -145,6 +147,16 @@ def _write_without_pixels(target: Path, source: str) -> None:
 
     ds = pydicom.dcmread(source)
     del ds.PixelData
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(target)
+
+
+def _write_with_rows(target: Path, source: str, rows: int) -> None:
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(source)
+    ds.Rows = rows
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.save_as(target)
 
@@ -244,3 +256,42 @@ def test_series_entry_carries_sortable_headers(ct_folder):
     assert len(series.instances) == len(series.files) == 6
     positions = np.array([h.position for h in series.instances])
     assert np.allclose(sorted(positions[:, 2]), [p[2] for p in written.positions])
+
+
+def test_randomly_damaged_copies_never_crash_indexing_or_loading(tmp_path):
+    from app.core.dicom_load import SeriesLoadError, load_series
+
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(bundled_test_file("CT_small.dcm"))
+    rng = np.random.default_rng(7)
+    for n in range(60):
+        # each copy its own instance and series, so every survivor is also loaded
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.{n + 1}"
+        ds.SeriesInstanceUID = f"1.2.826.0.2.{n + 1}"
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        data = bytearray(buffer.getvalue())
+        for at in rng.integers(0, 1200, size=int(rng.integers(1, 12))):  # the header region
+            data[at] = int(rng.integers(0, 256))
+        cut = len(data) if n % 3 else int(rng.integers(200, len(data)))
+        (tmp_path / f"damaged{n:02d}.dcm").write_bytes(bytes(data[:cut]))
+    index = _index(tmp_path)
+    listed = {f for s in index.all_series() for f in s.files} | {p.path for p in index.problems}
+    assert len(listed) == 60 and all(p.reason for p in index.problems)
+    loaded = 0
+    for series in index.image_series():
+        try:
+            run_to_end(load_series(series))
+            loaded += 1
+        except SeriesLoadError as exc:
+            assert series.key in str(exc)
+    assert loaded >= 10
+
+
+def test_dates_are_yyyymmdd_or_empty():
+    index = _index(Path(bundled_test_file("CT_small.dcm")).parent)
+    assert all(s.date == "" or (len(s.date) == 8 and s.date.isdigit())
+               for s in index.all_series())

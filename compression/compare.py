@@ -590,8 +590,9 @@ def _section(variant, name: str, role: str):
 
 def export_segs(run: ComparisonRun, folder: Path, identify: bool = False,
                 variant_indices: Sequence[int] | None = None) -> list[Path]:
-    """Each variant's findings on each case as DICOM SEG referencing the case's series files."""
-    from app.core.seg_export import export_seg, series_files
+    """Each variant's findings on each case as DICOM SEG referencing the case's series files, and
+    its lesion table as a DICOM SR (TID 1500) on that SEG beside it."""
+    from app.core.seg_export import export_lesion_sr, export_seg, series_files
 
     labels = case_labels(run, identify)
     written = []
@@ -602,9 +603,12 @@ def export_segs(run: ComparisonRun, folder: Path, identify: bool = False,
         for vi in variant_indices if variant_indices is not None else range(len(run.variants)):
             variant = run.variants[vi]
             name = f"{labels[ci]}_{run.names[vi]}".replace(" ", "_").replace("#", "")
-            result = export_seg(run.findings(ci, vi).labels, compared.case.volume, series_files(source),
+            findings = run.findings(ci, vi)
+            result = export_seg(findings.labels, compared.case.volume, series_files(source),
                                 variant.card, Path(folder) / f"{name}.seg.dcm", weights_sha256=variant.weights_sha256)
-            written.append(result.path)
+            report = export_lesion_sr(findings.lesions, result.path, variant.card, Path(folder) / f"{name}.sr.dcm",
+                                      weights_sha256=variant.weights_sha256)
+            written += [result.path, report]
     return written
 
 

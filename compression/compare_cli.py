@@ -24,7 +24,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--data", required=True, help="manifest.csv, its folder, or one DICOM series folder")
     p.add_argument("--report", required=True, help="the HTML report to write")
     p.add_argument("--pdf", help="also write the report as PDF")
-    p.add_argument("--seg-out", help="write each variant's findings as DICOM SEG into this folder")
+    p.add_argument("--seg-out", help="write each variant's findings as DICOM SEG (+ lesion measurements as "
+                                     "DICOM SR, TID 1500) into this folder")
     p.add_argument("--split", default="eval", help="which manifest split to compare on (default eval)")
     p.add_argument("--volume-change", type=float, default=None, metavar="PCT",
                    help="list matched lesions whose volume changed by more than PCT %% (default 25)")

@@ -4,8 +4,9 @@ The SEG references the source CT series (every frame names the CT slice it lies 
 slice's ImagePositionPatient), says which algorithm made it (name and version from the model
 card, type AUTOMATIC, family "Artificial Intelligence"), codes each segment (category
 "Morphologically abnormal structure", type "Nodule" for nodule labels) and marks the series
-"research use". Written to a temporary name and renamed into place; each export is appended to
-the audit log.
+"research use". The lesion table goes beside it as a DICOM Comprehensive 3D SR (TID 1500): one
+measurement group per lesion (long and short axis, mean diameter, volume) on the SEG's segment.
+Written to a temporary name and renamed into place; each export is appended to the audit log.
 """
 from __future__ import annotations
 
@@ -170,3 +171,75 @@ def read_seg_labels(path: str | os.PathLike, volume, source_files: Sequence[str 
     for channel, number in enumerate(numbers):
         labels[pixels[..., channel] > 0] = number
     return labels
+
+
+# ---------------------------------------------------------------- lesion measurements as DICOM SR
+
+
+def _lesion_group(lesion, seg, algorithm):
+    """TID 1411 for one lesion: Lung-RADS axes, mean diameter and volume, on the SEG's segment."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    millilitre = hd.sr.CodedConcept("mL", "UCUM", "milliliter")
+    measurements = [hd.sr.Measurement(name, value=round(float(value), 3), unit=unit, algorithm_id=algorithm)
+                    for name, value, unit in ((codes.SCT.LongAxis, lesion.long_axis_mm, codes.UCUM.Millimeter),
+                                              (codes.SCT.ShortAxis, lesion.short_axis_mm, codes.UCUM.Millimeter),
+                                              (codes.SCT.Diameter, lesion.mean_diameter_mm, codes.UCUM.Millimeter),
+                                              (codes.SCT.Volume, lesion.volume_ml, millilitre))]
+    segment = hd.sr.ReferencedSegment(
+        sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=lesion.label_segment,
+        source_series=hd.sr.SourceSeriesForSegmentation(seg.ReferencedSeriesSequence[0].SeriesInstanceUID))
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"Lesion {lesion.lesion_id}"),
+        referenced_segment=segment, finding_type=codes.SCT.Nodule, algorithm_id=algorithm,
+        measurements=measurements)
+
+
+@dataclass(frozen=True)
+class _SrLesion:
+    lesion_id: int
+    label_segment: int
+    long_axis_mm: float
+    short_axis_mm: float
+    mean_diameter_mm: float
+    volume_ml: float
+
+
+def export_lesion_sr(lesions: Sequence, seg_path: str | os.PathLike, card, path: str | os.PathLike, *,
+                     weights_sha256: str = "", series_number: int = 902) -> Path:
+    """The lesion table as a DICOM Comprehensive 3D SR (TID 1500 measurement report), each lesion
+    a measurement group referencing its segment of the SEG written by :func:`export_seg`."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    seg = hd.seg.segread(str(seg_path))
+    segment_of = {int(s.SegmentNumber): int(s.SegmentNumber) for s in seg.SegmentSequence}
+    algorithm = hd.sr.AlgorithmIdentification(name=card.name, version=card.version or "unknown")
+    groups = [_lesion_group(_SrLesion(l.lesion_id, segment_of.get(_segment_number(card, l.label), 1),
+                                      l.long_axis_mm, l.short_axis_mm, l.mean_diameter_mm, l.volume_ml),
+                            seg, algorithm) for l in lesions]
+    device = hd.sr.DeviceObserverIdentifyingAttributes(uid=hd.UID(), name=card.name[:64],
+                                                       manufacturer_name=MANUFACTURER, model_name=card.version or "")
+    context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device, observer_identifying_attributes=device))
+    report = hd.sr.MeasurementReport(observation_context=context, imaging_measurements=groups or None,
+                                     procedure_reported=hd.sr.CodedConcept("24627-2", "LN", "CT Chest"))
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[seg], content=report[0], series_instance_uid=hd.UID(), series_number=series_number,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER,
+        series_description=f"{card.name} lesions {SERIES_DESCRIPTION_SUFFIX}"[:64])
+    with atomic_output(path) as tmp:
+        sr.save_as(tmp, enforce_file_format=True)
+    from app.core.audit import append_audit
+
+    append_audit("export", kind="DICOM SR", path=str(Path(path).resolve()), model=card.name,
+                 model_version=card.version, weights_sha256=weights_sha256, lesions=len(groups),
+                 seg_sop_instance_uid=str(seg.SOPInstanceUID))
+    return Path(path)
+
+
+def _segment_number(card, label_value: int) -> int:
+    """The SEG numbers segments 1.. in the order of the card's foreground labels."""
+    values = [label.value for label in card.labels if label.value != 0] or [label_value]
+    return values.index(label_value) + 1 if label_value in values else 1

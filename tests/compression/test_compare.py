@@ -136,7 +136,8 @@ def test_the_same_study_under_two_patient_names_gives_identical_reports(demo_tin
     for secret in (b"SMITH", b"DOE", b"ID-1111", b"1961", b"20011224"):
         assert secret not in html_a
     segs = sorted((outputs[0] / "seg").glob("*.seg.dcm"))
-    assert len(segs) == 2   # one SEG per variant
+    assert len(segs) == 2   # one SEG per variant, and its lesion measurements as SR beside it
+    assert len(list((outputs[0] / "seg").glob("*.sr.dcm"))) == 2
 
 
 def test_the_cli_says_what_is_wrong_with_a_missing_data_path(variants, tmp_path, capsys):

@@ -101,3 +101,26 @@ def test_the_seg_reloads_in_our_viewer_on_the_same_voxels(case, exported):
     reloaded, segments = load_seg(str(exported.path), volume)
     assert np.array_equal(np.asarray(reloaded) > 0, labels > 0)
     assert len(segments) == 1
+
+
+def test_the_lesion_measurements_go_out_as_a_tid_1500_sr_on_the_seg(case, exported, card, tmp_path):
+    import highdicom as hd
+
+    from app.core.lesions import lesion_table
+    from app.core.seg_export import export_lesion_sr
+
+    _folder, volume, labels = case
+    lesions = lesion_table(labels, volume)
+    path = export_lesion_sr(lesions, exported.path, card, tmp_path / "lesions.sr.dcm")
+    sr = hd.sr.srread(str(path))
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert [str(g.tracking_identifier) for g in groups] == [f"Lesion {l.lesion_id}" for l in lesions]
+    for group, lesion in zip(groups, lesions):
+        values = {m.name.meaning: m.value for m in group.get_measurements()}
+        assert values["Diameter"] == pytest.approx(lesion.mean_diameter_mm, abs=1e-3)
+        assert values["Long axis"] == pytest.approx(lesion.long_axis_mm, abs=1e-3)
+        assert values["Volume"] == pytest.approx(lesion.volume_ml, abs=1e-3)
+    assert "research use" in sr.SeriesDescription
+    if shutil.which("dciodvfy"):
+        result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+        assert not [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]

@@ -83,7 +83,10 @@ def _identity(seed: int, index: int, rng: np.random.Generator):
 
 def _stored_values(hu: np.ndarray) -> np.ndarray:
     """HU to the stored 12-bit unsigned values (RescaleIntercept -1024)."""
-    return (np.clip(np.rint(hu), -1024, 3071) + 1024).astype(np.uint16)
+    stored = np.rint(hu)
+    np.clip(stored, -1024, 3071, out=stored)
+    stored += 1024
+    return stored.astype(np.uint16)
 
 
 def _ground_truth(study):
@@ -104,7 +107,8 @@ def _lesion_csv(study, stored, semantic, instances, types, path: Path) -> None:
     from app.core.volume import Volume
 
     grid = study.grid
-    volume = Volume(voxels=(stored.astype(np.int32) - 1024).astype(np.int16), spacing=grid.spacing,
+    hu = stored.view(np.int16) - np.int16(1024)  # stored values are 12-bit: the view is exact
+    volume = Volume(voxels=hu, spacing=grid.spacing,
                     origin=grid.origin, direction=np.eye(3))
     lesions = lesion_table(semantic, volume, instances=instances)
     write_lesion_csv(lesions, path, extra={i: {"type": t} for i, t in types.items()})

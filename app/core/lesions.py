@@ -71,14 +71,30 @@ def label_instances(labels: np.ndarray, connectivity: int = 26) -> tuple[np.ndar
         raise ValueError(f"expected a 3-D label map, got shape {labels.shape}")
     structure = _structure(connectivity)
     components = np.zeros(labels.shape, dtype=np.int32)
-    count = 0
-    for value in np.unique(labels):
+    box = _occupied_box(labels)
+    if box is None:
+        return components, 0
+    # Lesions fill a sliver of a scan: labelling only the box around them is many times faster.
+    inner, count = labels[box], 0
+    for value in np.unique(inner):
         if value == 0:
             continue
-        comp, n = ndimage.label(labels == value, structure=structure)
-        components[comp > 0] = comp[comp > 0] + count
+        comp, n = ndimage.label(inner == value, structure=structure)
+        components[box][comp > 0] = comp[comp > 0] + count
         count += n
     return _renumber_by_size(components, count), count
+
+
+def _occupied_box(labels: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding every non-zero voxel, found from per-axis projections."""
+    box = []
+    for axis in range(labels.ndim):
+        others = tuple(a for a in range(labels.ndim) if a != axis)
+        present = np.flatnonzero(np.any(labels, axis=others))
+        if present.size == 0:
+            return None
+        box.append(slice(int(present[0]), int(present[-1]) + 1))
+    return tuple(box)
 
 
 def _renumber_by_size(components: np.ndarray, count: int) -> np.ndarray:

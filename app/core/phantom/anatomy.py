@@ -161,21 +161,30 @@ def _abdomen(chest: Chest, u, v, s, cavity):
     return below_right, below_left
 
 
-def render_slice(chest: Chest, u: np.ndarray, v: np.ndarray, s: float, fov_half: float):
-    """HU (float32) and masks (lung side, thoracic cavity) of the axial slice at height s.
-
-    ``u`` and ``v`` are full 2-D arrays (rows, cols) of body-centred coordinates in mm.
-    """
+def outer_layers(chest: Chest, u: np.ndarray, v: np.ndarray, fov_half: float) -> np.ndarray:
+    """Air, table, subcutaneous fat and chest wall muscle: the same on every slice."""
     bx, by = chest.body
-    cx, cy = chest.cavity
     hu = np.full(u.shape, AIR, np.float32)
     hu[(v > by + 10.0) & (v < by + 16.0) & (np.abs(u) < 0.85 * fov_half)] = TABLE
     hu[_superellipse(u, v, bx, by)] = FAT
     hu[_superellipse(u, v, bx - chest.fat, by - chest.fat)] = MUSCLE
-    bone, cortex, cartilage = _ribs(chest, u, v, s)
-    hu[bone] = MARROW
-    hu[cortex] = CORTICAL_BONE
-    hu[cartilage] = CARTILAGE
+    return hu
+
+
+def render_slice(chest: Chest, u: np.ndarray, v: np.ndarray, s: float, outer: np.ndarray):
+    """HU (float32) and masks (lung side, thoracic cavity) of the axial slice at height s.
+
+    ``u`` and ``v`` are full 2-D arrays (rows, cols) of body-centred coordinates in mm;
+    ``outer`` is :func:`outer_layers` of the same grid.
+    """
+    cx, cy = chest.cavity
+    hu = outer.copy()
+    ring = _box_of(u, v, cx + 9.0, cy + 9.0)  # ribs lie just outside the cavity
+    bone, cortex, cartilage = _ribs(chest, u[ring], v[ring], s)
+    hu_ring = hu[ring]
+    hu_ring[bone] = MARROW
+    hu_ring[cortex] = CORTICAL_BONE
+    hu_ring[cartilage] = CARTILAGE
     cavity = (u / cx) ** 2 + (v / cy) ** 2 <= 1.0
     hu[cavity] = MEDIASTINAL_FAT
     (hu_c, hv, hs), (au, av, as_) = chest.heart()
@@ -185,8 +194,19 @@ def render_slice(chest: Chest, u: np.ndarray, v: np.ndarray, s: float, fov_half:
     hu[(np.abs(u) < chest.vertebra_radius + 18.0) & (v > chest.spine_v) & ~cavity & (hu > FAT)] = MUSCLE
     body, body_cortex, disc, arch, canal = _spine(chest, u, v, s)
     hu[body], hu[body_cortex], hu[disc], hu[arch], hu[canal] = MARROW, CORTICAL_BONE, DISC, CORTICAL_BONE, CSF
-    side = lung_side(chest, u, v, s)
+    side = np.zeros(u.shape, np.uint8)
+    inner = _box_of(u, v, cx, cy)  # the lungs lie inside the cavity: test only there
+    side[inner] = lung_side(chest, u[inner], v[inner], s)
     lung = side > 0
     # Dependent (posterior) lung is denser, as on every supine scan.
     hu[lung] = (LUNG + 45.0 * v / cy)[lung]
     return hu, side, cavity
+
+
+def _box_of(u: np.ndarray, v: np.ndarray, half_u: float, half_v: float) -> tuple[slice, slice]:
+    """Rows and columns of a (rows, cols) coordinate grid that cover |u| <= half_u, |v| <= half_v."""
+    rows = np.flatnonzero(np.abs(v[:, 0]) <= half_v)
+    cols = np.flatnonzero(np.abs(u[0, :]) <= half_u)
+    if rows.size == 0 or cols.size == 0:
+        return slice(0, 0), slice(0, 0)
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)

@@ -27,7 +27,7 @@ class Profile:
 
 PROFILES = {
     "full": Profile("full", 512, (0.6, 0.8), (1.0, 1.25, 1.5, 2.0, 2.5), (260.0, 310.0), (80, 300),
-                    3.0, 0.55, 5),
+                    3.0, 0.45, 5),
     "tiny": Profile("tiny", 128, (2.6, 2.8), (7.0,), None, (32, 32), 8.0, 0.9, 3),
 }
 
@@ -66,21 +66,22 @@ def _hilum(chest: Chest, side: int) -> np.ndarray:
     return np.array([chest.centre[0] + u, chest.centre[1] - 0.05 * cy, chest.z_first + s])
 
 
-def _lobar_directions(side: int, rng) -> list[np.ndarray]:
-    """Upper, middle and lower lobe trunks fanning out from the hilum (x left, y back, z up)."""
-    base = [(0.45 * side, -0.1, 0.9), (0.9 * side, -0.3, -0.1), (0.55 * side, 0.35, -0.8), (0.4 * side, -0.5, -0.7)]
-    return [np.asarray(d) + rng.normal(scale=0.12, size=3) for d in base]
+def _lobar_directions(side: int, rng, count: int = 4) -> list[np.ndarray]:
+    """Trunks fanning out from the hilum to the lobes (x to the left, y to the back, z up)."""
+    base = [(0.45 * side, -0.1, 0.9), (0.9 * side, -0.3, -0.1), (0.55 * side, 0.35, -0.8), (0.4 * side, -0.5, -0.7),
+            (0.6 * side, 0.6, 0.4), (0.5 * side, -0.6, 0.3)]
+    return [np.asarray(d) + rng.normal(scale=0.12, size=3) for d in base[:count]]
 
 
 def grow_vessels(rng, chest: Chest, profile: Profile) -> list[Segment]:
-    """Pulmonary arteries and veins of both lungs: four trees per lung from the hilum."""
+    """Pulmonary arteries and veins of both lungs: two trees per lung from the hilum."""
     style = TreeStyle(finest_radius=profile.finest_vessel_mm)
     inside = lambda points: anatomy.points_in_lung(chest, points)  # noqa: E731
     segments: list[Segment] = []
     for side in (-1, 1):
         for offset in ((0.0, 0.0, 0.0), (0.0, -12.0, -18.0)):  # artery, then the vein below and in front
             root = _hilum(chest, side) + np.asarray(offset)
-            segments += grow_tree(root, _lobar_directions(side, rng), rng.uniform(5.0, 6.5), style, inside, rng)
+            segments += grow_tree(root, _lobar_directions(side, rng, 6), rng.uniform(4.5, 6.0), style, inside, rng)
     return segments
 
 
@@ -121,9 +122,9 @@ def _render_anatomy(chest: Chest, grid: Grid, hu, lung, cavity):
     x = grid.axis_mm("x") - np.float32(chest.centre[0])
     y = grid.axis_mm("y") - np.float32(chest.centre[1])
     u, v = np.meshgrid(x, y)  # (rows, cols): u varies along columns, v along rows
-    fov_half = grid.cols * grid.pixel_mm / 2
+    outer = anatomy.outer_layers(chest, u, v, grid.cols * grid.pixel_mm / 2)
     for k, z in enumerate(grid.axis_mm("z")):
-        hu[k], side, cavity[k] = anatomy.render_slice(chest, u, v, float(z) - chest.z_first, fov_half)
+        hu[k], side, cavity[k] = anatomy.render_slice(chest, u, v, float(z) - chest.z_first, outer)
         lung[k] = side > 0
         if k % 16 == 0:
             yield k / grid.slices

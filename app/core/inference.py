@@ -29,7 +29,7 @@ import numpy as np
 from app.core.findings import Findings, Timing
 from app.core.model_card import ModelCard, ModelError
 from app.core.models import ModelVariant, check_input_shape, check_onnx_model, check_output_shape
-from app.core.progress import Cancelled, Progress
+from app.core.progress import Cancelled, Progress, run_to_end
 from app.core.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -282,6 +282,8 @@ class _Runner:
         """Findings for one volume; classifiers with an ROI of lesion centres need ``lesions``."""
         self._cancel.clear()
         self.batches_run = 0
+        self._batch_pre_s = 0.0  # slicing batches out of the volume counts as pre-processing
+        self._batch_post_s = 0.0
         timing = Timing(load_s=self._load_s)
         self._load_s = 0.0  # the model load counts once, against the first scan it ran on
         start = time.perf_counter()
@@ -310,17 +312,16 @@ class _Runner:
             probabilities = yield from self._segment_slices(prepared.array)
         else:
             probabilities = yield from self._segment_3d(prepared.array)
-        timing.network_s = time.perf_counter() - network_start - self._batch_pre_s
+        timing.network_s = time.perf_counter() - network_start - self._batch_pre_s - self._batch_post_s
         timing.preprocess_s += self._batch_pre_s
         post_start = time.perf_counter()
         findings = self._segmentation_findings(volume, prepared, probabilities, timing)
-        timing.postprocess_s = time.perf_counter() - post_start
+        timing.postprocess_s = time.perf_counter() - post_start + self._batch_post_s
         yield Progress(1.0, "findings ready")
         return findings
 
     def _segment_slices(self, array: np.ndarray):
         """2D models: batches of axial slices, whole or through an in-plane sliding window."""
-        self._batch_pre_s = 0.0
         slices_total = array.shape[0]
         in_plane = self._in_plane_size(array.shape[1:])
         out = None
@@ -355,9 +356,12 @@ class _Runner:
             logits = self._network(batch)
         else:
             # The slices of the batch ride as channels through one 2D window pass.
-            flat = _drain(sliding_window(batch[:, 0], patch, self.card.input.overlap, self._network_2d_windows, 1))
+            flat = run_to_end(sliding_window(batch[:, 0], patch, self.card.input.overlap, self._network_2d_windows, 1))
             logits = flat.reshape((batch.shape[0], -1) + flat.shape[1:])
-        return activate(logits, self.card.output_activation)
+        start = time.perf_counter()
+        probabilities = activate(logits, self.card.output_activation)
+        self._batch_post_s += time.perf_counter() - start  # activation is post-processing
+        return probabilities
 
     def _network_2d_windows(self, windows: np.ndarray) -> np.ndarray:
         # (1, N, y, x): one window over N slices → run the N slices as a batch.
@@ -366,7 +370,6 @@ class _Runner:
 
     def _segment_3d(self, array: np.ndarray):
         patch = self.card.input.patch_size
-        self._batch_pre_s = 0.0
         if patch is None:
             raise ModelError(f"{self.variant.card_path}: a 3D model's card must give input.patch_size")
         if any(n < p for n, p in zip(array.shape, patch)):
@@ -481,14 +484,6 @@ class _Runner:
                 centre[axis] = shape[axis] - 1 - centre[axis]
         centre = centre * np.asarray(prepared.array.shape) / shape
         return tuple(int(round(c)) for c in centre)  # type: ignore[return-value]
-
-
-def _drain(gen):
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
 
 
 def _pad_to_multiple(batch: np.ndarray, divisor: int):

@@ -1,0 +1,182 @@
+"""Inference runners on real (small) MONAI networks and phantom scans."""
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+import pytest
+
+from app.core.inference import (
+    ORT_TORCH_TOLERANCE,
+    OnnxRunner,
+    TorchRunner,
+    canonical_axes,
+    prepare,
+    sliding_window,
+)
+from app.core.model_card import ModelError
+from app.core.models import open_model
+from app.core.progress import Cancelled, run_to_end
+from app.core.volume import Volume
+from tests.core.model_fixtures import DEMO_MODELS, chest_phantom, small_classifier, small_unet
+
+
+def _collect(gen):
+    """(every Progress a job yielded, its result)."""
+    reports = []
+    while True:
+        try:
+            reports.append(next(gen))
+        except StopIteration as stop:
+            return reports, stop.value
+
+
+def test_ort_and_torch_agree_on_the_demo_unet():
+    """Same preprocessed slices through both back ends: logits within ORT_TORCH_TOLERANCE."""
+    variant = open_model(DEMO_MODELS / "lung-nodule-unet2d" / "card.json")
+    volume = chest_phantom(shape=(3, 64, 64), nodules=((1, 30, 30, 5),))
+    onnx, torch_runner = OnnxRunner(variant, threads=1), TorchRunner(variant.as_format("state_dict"), threads=1)
+    batch = prepare(volume, variant.card).array[:, None]
+    diff = np.abs(onnx._predict(batch) - torch_runner._predict(batch)).max()
+    assert diff <= ORT_TORCH_TOLERANCE
+    a, b = run_to_end(onnx.run(volume)), run_to_end(torch_runner.run(volume))
+    assert np.mean(a.labels == b.labels) > 0.999
+    assert a.provider == "CPUExecutionProvider" and b.provider == "torch-cpu"
+
+
+def test_runner_reports_progress_per_batch_and_times_every_stage(tmp_path):
+    runner = OnnxRunner(open_model(small_unet(tmp_path)), batch_size=2)
+    volume = chest_phantom(shape=(5, 32, 32))
+    reports, findings = _collect(runner.run(volume))
+    assert [p.fraction for p in reports] == pytest.approx([0.4, 0.8, 1.0, 1.0])
+    assert runner.batches_run == 3
+    assert findings.labels.shape == volume.shape and findings.labels.dtype == np.uint8
+    assert findings.timing.load_s > 0 and findings.timing.network_s > 0 and findings.timing.postprocess_s > 0
+
+
+def test_sliding_window_equals_one_pass_when_the_patch_covers_the_volume(tmp_path):
+    runner = TorchRunner(open_model(small_unet(tmp_path / "a", dims=3, patch=(8, 16, 16)), prefer="state_dict"))
+    image = prepare(chest_phantom(shape=(8, 16, 16)), runner.card).array[None]
+    windowed = run_to_end(sliding_window(image, (8, 16, 16), 0.5, runner._predict, batch_size=2))
+    whole = runner._predict(image[None])[0]
+    assert np.allclose(windowed, whole, atol=1e-6)
+
+
+def test_sliding_window_matches_monai_inferer(tmp_path):
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    runner = TorchRunner(open_model(small_unet(tmp_path, dims=3, patch=(8, 16, 16)), prefer="state_dict"))
+    image = prepare(chest_phantom(shape=(12, 40, 36)), runner.card).array[None]
+    ours = run_to_end(sliding_window(image, (8, 16, 16), 0.25, runner._predict, batch_size=3))
+    with torch.inference_mode():
+        theirs = sliding_window_inference(torch.from_numpy(image[None]), (8, 16, 16), 3, runner.module,
+                                          overlap=0.25, mode="gaussian")[0].numpy()
+    assert np.abs(ours - theirs).max() < 1e-5
+
+
+def test_3d_runner_reports_each_patch_batch(tmp_path):
+    runner = OnnxRunner(open_model(small_unet(tmp_path, dims=3, patch=(8, 16, 16))), batch_size=2)
+    reports, findings = _collect(runner.run(chest_phantom(shape=(8, 32, 32))))
+    messages = [p.message for p in reports]
+    assert messages[:2] == ["patches 2/9", "patches 4/9"]
+    assert findings.labels.shape == (8, 32, 32)
+
+
+def test_a_series_smaller_than_the_patch_is_a_message(tmp_path):
+    runner = OnnxRunner(open_model(small_unet(tmp_path, dims=3, patch=(8, 16, 16))))
+    with pytest.raises(ModelError, match=r"series \(4×32×32 voxels.*smaller than the model's patch \(8×16×16\)"):
+        run_to_end(runner.run(chest_phantom(shape=(4, 32, 32))))
+
+
+def test_a_card_asking_for_more_channels_than_a_ct_has(tmp_path):
+    from dataclasses import replace
+
+    runner = TorchRunner(open_model(small_unet(tmp_path), prefer="state_dict"))
+    runner.card = replace(runner.card, input=replace(runner.card.input, channels=2))
+    with pytest.raises(ModelError, match="wants 2 input channels but series .* has 1"):
+        run_to_end(runner.run(chest_phantom()))
+
+
+# ---------------------------------------------------------------- cancel
+
+
+def test_at_most_one_batch_runs_after_cancel(tmp_path):
+    runner = TorchRunner(open_model(small_unet(tmp_path), prefer="state_dict"), batch_size=1)
+    gen = runner.run(chest_phantom(shape=(8, 32, 32)))
+    next(gen)
+    ran_before_cancel = runner.batches_run
+    runner.cancel()
+    with pytest.raises(Cancelled):
+        next(gen)
+    assert runner.batches_run - ran_before_cancel <= 1
+
+
+def test_cancel_from_another_thread_ends_the_running_onnx_batch(tmp_path):
+    runner = OnnxRunner(open_model(small_unet(tmp_path)), batch_size=64, threads=1)
+    volume = chest_phantom(shape=(64, 256, 256))
+    started = threading.Event()
+    original = runner.session.run
+
+    def run_and_signal(*args, **kwargs):
+        started.set()
+        return original(*args, **kwargs)
+
+    runner.session.run = run_and_signal  # lets the test cancel while ORT is inside run()
+    canceller = threading.Thread(target=lambda: (started.wait(10), runner.cancel()))
+    canceller.start()
+    try:
+        with pytest.raises(Cancelled):
+            run_to_end(runner.run(volume))
+    finally:
+        canceller.join()
+    assert runner.batches_run == 0  # the one big batch never completed
+    findings = run_to_end(runner.run(chest_phantom()))  # the runner works again afterwards
+    assert findings.labels is not None
+
+
+# ---------------------------------------------------------------- providers
+
+
+def test_gpu_provider_requests_fall_back_to_cpu_and_say_so(tmp_path, caplog, capfd):
+    caplog.set_level(logging.INFO, logger="app.core.inference")
+    runner = OnnxRunner(open_model(small_unet(tmp_path)), providers=("tensorrt", "cuda", "cpu"))
+    findings = run_to_end(runner.run(chest_phantom()))
+    assert runner.provider == "CPUExecutionProvider"
+    assert findings.provider == "CPUExecutionProvider"
+    assert "CPUExecutionProvider" in caplog.text
+    out, err = capfd.readouterr()
+    assert "EP Error" not in out + err and "onnxruntime" not in err  # the noise went to our log
+
+
+# ---------------------------------------------------------------- geometry and classifiers
+
+
+def test_orientation_is_undone_for_a_feet_first_flipped_series(tmp_path):
+    runner = TorchRunner(open_model(small_unet(tmp_path), prefer="state_dict"))
+    volume = chest_phantom(shape=(6, 32, 28), nodules=((2, 10, 8, 4),))
+    flipped = Volume(voxels=volume.voxels[::-1, :, ::-1].copy(), spacing=volume.spacing,
+                     direction=np.diag([-1.0, 1.0, -1.0]))
+    assert canonical_axes(flipped.direction) == ((0, 1, 2), (True, False, True))
+    a, b = run_to_end(runner.run(volume)), run_to_end(runner.run(flipped))
+    assert np.array_equal(a.labels, b.labels[::-1, :, ::-1])
+
+
+def test_a_lesion_classifier_scores_each_lesion(tmp_path):
+    from app.core.lesions import lesion_table
+
+    volume = chest_phantom(shape=(6, 48, 40), nodules=((2, 14, 12, 4), (3, 32, 28, 5)))
+    labels = np.zeros(volume.shape, np.uint8)
+    labels[1:4, 11:18, 9:16] = 1
+    labels[2:5, 28:37, 24:33] = 1
+    lesions = lesion_table(labels, volume)
+    assert len(lesions) == 2
+    runner = OnnxRunner(open_model(small_classifier(tmp_path)))
+    findings = run_to_end(runner.run(volume, lesions=lesions))
+    assert set(findings.lesion_scores) == {l.lesion_id for l in lesions}
+    for scores in findings.lesion_scores.values():
+        assert set(scores) == {"solid", "part-solid", "ground-glass"}
+        assert sum(scores.values()) == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ModelError, match="looks at lesions"):
+        run_to_end(runner.run(volume))

@@ -11,11 +11,10 @@ live in sequences) goes through pydicom instead, so the answer is the same eithe
 """
 from __future__ import annotations
 
-import io
 import os
 import struct
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 HEAD_BYTES = 16 * 1024  # first read; most headers end well before this
 
@@ -93,7 +92,6 @@ class InstanceHeader:
     file_size: int = 0
     referenced_series_uid: str | None = None
     read_by: str = "fast"  # "fast" or "pydicom", for tests and diagnostics
-    extra: dict = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
@@ -536,14 +534,10 @@ def _copy_multiframe_geometry(h: InstanceHeader, ds) -> None:
     group = shared[0]
     for seq, attr, keyword in (("PlaneOrientationSequence", "orientation", "ImageOrientationPatient"),
                                ("PixelMeasuresSequence", "pixel_spacing", "PixelSpacing")):
-        if h.__getattribute__(attr) is None and seq in group and keyword in group[seq][0]:
+        if getattr(h, attr) is None and group.get(seq) and keyword in group[seq][0]:
             _set_attribute(h, attr, _as_list(group[seq][0][keyword]))
 
 
 def _short(exc: Exception) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text[:160]
-
-
-def open_bytes(data: bytes) -> io.BytesIO:
-    return io.BytesIO(data)

@@ -147,7 +147,7 @@ def _generate_case(out_dir: Path, seed: int, index: int, size: str):
 
     rng = np.random.default_rng([seed, index])
     who = _identity(seed, index, rng)
-    study = yield from scaled(_as_progress(build_study(rng, PROFILES[size], index)), 0.0, 0.6, f"{who.case}: ")
+    study = yield from scaled(build_study(rng, PROFILES[size], index), 0.0, 0.6, f"{who.case}: ")
     staging = Path(tempfile.mkdtemp(prefix=f".{who.case}.", suffix=".partial", dir=out_dir))
     try:
         lesions = yield from scaled(_write_case(study, who, staging), 0.6, 1.0, f"{who.case}: ")
@@ -157,16 +157,6 @@ def _generate_case(out_dir: Path, seed: int, index: int, size: str):
     folder = out_dir / who.case
     return DemoCase(who.case, who.patient_id, folder / "CT", folder / "seg.dcm", folder / "nodules.nii.gz",
                     folder / "nodule_instances.nii.gz", folder / "lesions.csv", study.grid.slices, lesions)
-
-
-def _as_progress(fractions):
-    """Turn a generator of bare fractions into one of Progress, keeping its return value."""
-    while True:
-        try:
-            fraction = next(fractions)
-        except StopIteration as done:
-            return done.value
-        yield Progress(fraction, "building the phantom")
 
 
 def _write_manifest(out_dir: Path, cases: list[DemoCase], seed: int) -> Path:

@@ -168,18 +168,25 @@ def test_same_seed_writes_the_same_bytes(tmp_path):
 
 def test_progress_is_reported_and_bad_arguments_refused(tmp_path):
     steps = generate_demo_data(tmp_path, cases=1, seed=1, size="tiny")
-    fractions = []
-    while True:
-        try:
-            fractions.append(next(steps).fraction)
-        except StopIteration as done:
-            summary = done.value
-            break
-    assert fractions[-1] == 1.0 and all(isinstance(f, float) for f in fractions)
+    seen: list[Progress] = []
+    summary = run_to_end(_recording(steps, seen))
+    fractions = [p.fraction for p in seen]
+    assert fractions[-1] == 1.0 and fractions == sorted(fractions)
+    assert any("CASE001" in p.message for p in seen)
     assert summary.cases[0].series_dir.is_dir()
     with pytest.raises(ValueError, match="size"):
         run_to_end(generate_demo_data(tmp_path, cases=1, size="huge"))
-    assert isinstance(Progress(0.5), Progress)
+
+
+def _recording(steps, seen: list):
+    """Pass a job's progress through, keeping a copy of each report."""
+    while True:
+        try:
+            progress = next(steps)
+        except StopIteration as done:
+            return done.value
+        seen.append(progress)
+        yield progress
 
 
 def test_cli_writes_a_study(tmp_path, capsys):
@@ -189,3 +196,43 @@ def test_cli_writes_a_study(tmp_path, capsys):
     assert args.handler(args) == 0
     assert "CASE001" in capsys.readouterr().out
     assert len(_ct_files(tmp_path / "CASE001")) == 32
+
+
+# ---------------------------------------------------------------------------- the phantom itself
+
+
+def _tiny_study(index=0):
+    from app.core.phantom.study import PROFILES, build_study
+
+    return run_to_end(build_study(np.random.default_rng([11, index]), PROFILES["tiny"], index))
+
+
+def test_nodules_lie_in_the_lungs_and_vessels_branch_and_narrow():
+    study = _tiny_study()
+    assert study.owner.any()
+    assert study.lung[study.owner > 0].all()
+    assert len(study.vessels) > 100
+    thick = [s.start_radius for s in study.vessels if s.generation == 0]
+    thin = [s.start_radius for s in study.vessels if s.generation >= 4]
+    assert min(thick) > max(thin)
+    lung_hu = study.hu[study.lung & (study.owner == 0)]
+    assert -900 < np.median(lung_hu) < -780  # aerated lung, with vessels in it
+    assert 8.0 < np.std(study.hu[0, :8, :8]) < 25.0  # air outside the body: noise only
+
+
+def test_nodules_vary_in_kind_shape_place_and_size():
+    from app.core.phantom.nodules import place_nodules
+    from app.core.phantom.study import PROFILES, grow_vessels, make_grid
+    from app.core.phantom import anatomy
+
+    rng = np.random.default_rng(5)
+    grid = make_grid(rng, PROFILES["full"])
+    chest = anatomy.sample_chest(rng, grid.cols * grid.pixel_mm, grid.slices * grid.slice_mm, grid.origin[2])
+    vessels = grow_vessels(rng, chest, PROFILES["tiny"])  # coarse trees are enough to lean on
+    nodules = [n for _ in range(12) for n in place_nodules(rng, chest, vessels, 4, 3.0)]
+    assert {n.kind for n in nodules} == {"solid", "part-solid", "ground-glass"}
+    assert {n.shape for n in nodules} == {"round", "lobulated", "spiculated"}
+    assert {n.place for n in nodules} == {"free", "pleural", "vascular"}
+    diameters = [2 * n.radius for n in nodules]
+    assert min(diameters) >= 3.0 and max(diameters) <= 30.0 and max(diameters) > 15.0
+    assert all(anatomy.points_in_lung(chest, np.array([n.centre]))[0] for n in nodules)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from app.core.phantom import anatomy
+from app.core.progress import Progress
 from app.core.phantom.anatomy import Chest
 from app.core.phantom.grid import Grid
 from app.core.phantom.nodules import Nodule, draw_nodule, place_nodules
@@ -164,7 +165,7 @@ def nodule_count(rng, profile: Profile, case_index: int) -> int:
 
 
 def build_study(rng: np.random.Generator, profile: Profile, case_index: int):
-    """Generate one study; yields fractions 0..1 and returns the :class:`Study`."""
+    """Generate one study; yields progress and returns the :class:`Study`."""
     grid = make_grid(rng, profile)
     coverage_mm = grid.slices * grid.slice_mm
     chest = anatomy.sample_chest(rng, grid.cols * grid.pixel_mm, coverage_mm, grid.origin[2])
@@ -174,14 +175,14 @@ def build_study(rng: np.random.Generator, profile: Profile, case_index: int):
     lung = np.empty(grid.shape, bool)
     cavity = np.empty(grid.shape, bool)
     for fraction in _render_anatomy(chest, grid, hu, lung, cavity):
-        yield 0.5 * fraction
+        yield Progress(0.5 * fraction, "drawing the anatomy")
     _draw_tubes(grid, hu, lung, cavity, vessels, airways, aorta(chest))
-    yield 0.7
+    yield Progress(0.7, "placing the nodules")
     owner = np.zeros(grid.shape, np.uint8)
     nodules = place_nodules(rng, chest, vessels, nodule_count(rng, profile, case_index), profile.smallest_nodule_mm)
     for tag, nodule in enumerate(nodules, 1):
         draw_nodule(nodule, grid, hu, lung, owner, tag)
     noise_sd = float(rng.uniform(10.0, 20.0))
     _noise_and_blur(rng, grid, hu, noise_sd)
-    yield 1.0
+    yield Progress(1.0, "phantom built")
     return Study(grid, chest, hu, lung, owner, nodules, vessels, noise_sd)

@@ -128,7 +128,7 @@ def viewer_step(panel: ViewerPanel, view: str = "axial"):
     return step
 
 
-def interleaved(app, steps: dict, frames: int, rounds: int = 4) -> dict:
+def interleaved(app, steps: dict, frames: int, rounds: int = 8) -> dict:
     """Scroll each contender ``frames`` in total, in alternating rounds, so that the load other
     programs put on the machine falls on all of them alike; per-frame ms and the worst stall."""
     times = {name: [] for name in steps}
@@ -142,7 +142,8 @@ def interleaved(app, steps: dict, frames: int, rounds: int = 4) -> dict:
 
 
 def summary(name: str, times: np.ndarray, max_stall_ms: float) -> str:
-    return (f"{name:<48} p50 {np.percentile(times, 50):6.2f} ms  p99 {np.percentile(times, 99):6.2f} ms  "
+    p50, p95, p99 = np.percentile(times, [50, 95, 99])
+    return (f"{name:<46} p50 {p50:5.2f}  p95 {p95:5.2f}  p99 {p99:6.2f} ms  "
             f"max {times.max():6.1f} ms  {1000 / times.mean():6.0f} frames/s | max stall {max_stall_ms:5.1f} ms")
 
 
@@ -152,7 +153,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=400)
     args = parser.parse_args()
     app = QApplication.instance() or QApplication(sys.argv)
-    print(f"platform {app.platformName()}, volume 512×512×{args.slices}, {args.frames} frames per run")
+    print(f"platform {app.platformName()}, volume 512×512×{args.slices}, {args.frames} frames per run, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     volume, labels = chest_volume(args.slices)
     bare_widget, bare = bare_baseline(app, volume, labels)
     panel, open_s = open_viewer(app, volume, labels)

@@ -168,6 +168,9 @@ def build_network(architecture: Architecture, source: str = "<card>"):
         return getattr(nets, architecture.name)(**args)
     except (TypeError, ValueError, AssertionError) as exc:
         raise ModelError(f"{source}: cannot build {architecture.name} with the card's args ({exc})") from exc
+    except ImportError as exc:  # MONAI's OptionalImportError: e.g. UNETR needs einops
+        raise ModelError(f"{source}: {architecture.name} needs a package that is not installed "
+                         f"({_first_line(exc)})") from exc
 
 
 def load_torch_module(variant: ModelVariant, device: str = "cpu"):

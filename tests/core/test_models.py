@@ -159,3 +159,30 @@ def test_a_fixed_onnx_input_differing_from_the_card_patch_is_a_message(tmp_path)
     write_model(tmp_path, card, build("UNet", SMALL_UNET_2D), (1, 1, 16, 16), dynamic=False)
     with pytest.raises(ModelError, match=r"fixed at \(16, 16\) but the card's patch_size is \(32, 32\)"):
         OnnxRunner(open_model(tmp_path / "card.json"))
+
+
+@pytest.mark.parametrize("name, args, out_shape", [
+    ("BasicUNet", {"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "features": [4, 4, 8, 8, 16, 4]}, (1, 2, 32, 32)),
+    ("SegResNet", {"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "init_filters": 8}, (1, 2, 32, 32)),
+    ("DenseNet121", {"spatial_dims": 2, "in_channels": 1, "out_channels": 3}, (1, 3)),
+    ("UNETR", {"in_channels": 1, "out_channels": 2, "img_size": [32, 32], "spatial_dims": 2, "feature_size": 4,
+               "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}, (1, 2, 32, 32)),
+])
+def test_card_architectures_build_monai_networks(name, args, out_shape):
+    import torch
+
+    from app.core.model_card import Architecture
+    from app.core.models import build_network
+
+    with torch.inference_mode():
+        assert tuple(build_network(Architecture(name, args)).eval()(torch.zeros(1, 1, 32, 32)).shape) == out_shape
+
+
+def test_an_unknown_architecture_or_bad_args_is_a_message():
+    from app.core.model_card import Architecture
+    from app.core.models import build_network
+
+    with pytest.raises(ModelError, match="'ResNet9000' is not one MedCompress builds"):
+        build_network(Architecture("ResNet9000", {}), "card.json")
+    with pytest.raises(ModelError, match="card.json: cannot build UNet"):
+        build_network(Architecture("UNet", {"spatial_dims": 2, "bogus": 1}), "card.json")

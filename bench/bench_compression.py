@@ -14,14 +14,15 @@ For every contender, measured in one run on this machine:
 
 Then the issue's targets for the best recipe, each marked met or not with the real figure.
 
-    python bench/bench_compression.py [--model CARD] [--data DIR] [--cases 6] [--threads 1 2]
-                                      [--rounds 5] [--eval-slices 8] [--finetune-steps 40] [--out DIR]
+    python bench/bench_compression.py [--model CARD] [--data DIR] [--threads 1 2] [--rounds 5]
+                                      [--finetune-steps 30] [--lesion-margin 0] [--out DIR]
     python bench/bench_compression.py --quick      # the harness on tiny data and an untrained UNet
 
-Without ``--data`` the demo generator writes full-size phantom cases (seed 2026, not the seed
-the demo model was trained on) under the data folder and reuses them on later runs; the eval
-cases are cut to a slab of ``--eval-slices`` slices around their nodules so that a dozen
-contenders can be judged within minutes on 2 CPU cores.
+``--data`` is the demo data the model was trained on (its manifest's train/calib/eval split);
+without it the demo generator writes full-size phantom cases (seed 2026) under the data folder
+and reuses them on later runs. Each eval case is judged on the slices that decide lesion
+verdicts (see :func:`lesion_slices`) so that a dozen contenders can be judged within minutes on
+2 CPU cores; the end-to-end figure runs a contiguous piece of a real eval scan.
 """
 from __future__ import annotations
 
@@ -56,7 +57,6 @@ class Contender:
     name: str
     kind: str  # "baseline" | "technique" | "recipe"
     variant: object = None  # ModelVariant
-    autocast: str | None = None  # torch bf16 runs under autocast
     error: str = ""
     build_s: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -108,19 +108,36 @@ def load_split(data_dir: Path, split: str, limit: int | None = None) -> list:
     return cases
 
 
-def slab(case, slices: int):
-    """The case cut to ``slices`` axial slices around its nodules (the centre slices if it has none)."""
-    labelled = np.flatnonzero(case.labels.reshape(case.labels.shape[0], -1).any(axis=1))
-    depth = case.volume.shape[0]
-    centre = int(np.median(labelled)) if labelled.size else depth // 2
-    k0 = max(0, min(depth - slices, centre - slices // 2))
-    k1 = min(depth, k0 + slices)
-    volume = case.volume
-    origin = np.asarray(volume.origin) + np.asarray(volume.direction)[:, 2] * volume.spacing[0] * k0
-    cut = replace(volume, voxels=volume.voxels[k0:k1], origin=tuple(origin),
-                  padding_mask=None if volume.padding_mask is None else volume.padding_mask[k0:k1],
-                  sop_uids=tuple(volume.sop_uids[k0:k1]), loaded=None)
-    return replace(case, volume=cut, labels=case.labels[k0:k1])
+def lesion_slices(case, margin: int = 0):
+    """The case reduced to the axial slices that judge lesions: each ground-truth lesion's slice of
+    greatest extent (± ``margin``) plus the middle slice of the scan (for false positives), runs of
+    adjacent slices kept together and separated by one air slice, so that no two runs' lesions
+    can join. Lung-RADS sizes are measured on the slice of greatest extent, which is always kept;
+    a 2D network sees each slice alone, so its output on a kept slice is what it would be in the
+    whole scan. False positives on the slices left out are not counted.
+    """
+    from app.core.lesions import label_instances
+
+    instances, count = label_instances(case.labels)
+    keep = {case.volume.shape[0] // 2}
+    for lesion in range(1, count + 1):
+        k = int(np.argmax((instances == lesion).sum(axis=(1, 2))))
+        keep.update(range(max(0, k - margin), min(case.volume.shape[0], k + margin + 1)))
+    runs = _runs(sorted(keep))
+    air = np.full((1,) + case.volume.shape[1:], -1000, case.volume.voxels.dtype)
+    voxels = [part for run in runs for part in (case.volume.voxels[run], air)][:-1]
+    labels = [part for run in runs for part in (case.labels[run], np.zeros_like(air, np.uint8))][:-1]
+    volume = replace(case.volume, voxels=np.concatenate(voxels), padding_mask=None, sop_uids=(), loaded=None)
+    return replace(case, volume=volume, labels=np.concatenate(labels).astype(np.uint8))
+
+
+def _runs(indices: list[int]) -> list[slice]:
+    runs, start = [], indices[0]
+    for previous, current in zip(indices, indices[1:] + [None]):
+        if current != previous + 1:
+            runs.append(slice(start, previous + 1))
+            start = current
+    return runs
 
 
 # ---------------------------------------------------------------- the model
@@ -248,21 +265,27 @@ def compress(parent, name, kind, steps, train, calib, out: Path, args) -> Conten
         reason = traceback.format_exception_only(type(exc), exc)[-1].strip()
         log(f"  {name}: not measured ({reason})")
         return Contender(name, kind, error=reason, build_s=time.perf_counter() - start)
-    hint = getattr(variant.card.lineage, "metrics", {}) or {}
-    autocast = "bf16" if "bf16" in json.dumps(hint).lower() and variant.format != "onnx" else None
     log(f"  built in {time.perf_counter() - start:.0f} s")
-    return Contender(name, kind, variant, autocast, build_s=time.perf_counter() - start)
+    return Contender(name, kind, variant, build_s=time.perf_counter() - start)
+
+
+def e2e_scan(data_dir: Path, slices: int):
+    """The first eval scan, its central ``slices`` slices (a contiguous piece of a real scan)."""
+    case = load_split(data_dir, "eval", 1)[0]
+    k0 = max(0, case.volume.shape[0] // 2 - slices // 2)
+    cut = slice(k0, k0 + slices)
+    volume = case.volume
+    origin = np.asarray(volume.origin) + np.asarray(volume.direction)[:, 2] * volume.spacing[0] * k0
+    return replace(case, volume=replace(volume, voxels=volume.voxels[cut], origin=tuple(origin), padding_mask=None,
+                                        sop_uids=tuple(volume.sop_uids[cut]), loaded=None), labels=case.labels[cut])
 
 
 # ---------------------------------------------------------------- measuring
 
 
 def predictor(contender: Contender, threads: int):
-    from app.core.models import load_torch_module
-    from compression.cost import torch_predictor, variant_predictor
+    from compression.cost import variant_predictor
 
-    if contender.autocast:
-        return torch_predictor(load_torch_module(contender.variant), threads, autocast=contender.autocast)[0]
     return variant_predictor(contender.variant, "cpu", threads)[0]
 
 
@@ -388,7 +411,9 @@ def parse(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--eval-slices", type=int, default=8, help="slices per eval case, around its nodules")
+    parser.add_argument("--lesion-margin", type=int, default=0,
+                        help="eval slices kept on each side of a lesion's slice of greatest extent")
+    parser.add_argument("--e2e-slices", type=int, default=32, help="slices of the end-to-end scan (a real eval scan cut)")
     parser.add_argument("--train-cases", type=int, default=4, help="at most this many train cases (memory, time)")
     parser.add_argument("--calib-cases", type=int, default=2)
     parser.add_argument("--eval-cases", type=int, default=None, help="default: the whole eval split")
@@ -398,7 +423,7 @@ def parse(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny data, untrained UNet: checks the harness only")
     args = parser.parse_args(argv)
     if args.quick:
-        args.cases, args.rounds, args.eval_slices, args.finetune_steps = 5, 2, 4, 2
+        args.cases, args.rounds, args.finetune_steps = 5, 2, 2
     return args
 
 
@@ -413,31 +438,33 @@ def main(argv=None) -> int:
     data_dir = bench_data(args)
     train = load_split(data_dir, "train", args.train_cases)
     calib = load_split(data_dir, "calib", args.calib_cases)
-    eval_cases = [slab(c, args.eval_slices) for c in load_split(data_dir, "eval", args.eval_cases)]
+    eval_cases = [lesion_slices(c, args.lesion_margin) for c in load_split(data_dir, "eval", args.eval_cases)]
     log(f"model {parent.card.name}; {len(train)} train, {len(calib)} calib, {len(eval_cases)} eval cases "
-        f"({args.eval_slices}-slice slabs); cpu threads {os.cpu_count()}")
+        f"({sum(c.volume.shape[0] for c in eval_cases)} slices judged); cpu threads {os.cpu_count()}")
     contenders = build_contenders(parent, train, calib, out / "variants", args)
     size = sizes(contenders)
     latency = {}
     for t in args.threads:
         log(f"latency at {t} thread(s), {args.rounds} interleaved rounds")
         latency[t] = latencies(contenders, t, args.rounds)
-    log("accuracy on the eval slabs (every contender on every case)")
+    log("accuracy on the eval split (every contender on every case)")
     comparison = accuracy(contenders, eval_cases, max(args.threads), args.seed)
     best = choose_best(contenders, size, latency, comparison)
     log(f"end to end: {best.name} vs the fp32 eager pipeline")
-    e2e = end_to_end(contenders[0], best, eval_cases[0], max(args.threads))
-    report(contenders, size, latency, comparison, best, e2e, out, args, time.perf_counter() - started)
+    scan = e2e_scan(data_dir, args.e2e_slices)
+    e2e = end_to_end(contenders[0], best, scan, max(args.threads))
+    report(contenders, size, latency, comparison, best, e2e, out, args, time.perf_counter() - started,
+           scan.volume.shape[0])
     return 0
 
 
-def report(contenders, size, latency, comparison, best, e2e, out, args, seconds) -> None:
+def report(contenders, size, latency, comparison, best, e2e, out, args, seconds, e2e_slices) -> None:
     from compression.evaluate import comparison_record
 
     print()
     print(table(contenders, size, latency, comparison))
     print(f"\n{comparison.evidence}; {len(comparison.cases)} eval cases, {comparison.large_lesions} lesions ≥ 6 mm")
-    print(f"\nend to end ({args.eval_slices}-slice scan → findings, {max(args.threads)} threads): "
+    print(f"\nend to end ({e2e_slices}-slice scan → findings, {max(args.threads)} threads): "
           + ", ".join(f"{k} {v:.2f} s" for k, v in e2e.items())
           + f" → {e2e['fp32 eager pipeline'] / e2e[best.name]:.2f}×")
     met = targets(best, size, latency, comparison, e2e)

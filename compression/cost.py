@@ -310,7 +310,20 @@ def torch_predictor(module, threads: int | None = None, device: str = "cpu",
     return predict, f"torch-{device}" + (f"-{autocast}" if autocast else "")
 
 
+def torch_autocast_hint(variant) -> str | None:
+    """"bf16" when the variant's card says it runs best as torch under bf16 autocast (the bf16 step)."""
+    metrics = getattr(variant.card.lineage, "metrics", None) or {}
+    hint = (metrics.get("compression") or {}).get("runtime_hint") or {}
+    return hint.get("torch_autocast") if "weights" in variant.files else None
+
+
 def variant_predictor(variant, device: str = "cpu", threads: int | None = None) -> tuple[Callable, str]:
+    """How the application runs this variant: ONNX Runtime for ONNX, torch (with its autocast hint) otherwise."""
+    autocast = torch_autocast_hint(variant)
+    if autocast:
+        from app.core.models import load_torch_module
+
+        return torch_predictor(load_torch_module(variant.as_format("state_dict"), device), threads, device, autocast)
     if variant.format == "onnx":
         from app.core.inference import device_providers, resolve_providers
         import onnxruntime as ort

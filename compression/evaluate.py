@@ -18,6 +18,7 @@ so a number means the same thing wherever it appears. Results are plain dataclas
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Sequence
 
@@ -306,8 +307,9 @@ def _column(rows: Sequence[CaseRow], name: str) -> np.ndarray:
 def _mean(col: str) -> Callable:
     def statistic(columns):
         values = columns[col]
-        with np.errstate(invalid="ignore"):
-            return np.nanmean(values, axis=-1) if np.isfinite(values).any() else np.full(values.shape[:-1], NAN)
+        with warnings.catch_warnings():  # a resample drawing only NaN cases (e.g. no HD95) gives NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(values, axis=-1)
     return statistic
 
 
@@ -596,10 +598,15 @@ def _names(variants) -> list[str]:
 def _open_runners(variants, names, device, threads, make_runner):
     if make_runner is None:
         from app.core.inference import make_runner
+    from compression.cost import torch_autocast_hint
+
     runners = []
     for k, variant in enumerate(variants):
         yield Progress(0.05 * k / len(variants), f"loading {names[k]}")
-        runners.append(make_runner(variant, device=device, threads=threads))
+        autocast = torch_autocast_hint(variant)  # a bf16 variant is judged as it runs: torch under autocast
+        options = {"backend": "torch", "autocast": autocast} if autocast else {}
+        runners.append(make_runner(variant.as_format("state_dict") if autocast else variant, device=device,
+                                   threads=threads, **options))
     return runners
 
 

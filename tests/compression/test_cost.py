@@ -128,3 +128,17 @@ def test_compare_costs_runs_torch_and_onnx_side_by_side_with_peak_memory(tmp_pat
     small = cost.peak_memory_mb(variants[1], (1, 1, 16, 16), threads=1)
     large = cost.peak_memory_mb(variants[1], (1, 1, 512, 512), threads=1)
     assert large > small + 5  # activations of a 512² slice through 4–16 channels take tens of MB
+
+
+def test_a_bf16_variant_runs_as_its_card_says_torch_under_autocast(tmp_path):
+    import json
+
+    card_path = small_unet(tmp_path / "unet")
+    card = json.loads(card_path.read_text())
+    card.setdefault("lineage", {})["metrics"] = {"compression": {"runtime_hint": {"torch_autocast": "bf16"}}}
+    card_path.write_text(json.dumps(card))
+    variant = open_model(card_path)  # ONNX is listed too, and would be the default runtime
+    assert variant.format == "onnx" and cost.torch_autocast_hint(variant) == "bf16"
+    predict, provider = cost.variant_predictor(variant, threads=1)
+    assert provider == "torch-cpu-bf16"
+    assert predict(np.zeros((1, 1, 16, 16), np.float32)).dtype.is_floating_point

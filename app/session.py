@@ -70,7 +70,8 @@ class Session(QObject):
         self.index = index
         self.index_changed.emit(index)
         images = index.image_series()
-        counts = f"{len(images)} image series, {len(index.problems)} problem file(s)"
+        broken = sum(not p.not_dicom for p in index.problems)
+        counts = f"{len(images)} image series, {broken} unreadable DICOM file(s)"
         self.status.emit(f"Indexed: {counts}")
         if then_show_first and images:
             self.open_series(images[0])

@@ -12,6 +12,7 @@ import os
 import zipfile
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Callable, Generator, Iterable
 
 from app.core.dicom_header import (DICOMDIR_CLASS, IMPLICIT_VR_LE, NATIVE_SYNTAXES,
@@ -19,6 +20,7 @@ from app.core.dicom_header import (DICOMDIR_CLASS, IMPLICIT_VR_LE, NATIVE_SYNTAX
 from app.core.progress import Progress
 
 ZIP_MEMBER_SEPARATOR = "::"
+DICOM_SUFFIXES = ("", ".dcm", ".dicom", ".dic", ".ima")
 _PROGRESS_EVERY = 64  # files between progress reports (each one is a cancel point)
 
 
@@ -26,6 +28,15 @@ _PROGRESS_EVERY = 64  # files between progress reports (each one is a cancel poi
 class Problem:
     path: str
     reason: str
+
+    @property
+    def not_dicom(self) -> bool:
+        """A file that is not DICOM and was never meant to be (a report, a mask, a text file):
+        skipped, not broken. A .dcm file or an extensionless CD file that fails to parse is a
+        real problem."""
+        suffix = PurePosixPath(self.path.split(ZIP_MEMBER_SEPARATOR)[-1]).suffix.lower()
+        meant_as_dicom = suffix in DICOM_SUFFIXES or suffix[1:].isdigit()
+        return self.reason.startswith("not a DICOM file") and not meant_as_dicom
 
 
 @dataclass

@@ -64,13 +64,19 @@ def test_unreadable_files_are_listed_with_their_reason(qtbot, job_manager, demo_
     case = tmp_path / "case"
     shutil.copytree(demo_tiny / "CASE001" / "CT", case / "CT")
     (case / "CT" / "broken.dcm").write_bytes(b"DICM but not really" * 10)
+    (case / "notes.txt").write_text("referral letter")
     index = _index(case)
     browser = _browser(qtbot, job_manager, index)
-    assert browser.problems.topLevelItemCount() == len(index.problems) >= 1
-    files = [browser.problems.topLevelItem(n).text(0) for n in range(browser.problems.topLevelItemCount())]
-    assert any(f.endswith("broken.dcm") for f in files)
-    assert all(browser.problems.topLevelItem(n).text(1) for n in range(len(files)))
-    assert "(1)" in browser.problems_title.text() or f"({len(files)})" in browser.problems_title.text()
+    broken = [p for p in index.problems if not p.not_dicom]
+    assert [p.path for p in index.problems if p.not_dicom] == [str(case / "notes.txt")]
+    top = [browser.problems.topLevelItem(n) for n in range(browser.problems.topLevelItemCount())]
+    files = [item.text(0) for item in top if item.childCount() == 0]
+    assert len(files) == len(broken) >= 1 and any(f.endswith("broken.dcm") for f in files)
+    assert all(item.text(1) for item in top)
+    group = next(item for item in top if item.childCount())
+    assert group.child(0).text(0).endswith("notes.txt") and "not a DICOM file" in group.child(0).text(1)
+    assert browser.problems_title.text().startswith(f"Files that could not be read ({len(broken)})")
+    assert "1 non-DICOM skipped" in browser.problems_title.text()
 
 
 def test_a_series_opened_from_the_browser_is_shown_while_it_loads(qtbot, job_manager, demo_tiny):

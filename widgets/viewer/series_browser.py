@@ -119,10 +119,20 @@ class SeriesBrowser(QWidget):
         return item
 
     def _show_problems(self, problems) -> None:
+        """Broken DICOM files first; files that are not DICOM at all (reports, masks, notes)
+        grouped and folded away, so a clean folder with a CSV in it does not look broken."""
         self.problems.clear()
-        for problem in problems:
+        broken = [p for p in problems if not p.not_dicom]
+        skipped = [p for p in problems if p.not_dicom]
+        for problem in broken:
             self.problems.addTopLevelItem(QTreeWidgetItem([str(problem.path), str(problem.reason)]))
-        self.problems_title.setText(f"Files that could not be read ({len(problems)})")
+        if skipped:
+            group = QTreeWidgetItem([f"{len(skipped)} non-DICOM file(s) skipped", "not DICOM"])
+            group.addChildren([QTreeWidgetItem([str(p.path), str(p.reason)]) for p in skipped])
+            self.problems.addTopLevelItem(group)
+        title = f"Files that could not be read ({len(broken)})"
+        self.problems_title.setText(title + (f" · {len(skipped)} non-DICOM skipped" if skipped else ""))
+        self.problems.setRootIsDecorated(bool(skipped))
         self.problems.resizeColumnToContents(0)
 
     # --- thumbnails, from a background job -------------------------------------------------------

@@ -77,6 +77,9 @@ class Session(QObject):
             self.open_series(images[0])
 
     def open_series(self, series) -> None:
+        if series.kind != "image":
+            self._open_non_image(series)
+            return
         from app.core.dicom_load import open_series
         self.jobs.submit(f"Open {series.description or series.series_uid}", open_series, series,
                          owner="series", on_result=lambda loader: self._series_opened(series, loader))
@@ -96,6 +99,18 @@ class Session(QObject):
         self.volume = volume
         self.volume_completed.emit(volume)
         self._load_ground_truth()
+
+    def _open_non_image(self, series) -> None:
+        """A SEG shows over the series it references; other objects cannot be shown as images."""
+        if series.kind == "SEG" and self.series is not None and self.volume is not None \
+                and series.referenced_series_uid == self.series.series_uid and self.volume.is_complete:
+            self.jobs.submit("Load SEG overlay", _load_seg_labels, series.files[0], self.volume,
+                             on_result=self._ground_truth_loaded)
+        elif series.kind == "SEG":
+            self.status.emit("This segmentation shows over its own series: open that series and "
+                             "its SEG overlay loads with it.")
+        else:
+            self.status.emit(f"{series.kind} objects hold no image to show ({series.description}).")
 
     def _load_ground_truth(self) -> None:
         if self.index is None or self.series is None:

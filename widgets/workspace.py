@@ -66,7 +66,7 @@ class Workspace:
         self.window.show_central(self.viewer)
         for warning in volume.warnings:
             self.window.statusBar().showMessage(f"Warning: {warning}", 15_000)
-        title = volume.description.get("series_description") or volume.series_uid
+        title = volume.description.get("series") or volume.series_uid
         self.window.setWindowTitle(f"MedCompress — {title}")
 
     def _add_overlay(self, name: str, labels, is_ai: bool) -> None:

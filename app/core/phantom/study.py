@@ -23,13 +23,14 @@ class Profile:
     slices: tuple[int, int]
     smallest_nodule_mm: float
     finest_vessel_mm: float  # vessel radius below which trees stop branching
-    max_nodules: int
+    nodules: tuple[int, int]  # fewest, most nodules in a case that has any
 
 
 PROFILES = {
     "full": Profile("full", 512, (0.6, 0.8), (1.0, 1.25, 1.5, 2.0, 2.5), (260.0, 310.0), (80, 300),
-                    3.0, 0.45, 5),
-    "tiny": Profile("tiny", 128, (2.6, 2.8), (7.0,), None, (32, 32), 8.0, 0.9, 3),
+                    3.0, 0.45, (1, 5)),
+    # Tiny voxels are ~50 mm³: nodules under 12 mm would be a handful of voxels, useless to tests.
+    "tiny": Profile("tiny", 128, (2.6, 2.8), (7.0,), None, (32, 32), 12.0, 0.9, (2, 3)),
 }
 
 
@@ -161,7 +162,7 @@ def nodule_count(rng, profile: Profile, case_index: int) -> int:
     """Every fourth case (the 3rd, 7th, ...) has no nodule: a normal scan is part of the test."""
     if case_index % 4 == 2:
         return 0
-    return int(rng.integers(1, profile.max_nodules + 1))
+    return int(rng.integers(profile.nodules[0], profile.nodules[1] + 1))
 
 
 def build_study(rng: np.random.Generator, profile: Profile, case_index: int):

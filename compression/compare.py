@@ -524,7 +524,7 @@ def disagreement_table(run: ComparisonRun, labels: Sequence[str]):
     rows = []
     for n, (case_index, name, item) in enumerate(run.all_disagreements(), 1):
         rows.append([str(n), labels[case_index], name, KIND_TITLES[item.kind],
-                     f"{item.mean_diameter_mm:.1f}", item.size_band, str(item.slice_number), item.describe(name)])
+                     f"{item.mean_diameter_mm:.1f}", item.size_band, str(item.slice_number), item.detail()])
     return Table("Lesion by lesion, against the reference",
                  ["#", "Case", "Variant", "Kind", "Size mm", "Lung-RADS size", "Slice", "Detail"], rows,
                  "Lesions matched with the shared one-to-one overlap rule; size = Lung-RADS mean diameter.")
@@ -536,14 +536,22 @@ def disagreement_images(run: ComparisonRun, labels: Sequence[str], top: int):
 
     figures = []
     for n, (case_index, name, item) in enumerate(run.all_disagreements()[:top], 1):
-        png = disagreement_slice_png(run, case_index, run.names.index(name), item.centre_index)
+        png = disagreement_slice_png(run, case_index, _segmenter_of(run, name), item.centre_index,
+                                     item.mean_diameter_mm)
         caption = f"#{n} {labels[case_index]}, slice {item.slice_number}: " \
                   f"{KIND_TITLES[item.kind].lower()} by {name}, {item.mean_diameter_mm:.1f} mm"
         figures.append(Figure(f"Disagreement {n}", png, caption))
     return figures
 
 
-def disagreement_slice_png(run: ComparisonRun, case_index: int, variant_index: int, centre_kji) -> bytes:
+def _segmenter_of(run: ComparisonRun, name: str) -> int:
+    """The segmentation shown for a disagreement: the variant itself, or the reference for a
+    classifier's type flip (the classifiers looked at the reference's lesions)."""
+    return run.names.index(name) if name in run.names else run.reference_index
+
+
+def disagreement_slice_png(run: ComparisonRun, case_index: int, variant_index: int, centre_kji,
+                           size_mm: float | None = None) -> bytes:
     """The axial slice through a disagreement, shown radiologically (patient's right on the left)."""
     from app.core.display import DisplayedScan, array_to_canonical, view_pixel_size, view_slice
     from app.core.report import disagreement_png
@@ -557,7 +565,7 @@ def disagreement_slice_png(run: ComparisonRun, case_index: int, variant_index: i
     return disagreement_png(
         view_slice(scan.canonical, "axial", k), view_slice(scan.orient(reference), "axial", k),
         view_slice(scan.orient(other), "axial", k), pixel_spacing=view_pixel_size("axial", scan.spacing),
-        centre=(canonical[1], canonical[2]))
+        centre=(canonical[1], canonical[2]), ring_mm=size_mm)
 
 
 def classifier_section(run: ComparisonRun, index: int):

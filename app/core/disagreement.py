@@ -67,6 +67,17 @@ class Disagreement:
         """1-based slice, as the viewer's corner text shows it."""
         return int(round(self.centre_index[0])) + 1
 
+    def detail(self) -> str:
+        """The specifics in a few words, for a table whose other columns say kind, size and variant."""
+        if self.kind == MISSED:
+            return f"reference lesion {self.reference_id} not found"
+        if self.kind == ADDED:
+            return "not in the reference"
+        if self.kind == VOLUME_CHANGE:
+            return (f"lesion {self.reference_id}: {self.reference_volume_ml:.3f} → {self.other_volume_ml:.3f} mL "
+                    f"({self.volume_change_pct:+.0f} %)")
+        return f"lesion {self.reference_id}: {self.reference_type} → {self.other_type}"
+
     def describe(self, other: str = "the other") -> str:
         """One plain sentence for the list and the report."""
         size = f"{self.mean_diameter_mm:.1f} mm ({self.size_band})"

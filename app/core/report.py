@@ -38,6 +38,7 @@ IMAGES_PER_PDF_PAGE = 6
 IMAGE_LEGEND = ("Lung window. Green: voxels only the reference marks; magenta: only the compared variant; "
                 "yellow: both.")
 TABLE_ROWS_PER_PDF_PAGE = 28
+LINES_PER_PDF_PAGE = 50   # monospace text lines (a wrapped line counts once: recipes are kept short)
 _PNG_METADATA = {"Software": None}   # no version string: the bytes depend on the pixels only
 
 
@@ -130,30 +131,40 @@ def window_to_grey(pixels: np.ndarray, window: tuple[float, float]) -> np.ndarra
 
 def disagreement_png(pixels: np.ndarray, reference: np.ndarray, other: np.ndarray, *,
                      pixel_spacing: tuple[float, float], window: tuple[float, float] = (1500.0, -600.0),
-                     centre: tuple[float, float] | None = None, half_size_mm: float = 40.0) -> bytes:
+                     centre: tuple[float, float] | None = None, half_size_mm: float = 40.0,
+                     ring_mm: float | None = None) -> bytes:
     """One axial slice (rows, cols) in a lung window, cropped round ``centre`` (row, col):
-    voxels only the reference marks in green, only the other in magenta, both in yellow.
-    Pixels and colour only — no text — so nothing identifying can be burned in."""
+    voxels only the reference marks in green, only the other in magenta, both in yellow; a
+    white dashed ring of ``ring_mm`` diameter marks the lesion meant. Pixels and graphics
+    only — no text — so nothing identifying can be burned in."""
     grey = window_to_grey(pixels, window)
     rgb = np.repeat(grey[..., None], 3, axis=2)
     ref, oth = np.asarray(reference) > 0, np.asarray(other) > 0
     for mask, colour in ((ref & ~oth, REFERENCE_COLOUR), (oth & ~ref, OTHER_COLOUR), (ref & oth, BOTH_COLOUR)):
         rgb[mask] = 0.35 * rgb[mask] + 0.65 * np.asarray(_rgb(colour))
-    rgb = _crop(rgb, centre, pixel_spacing, half_size_mm)
+    rgb, offset = _crop(rgb, centre, pixel_spacing, half_size_mm)
     plt = _pyplot()
     fig = plt.figure(figsize=(2.4, 2.4 * rgb.shape[0] * pixel_spacing[0] / (rgb.shape[1] * pixel_spacing[1])))
     ax = fig.add_axes((0, 0, 1, 1))
     ax.imshow(rgb, interpolation="nearest", aspect=pixel_spacing[0] / pixel_spacing[1])
+    if centre is not None and ring_mm:
+        from matplotlib.patches import Ellipse
+
+        radius_mm = ring_mm / 2.0 + 3.0   # a margin, so the ring does not hide the lesion's edge
+        ax.add_patch(Ellipse((centre[1] - offset[1], centre[0] - offset[0]), 2 * radius_mm / pixel_spacing[1],
+                             2 * radius_mm / pixel_spacing[0], fill=False, edgecolor="white", linewidth=1.0,
+                             linestyle=(0, (3, 2))))
     ax.set_axis_off()
     return _png(fig)
 
 
-def _crop(rgb: np.ndarray, centre, pixel_spacing, half_size_mm: float) -> np.ndarray:
+def _crop(rgb: np.ndarray, centre, pixel_spacing, half_size_mm: float) -> tuple[np.ndarray, tuple[int, int]]:
+    """The square of ``half_size_mm`` round ``centre`` (kept inside the image) and its top-left pixel."""
     if centre is None:
-        return rgb
+        return rgb, (0, 0)
     half = [max(8, int(round(half_size_mm / s))) for s in pixel_spacing]
     lo = [int(np.clip(round(c) - h, 0, max(0, n - 2 * h))) for c, h, n in zip(centre, half, rgb.shape[:2])]
-    return rgb[lo[0]:lo[0] + 2 * half[0], lo[1]:lo[1] + 2 * half[1]]
+    return rgb[lo[0]:lo[0] + 2 * half[0], lo[1]:lo[1] + 2 * half[1]], (lo[0], lo[1])
 
 
 def _rgb(colour: str) -> tuple[float, float, float]:
@@ -269,7 +280,8 @@ def pdf_page_count(data: ReportData) -> int:
     charts, disagreements (list pages, then image pages), variants + environment."""
     table_pages = sum(_table_page_count(t) for t in data.tables[1:] + [data.disagreements])
     image_pages = -(-len(data.disagreement_images) // IMAGES_PER_PDF_PAGE)
-    return 1 + table_pages + 1 + image_pages + 1
+    variant_pages = -(-len(_variant_lines(data)) // LINES_PER_PDF_PAGE)
+    return 1 + table_pages + 1 + image_pages + variant_pages
 
 
 def write_pdf(data: ReportData, path: str | os.PathLike) -> Path:
@@ -295,7 +307,9 @@ def _pdf_pages(data: ReportData):
     for first in range(0, len(data.disagreement_images), IMAGES_PER_PDF_PAGE):
         yield _image_page("Top disagreements", data.disagreement_images[first:first + IMAGES_PER_PDF_PAGE],
                           columns=2, rows=3, subtitle=IMAGE_LEGEND)
-    yield _text_page("Model variants and environment", _variant_lines(data), [])
+    lines = _variant_lines(data)
+    for first in range(0, len(lines), LINES_PER_PDF_PAGE):
+        yield _text_page("Model variants and environment", lines[first:first + LINES_PER_PDF_PAGE], [])
 
 
 def _table_pages(title: str, table: Table):
@@ -307,10 +321,14 @@ def _table_pages(title: str, table: Table):
 
 
 def _variant_lines(data: ReportData) -> list[str]:
+    """Each variant's card facts and the environment as text lines, already wrapped to the page."""
+    import textwrap
+
     lines = []
     for variant in data.variants:
         lines.append(f"{variant.name} ({variant.role})")
-        lines += [f"    {k}: {v}" for k, v in variant.facts]
+        for key, value in variant.facts:
+            lines += textwrap.wrap(f"    {key}: {value}", 105, subsequent_indent="        ") or [""]
         lines.append("")
     lines.append("Environment")
     lines += [f"    {k}: {v}" for k, v in data.environment]
@@ -345,8 +363,9 @@ def _draw_table(fig, table: Table, top: float) -> float:
     ax = fig.add_axes((0.06, max(0.04, top - 0.02 - height), 0.88, height))
     ax.set_axis_off()
     if table.rows:
-        cells = ax.table(cellText=[[str(v) for v in row] for row in table.rows], colLabels=table.columns,
-                         loc="upper left", cellLoc="left")
+        text = [[str(v) for v in row] for row in table.rows]
+        cells = ax.table(cellText=text, colLabels=table.columns, loc="upper left", cellLoc="left",
+                         colWidths=_column_widths(table.columns, text))
         cells.auto_set_font_size(False)
         cells.set_fontsize(6.5)
         cells.scale(1.0, 1.0)
@@ -357,19 +376,30 @@ def _draw_table(fig, table: Table, top: float) -> float:
     return bottom - 0.015
 
 
+def _column_widths(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> list[float]:
+    """Column widths (fractions of the table) in proportion to their longest text."""
+    longest = [max([len(str(c)), 5] + [len(row[n]) for row in rows]) + 3 for n, c in enumerate(columns)]
+    total = float(sum(longest))
+    return [n / total for n in longest]
+
+
 def _image_page(title: str, figures: Sequence[Figure], columns: int, rows: int, subtitle: str = ""):
+    import textwrap
+
     import matplotlib.image as mpimg
 
     fig = _new_page(title)
     if subtitle:
         fig.text(0.06, 0.94, subtitle, fontsize=8, va="top")
     rows = max(1, rows)
+    top = 0.90 if subtitle else 0.93
     for n, figure in enumerate(figures):
         r, c = divmod(n, columns)
-        height = 0.86 / rows
-        ax = fig.add_axes((0.06 + c * 0.88 / columns, 0.93 - (r + 1) * height + 0.03, 0.88 / columns - 0.02,
+        height = (top - 0.07) / rows
+        ax = fig.add_axes((0.06 + c * 0.88 / columns, top - (r + 1) * height + 0.03, 0.88 / columns - 0.02,
                            height - 0.05))
         ax.imshow(mpimg.imread(io.BytesIO(figure.png), format="png"))
         ax.set_axis_off()
-        ax.set_title(figure.caption or figure.title, fontsize=8)
+        caption = "\n".join(textwrap.wrap(figure.caption or figure.title, 60))
+        ax.set_title(caption, fontsize=7.5)
     return fig

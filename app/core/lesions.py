@@ -7,7 +7,8 @@ so "lesion 3, 8.4 mm" means the same thing everywhere.
 - Size is measured as Lung-RADS measures it: on the axial slice of greatest extent, the long
   axis (greatest in-plane diameter) and the short axis (greatest extent perpendicular to it),
   in millimetres with the real, possibly anisotropic, pixel spacing; the mean diameter is
-  their average. The volume (mL) is reported beside it.
+  their average. The volume (mL) is reported beside it. "Axial" means a slice k of the
+  volume's grid, i.e. the acquisition plane (axial for every chest CT).
 - Two label maps are compared lesion by lesion with :func:`match_lesions`.
 """
 from __future__ import annotations

@@ -196,7 +196,7 @@ def _signed_distance(nodule: Nodule, z, y, x) -> np.ndarray:
 
 
 def _texture(nodule: Nodule, z, y, x) -> np.ndarray:
-    """Slow wavy variation (±~30 HU) so ground glass is not a flat disc."""
+    """Slow wavy variation (up to ±54 HU) so ground glass is not a flat disc."""
     total = 0.0
     for kx, ky, kz, phase in nodule.waves:
         total = total + np.cos(kx * x + ky * y + kz * z + phase)

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 import pyqtgraph as pg
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (QCheckBox, QFileDialog, QGridLayout, QHBoxLayout, QLabel, QLineEdit,
                                QPlainTextEdit, QProgressBar, QPushButton, QSplitter, QTableWidget,
@@ -20,6 +20,8 @@ from app.compress_config import run_plan
 from widgets.compress_wizard import PROBLEM_STYLE, ConfigPage, file_size_text
 
 LOG_LINES = 2000
+REDRAW_MS = 150
+LOSS_TITLE = "Fine-tuning / distillation loss"
 ORIGINAL_COLOUR, WITHIN_COLOUR, OUTSIDE_COLOUR = "#2c3e50", "#27ae60", "#c0392b"
 
 
@@ -54,6 +56,10 @@ class RunPage(ConfigPage):
         self.state = "idle"   # idle | running | finished | failed | cancelled
         self.phase_bars: list[QProgressBar] = []
         self.phases_seen: set[int] = set()
+        self.pending_log: list[str] = []
+        self.last_message, self.chart_stale = "", False
+        self.redraw = QTimer(self, singleShot=True, interval=REDRAW_MS)
+        self.redraw.timeout.connect(self._redraw)
         self.losses: list[float] = []
         self.overall = _bar()
         self.eta = QLabel("")
@@ -68,7 +74,7 @@ class RunPage(ConfigPage):
         self.loss_plot = pg.PlotWidget(background="w")
         self.loss_plot.setLabel("left", "loss")
         self.loss_plot.setLabel("bottom", "training step")
-        self.loss_plot.setTitle("Fine-tuning / distillation loss", color="#333")
+        self.loss_plot.setTitle(LOSS_TITLE, color="#333")
         self.loss_curve = self.loss_plot.plot([], [], pen=pg.mkPen("#2980b9", width=2))
         self._layout()
         jobs.cancelled.connect(self._job_cancelled)
@@ -116,7 +122,9 @@ class RunPage(ConfigPage):
 
     def _reset(self) -> None:
         self.result, self.losses = None, []
+        self.pending_log, self.last_message, self.chart_stale = [], "", False
         self.loss_curve.setData([], [])
+        self.loss_plot.setTitle(LOSS_TITLE, color="#333")
         self.log.clear()
         self.overall.setValue(0)
         self.eta.setText("")
@@ -150,9 +158,21 @@ class RunPage(ConfigPage):
             self.eta.setText(eta_text(data["eta_s"]))
         if "loss" in data:
             self.losses.append(float(data["loss"]))
+            self.chart_stale = True
+        if progress.message and progress.message != self.last_message:
+            self.last_message = progress.message
+            self.pending_log.append(progress.message)
+        if not self.redraw.isActive():
+            self.redraw.start()
+
+    def _redraw(self) -> None:
+        """Chart and log are drawn at most every REDRAW_MS: a burst of progress costs one paint."""
+        if self.chart_stale:
             self.loss_curve.setData(list(range(1, len(self.losses) + 1)), self.losses)
-        if progress.message and progress.message != self._last_log_line():
-            self.log.appendPlainText(progress.message)
+            self.chart_stale = False
+        if self.pending_log:
+            self.log.appendPlainText("\n".join(self.pending_log))
+            self.pending_log = []
 
     def _show_phase(self, phase: int, fraction: float) -> None:
         """Phases run in order: one that reports means every earlier one that ran is done."""
@@ -161,10 +181,6 @@ class RunPage(ConfigPage):
                 self.phase_bars[k].setValue(1000)
         self.phases_seen.add(phase)
         self.phase_bars[phase].setValue(int(1000 * fraction))
-
-    def _last_log_line(self) -> str:
-        block = self.log.document().lastBlock()
-        return block.text() if block.isValid() else ""
 
     # -- ending ----------------------------------------------------------------------------------
     def cancel_run(self) -> None:
@@ -178,9 +194,12 @@ class RunPage(ConfigPage):
             if k in self.phases_seen:
                 bar.setValue(1000)
             else:
+                bar.setValue(0)   # a reset bar (-1) shows no text at all
                 bar.setFormat("not tried (time limit)")
         self.overall.setValue(1000)
         self.eta.setText("")
+        if not self.losses:
+            self.loss_plot.setTitle("No fine-tuning or distillation in this run", color="#777")
         self._set_state("finished", f"Done: {len(result.rows) - 1} variant(s) in {result.run_folder}. "
                         "Next shows the results.")
         self.finished_run.emit(result)
@@ -194,6 +213,7 @@ class RunPage(ConfigPage):
                             "return to this page to run again.")
 
     def _set_state(self, state: str, text: str) -> None:
+        self._redraw()
         self.state = state
         self.status.setText(text)
         self.status.setStyleSheet(PROBLEM_STYLE if state == "failed" else "")
@@ -237,6 +257,16 @@ def budget_text(row) -> str:
     return "over: " + "; ".join(row.budget_failures)
 
 
+def _frame(plot: pg.PlotWidget, xs: list[float], ys: list[float]) -> None:
+    """Axes that show every point with room for its name; accuracy stays within 0..1."""
+    if not xs or not ys:
+        return
+    x_pad = max(0.15 * (max(xs) - min(xs)), 0.1 * abs(max(xs)), 1e-3)
+    y_pad = max(0.15 * (max(ys) - min(ys)), 0.02)
+    plot.setXRange(max(0.0, min(xs) - x_pad), max(xs) + x_pad, padding=0)
+    plot.setYRange(max(0.0, min(ys) - y_pad), min(1.05, max(ys) + y_pad), padding=0)
+
+
 class ResultsPage(ConfigPage):
     page_key = "results"
     compare_requested = Signal(list)   # card paths, the original first
@@ -245,7 +275,7 @@ class ResultsPage(ConfigPage):
     def __init__(self, wizard_model, jobs):
         super().__init__(wizard_model, jobs, "6 · Results", "Every variant against the original on the eval "
                          "scans. Keep the ones you want; the others are deleted.")
-        self.result = None
+        self.result, self.drawn = None, False
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(list(COLUMNS))
         self.table.verticalHeader().setVisible(False)
@@ -269,7 +299,8 @@ class ResultsPage(ConfigPage):
         plot = pg.PlotWidget(background="w")
         plot.setLabel("bottom", x_label)
         plot.setLabel("left", "accuracy (Dice)")
-        plot.getViewBox().setDefaultPadding(0.2)   # room for the names beside the points
+        for axis in ("left", "bottom"):
+            plot.getAxis(axis).enableAutoSIPrefix(False)   # "Dice (x0.001)" reads as a different metric
         plot.showGrid(x=True, y=True, alpha=0.2)
         plot.addLegend(offset=(10, -10), labelTextColor="#333")
         return plot
@@ -301,12 +332,25 @@ class ResultsPage(ConfigPage):
 
     # -- showing -----------------------------------------------------------------------------------
     def show_result(self, result) -> None:
-        self.result = result
+        """Keep the result; it is drawn when the page is shown, not while the run page is busy."""
+        self.result, self.drawn = result, False
+        if self.isVisible():
+            self.initializePage()
+
+    def initializePage(self) -> None:  # noqa: N802 - Qt override
+        if self.result is None or self.drawn:
+            return
+        self.drawn = True
+        result = self.result
         self.destination.setText(result.run_folder)
         self.evidence.setText(f"Evidence: {result.evidence}" + "".join(f"<br>{n}" for n in result.notes))
         self._fill_table(result.rows)
-        self._fill_plots(result.rows)
-        self._fill_sensitivity(result.sensitivity)
+        # the plots are drawn on the next turn of the event loop: two short pauses, not one long one
+        QTimer.singleShot(0, self, self._draw_charts)
+
+    def _draw_charts(self) -> None:
+        self._fill_plots(self.result.rows)
+        self._fill_sensitivity(self.result.sensitivity)
 
     def _fill_table(self, rows) -> None:
         self.table.setRowCount(len(rows))
@@ -357,7 +401,9 @@ class ResultsPage(ConfigPage):
                 if x_of(r) is not None and self.accuracy(r) is not None:
                     text = pg.TextItem(r.name, color="#333", anchor=(0.5, 1.3))
                     text.setPos(x_of(r), self.accuracy(r))
-                    plot.addItem(text)
+                    plot.addItem(text, ignoreBounds=True)
+            _frame(plot, [x_of(r) for r in rows if x_of(r) is not None],
+                   [self.accuracy(r) for r in rows if self.accuracy(r) is not None])
 
     def plotted_points(self, plot: pg.PlotWidget) -> int:
         """How many variants a plot shows (tests read the plot itself)."""

@@ -168,7 +168,8 @@ SPARSE_PAYS_ABOVE = 2.0 / 3.0
 
 
 def sparse_storage_pays(sparsity: float, value_bytes: int = 4) -> bool:
-    return sparsity > value_bytes / (value_bytes + 8.0)
+    """nnz·(value + 8-byte index) < n·value  ⇔  sparsity > 8 / (value + 8): 2/3 for fp32, 8/9 for int8."""
+    return sparsity > 8.0 / (value_bytes + 8.0)
 
 
 def write_sparse_onnx(source, target, min_elements: int = 256) -> dict:

@@ -48,6 +48,7 @@ class WorkingModel:
     runtime_hint: dict = field(default_factory=dict)  # how to run it best, e.g. {"torch_autocast": "bf16"}
     storage: str = "dense"  # "sparse": write ONNX sparse initializers where they pay (unstructured pruning)
     original: Any = None  # the parent's float module, frozen: the reference for label-free recovery
+    deploy: str = "onnx"  # what a stock runtime loads: "onnx", or "torch" (state_dict; e.g. bf16 weights)
 
     def require_module(self, step: str):
         if self.module is None:
@@ -250,7 +251,11 @@ def write_variant(model: WorkingModel, parent: ModelVariant, folder: Path, name:
                   data: StepData) -> Generator[Progress, None, None]:
     """Files, verification and card into ``folder`` (the caller renames it into place)."""
     files, verification = {}, {}
-    if model.onnx_path is not None:
+    if model.deploy == "torch":
+        files.update(_write_torch_files(model, folder, verification, torchscript=False))
+        if "weights" not in files:
+            raise StepError("a variant deployed as torch weights needs a module that fits the card's architecture")
+    elif model.onnx_path is not None:
         shutil.copyfile(model.onnx_path, folder / "model.onnx")
     else:
         from compression.export import export_onnx
@@ -258,10 +263,11 @@ def write_variant(model: WorkingModel, parent: ModelVariant, folder: Path, name:
         verification["onnx"] = export_onnx(model.module, folder / "model.onnx", model.example_shape)
         if model.storage == "sparse":
             verification["onnx_sparse"] = _store_sparse(model, folder)
-    files["onnx"] = "model.onnx"
-    yield Progress(0.5, "ONNX written")
-    if model.module is not None:
-        files.update(_write_torch_files(model, folder, verification))
+    if model.deploy == "onnx":
+        files["onnx"] = "model.onnx"
+        yield Progress(0.5, "ONNX written")
+        if model.module is not None:
+            files.update(_write_torch_files(model, folder, verification))
     for role, path in model.extra_files.items():
         shutil.copyfile(path, folder / path.name)
         files[role] = path.name
@@ -288,15 +294,16 @@ def _store_sparse(model: WorkingModel, folder: Path) -> dict:
     return verify_onnx(dense, model.module, example_input(model.example_shape))
 
 
-def _write_torch_files(model: WorkingModel, folder: Path, verification: dict) -> dict:
+def _write_torch_files(model: WorkingModel, folder: Path, verification: dict, torchscript: bool = True) -> dict:
     import torch
 
     from app.core.atomic import atomic_output
     from compression.export import export_torchscript
 
     files = {}
-    verification["torchscript"] = export_torchscript(model.module, folder / "model.ts", model.example_shape)
-    files["torchscript"] = "model.ts"
+    if torchscript:
+        verification["torchscript"] = export_torchscript(model.module, folder / "model.ts", model.example_shape)
+        files["torchscript"] = "model.ts"
     if _module_fits_architecture(model):
         dtype = getattr(torch, model.weights_dtype)
         state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.module.state_dict().items()}
@@ -312,10 +319,10 @@ def _variant_card(model, parent, folder, name, files, recipe, data, verification
     if model.runtime_hint:
         compression["runtime_hint"] = model.runtime_hint
     lineage = Lineage(
-        weights_sha256=sha256_file(folder / files["onnx"]), parent_sha256=parent.weights_sha256 or None,
+        weights_sha256=sha256_file(folder / files.get("onnx", files.get("weights"))), parent_sha256=parent.weights_sha256 or None,
         recipe=_jsonable(recipe), seed=int(data.seed), metrics=_jsonable({"compression": compression}),
-        package_versions=package_versions(), cpu_flags=cpu_flags(), provider="onnxruntime-CPUExecutionProvider",
-        threads=data.threads)
+        package_versions=package_versions(), cpu_flags=cpu_flags(),
+        threads=data.threads, provider="onnxruntime-CPUExecutionProvider" if "onnx" in files else f"torch-{data.device}")
     architecture = model.card.architecture if "weights" in files else None
     steps = ", ".join(h["step"] for h in model.history) or "no steps"
     description = f"{parent.card.description} Compressed from {parent.card.name} {parent.card.version} by: {steps}.".strip()

@@ -67,8 +67,11 @@ def soft_dice_loss(probabilities, target_probabilities, eps: float = 1e-5):
     return 1 - dice.mean()
 
 
+IGNORE = 255  # label value of pixels without ground truth (unlabelled scans mixed into a labelled batch)
+
+
 def segmentation_loss(logits, labels, foreground_weight: float = 1.0):
-    """Cross-entropy + soft Dice against integer labels (N, H, W).
+    """Cross-entropy + soft Dice against integer labels (N, H, W); pixels labelled IGNORE do not count.
 
     ``foreground_weight`` > 1 up-weights lesion pixels in the cross-entropy: nodules are a few
     per cent of a slice, and a network trained from scratch otherwise settles on "all background".
@@ -76,25 +79,41 @@ def segmentation_loss(logits, labels, foreground_weight: float = 1.0):
     import torch
     import torch.nn.functional as F
 
+    labels = labels.long()
+    valid = labels != IGNORE
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
     weight = None
     if foreground_weight != 1.0:
         weight = torch.full((logits.shape[1],), float(foreground_weight), device=logits.device)
         weight[0] = 1.0
-    one_hot = F.one_hot(labels.long(), logits.shape[1]).permute(0, 3, 1, 2).float()
-    return F.cross_entropy(logits, labels.long(), weight=weight) + soft_dice_loss(logits.softmax(1), one_hot)
+    ce = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE)
+    one_hot = F.one_hot(labels.clamp_max(logits.shape[1] - 1), logits.shape[1]).permute(0, 3, 1, 2).float()
+    mask = valid[:, None].float()
+    return ce + soft_dice_loss(logits.softmax(1) * mask, one_hot * mask)
 
 
-def distillation_loss(student_logits, teacher_logits, labels=None, temperature: float = 2.0,
+def distillation_loss(student_logits, teacher_logits, labels=None, temperature: float = 1.0,
                       label_weight: float = 0.5, foreground_weight: float = 1.0):
-    """KL(teacher‖student) at ``temperature`` (× T², Hinton) + soft Dice to the teacher's mask,
-    mixed with the labels' loss when labels are given."""
+    """Per-pixel KL(teacher‖student) at ``temperature`` (× T², Hinton) + soft Dice to the teacher's
+    mask, mixed with the labels' loss when labels are given.
+
+    The Dice term uses the teacher's argmax mask, not its probabilities: an unsure teacher
+    (p ≈ 0.55 at a lesion) imitated closely would otherwise tip to background under argmax.
+
+    ``foreground_weight`` up-weights the KL where the teacher sees lesion, for the same reason as
+    in :func:`segmentation_loss` (a student from scratch otherwise settles on background).
+    """
     import torch.nn.functional as F
 
     t = float(temperature)
     teacher_logits = teacher_logits.float()
-    kl = F.kl_div(F.log_softmax(student_logits / t, 1), F.softmax(teacher_logits / t, 1),
-                  reduction="batchmean") * t * t / student_logits[0, 0].numel()
-    soft = kl + soft_dice_loss(student_logits.softmax(1), teacher_logits.softmax(1))
+    teacher_soft = F.softmax(teacher_logits / t, 1)
+    kl_map = (teacher_soft * (F.log_softmax(teacher_logits / t, 1) - F.log_softmax(student_logits / t, 1))).sum(1)
+    if foreground_weight != 1.0:
+        kl_map = kl_map * (1 + (foreground_weight - 1) * (1 - F.softmax(teacher_logits, 1)[:, 0]))
+    teacher_mask = F.one_hot(teacher_logits.argmax(1), teacher_logits.shape[1]).permute(0, 3, 1, 2).float()
+    soft = kl_map.mean() * t * t + soft_dice_loss(student_logits.softmax(1), teacher_mask)
     if labels is None:
         return soft
     return (1 - label_weight) * soft + label_weight * segmentation_loss(student_logits, labels, foreground_weight)
@@ -122,7 +141,8 @@ def _batch(arrays: dict[str, np.ndarray], idx: np.ndarray, rng: np.random.Genera
 
 def train_loop(module, arrays: dict[str, np.ndarray], loss_fn: Callable, config: TrainConfig, *,
                penalty: Callable | None = None, after_backward: Callable | None = None,
-               after_step: Callable | None = None, label: str = "fine-tune") -> Generator[Progress, None, dict]:
+               after_step: Callable | None = None, param_groups: list[dict] | None = None,
+               label: str = "fine-tune") -> Generator[Progress, None, dict]:
     """Train ``module`` in place on ``arrays`` (``x`` plus targets) for ``config.steps`` steps.
 
     ``loss_fn(logits, batch_tensors)`` gives the task loss; ``penalty(module)`` adds a
@@ -138,7 +158,8 @@ def train_loop(module, arrays: dict[str, np.ndarray], loss_fn: Callable, config:
     device_type = "cuda" if config.device.startswith("cuda") else "cpu"
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     module.to(config.device).train()
-    optimiser = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # param_groups: e.g. channel scales learning faster than the weights (sparsity training).
+    optimiser = torch.optim.AdamW(param_groups or module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(1, config.steps))
     losses, start = [], time.perf_counter()
     n = len(arrays["x"])
@@ -179,7 +200,7 @@ def make_labels_loss(foreground_weight: float = 1.0):
     return loss
 
 
-def make_distillation_loss(temperature: float = 2.0, label_weight: float = 0.5, foreground_weight: float = 1.0):
+def make_distillation_loss(temperature: float = 1.0, label_weight: float = 0.5, foreground_weight: float = 1.0):
     def loss(logits, batch):
         labels = batch.get("y") if label_weight > 0 else None
         return distillation_loss(logits, batch["teacher"], labels, temperature, label_weight, foreground_weight)

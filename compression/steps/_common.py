@@ -68,7 +68,7 @@ def recovery_arrays(model: WorkingModel, data: StepData, use: str, max_slices: i
 
 def recover(model: WorkingModel, data: StepData, *, steps: int, lr: float, batch_size: int, crop: int | None,
             amp: str, use: str = "auto", max_slices: int | None = 64, label: str = "fine-tune",
-            penalty=None, after_backward=None, after_step=None) -> Generator[Progress, None, dict]:
+            penalty=None, after_backward=None, after_step=None, param_groups=None) -> Generator[Progress, None, dict]:
     """Fine-tune ``model.module`` in place; returns the loop's statistics (plus what it learnt from)."""
     if steps <= 0:
         return {}
@@ -76,6 +76,7 @@ def recover(model: WorkingModel, data: StepData, *, steps: int, lr: float, batch
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=data.seed, device=data.device,
                          amp=amp, crop=crop, threads=data.threads)
     stats = yield from train_loop(model.module, arrays, loss, config, penalty=penalty,
-                                  after_backward=after_backward, after_step=after_step, label=label)
+                                  after_backward=after_backward, after_step=after_step,
+                                  param_groups=param_groups, label=label)
     model.module.to("cpu").eval()
     return {**stats, "learnt_from": used}

@@ -2,16 +2,15 @@
 
 Every normalisation layer gets a per-channel scale (BatchNorm's γ; MONAI's parameter-free
 InstanceNorm is made affine with γ = 1, β = 0, which changes nothing at the start), and training
-adds an L1 penalty on those scales (Liu et al. 2017), applied as a proximal step after each
-optimiser step so that scales reach exactly zero. A channel whose scale is zero outputs a
-constant; Torch-Pruning's dependency graph then removes it everywhere it is coupled (residual
-adds, skip concatenations, the consumers' input channels).
+adds a sparsity penalty on those scales (network slimming, Liu et al. 2017). A channel whose scale
+is (near) zero contributes nothing; Torch-Pruning's dependency graph then removes it everywhere it
+is coupled (residual adds, skip concatenations, the consumers' input channels).
 
-A layer followed by InstanceNorm has no overall scale of its own (the norm undoes it), so an L1
-pull on all γ alike would shrink whole layers to nothing without changing the output, until
-they die. The penalty therefore works relative to each layer: after the shrink, a layer's γ are
-rescaled to keep their largest at its value before the step, leaving only the pressure *between*
-channels, which is what decides which ones go.
+The penalty is the scale-invariant Hoyer-Square (Σ|γ|)²/Σγ² per layer (DeepHoyer, Yang et al.
+2020), not plain L1: a layer followed by InstanceNorm has no overall scale of its own, so L1
+would shrink every γ of a layer alike, without changing the output, until the layer dies (seen
+here: all channels gone, Dice 0). Hoyer-Square cannot lower itself by uniform shrinking; it only
+pays by making some channels small *relative to the others*, which is what pruning needs.
 """
 from __future__ import annotations
 
@@ -22,22 +21,23 @@ from compression.steps._common import recover
 from compression.steps.prune_channels import _channel_counts, _output_layers, _report, _sync_norm_sizes
 
 
-def sparsity_train(model: WorkingModel, data: StepData, *, strength: float = 30.0, steps: int = 100,
-                   threshold: float = 0.05, max_ratio: float = 0.75, lr: float = 1e-3, batch_size: int = 8,
+def sparsity_train(model: WorkingModel, data: StepData, *, strength: float = 0.02, steps: int = 100,
+                   threshold: float = 0.1, max_ratio: float = 0.75, lr: float = 1e-3, batch_size: int = 8,
                    crop: int | None = None, amp: str = "auto", use: str = "auto", max_slices: int | None = 64,
-                   finetune_steps: int = 0):
-    """Train with L1 on channel scales (``strength``: per step, γ lose lr·strength·their layer's largest),
-    then remove every channel whose |γ| is below ``threshold`` × its layer's largest
+                   finetune_steps: int = 0, scale_lr_factor: float = 10.0):
+    """Train with the Hoyer-Square penalty on channel scales (× ``strength``; the scales learn
+    ``scale_lr_factor`` × faster than the weights, so a short run can move them), then remove every channel whose |γ| is below ``threshold`` × its layer's largest
     (at most ``max_ratio`` of a layer's channels)."""
     import torch
 
     module = model.require_module("sparsity_train")
     example = torch.zeros(model.example_shape)
     norms = _make_norms_affine(module)
-    slimming = _ScaleLasso(norms, strength)
+    slimming = _HoyerSquare(norms, strength)
     stats = yield from scaled(recover(model, data, steps=steps, lr=lr, batch_size=batch_size, crop=crop, amp=amp,
                                       use=use, max_slices=max_slices, label="sparsity training",
-                                      after_step=slimming), 0.0, 0.7)
+                                      penalty=slimming, param_groups=_groups(module, norms, lr * scale_lr_factor)),
+                              0.0, 0.7)
     model.metrics.setdefault("finetune", []).append(stats)
     before = _channel_counts(module)
     removed = _prune_weak_channels(module, example, threshold, max_ratio)
@@ -46,7 +46,7 @@ def sparsity_train(model: WorkingModel, data: StepData, *, strength: float = 30.
     _report(model, before, _channel_counts(module), ratio=None)
     model.metrics["sparsity_training"] = {"strength": strength, "steps": steps, "threshold": threshold,
                                           "channels_removed": removed, "scales": sum(n.weight.numel() for n in norms)}
-    model.notes.append(f"L1 training of channel scales ({steps} steps, strength {strength:g}) drove {removed} channels "
+    model.notes.append(f"Sparsity training of channel scales ({steps} steps, strength {strength:g}) drove {removed} channels "
                        f"below {threshold:g}× their layer's largest scale; they were removed.")
     if removed == 0:
         model.notes.append("No channel scale fell below the threshold: raise the strength or the steps; "
@@ -74,24 +74,24 @@ def _make_norms_affine(module) -> list:
     return norms
 
 
-class _ScaleLasso:
-    """Proximal L1 on γ, relative to each layer's median, then the median restored (see the module doc)."""
+def _groups(module, norms, scale_lr: float) -> list[dict]:
+    scales = {id(n.weight) for n in norms}
+    return [{"params": [n.weight for n in norms], "lr": scale_lr},
+            {"params": [p for p in module.parameters() if id(p) not in scales]}]
+
+
+class _HoyerSquare:
+    """strength · Σ_layers (Σ|γ|)² / Σγ²: differentiable, scale-invariant sparsity of the channel scales."""
 
     def __init__(self, norms, strength: float):
         self.norms, self.strength = norms, strength
 
-    def __call__(self, module, lr: float) -> None:
-        import torch
-
-        with torch.no_grad():
-            for norm in self.norms:
-                gamma = norm.weight
-                top = gamma.abs().max().clamp_min(1e-12)
-                shrunk = gamma.sign() * (gamma.abs() - lr * self.strength * top).clamp_min(0.0)
-                new_top = shrunk.abs().max()
-                if new_top > 0:  # restore the layer's scale: only the pressure between channels remains
-                    shrunk = shrunk * (top / new_top)
-                gamma.copy_(shrunk)
+    def __call__(self, module):
+        total = 0.0
+        for norm in self.norms:
+            gamma = norm.weight
+            total = total + gamma.abs().sum() ** 2 / (gamma.pow(2).sum() + 1e-12)
+        return self.strength * total
 
 
 def _prune_weak_channels(module, example, threshold: float, max_ratio: float) -> int:

@@ -1,0 +1,161 @@
+"""Knowledge distillation: a smaller student learns from any variant's soft outputs, without labels.
+
+The teacher is the StepData's teacher variant (torch or ONNX, run as it is deployed) or the
+model being compressed. The student is the same architecture narrower (``width``), a card
+architecture of its own, or any MONAI network the card format names. It learns from the
+teacher's softened probabilities on the user's unlabelled scans (KL at temperature T × T² plus
+soft Dice to the teacher's mask); the train cases that have labels add the labels' loss too, so
+a few labelled scans and many unlabelled ones train one student together.
+
+Defaults suit a student trained from scratch on small lesions: temperature 1 (a binary
+segmentation teacher is often unsure at lesion borders; softening further washed lesions out of
+tiny students here) and lesion pixels weighted ×10.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from app.core.model_card import Architecture
+from app.core.progress import Progress, scaled
+
+from compression.pipeline import StepData, WorkingModel
+from compression.training import TrainConfig, make_distillation_loss, make_labels_loss, train_loop
+
+WIDTH_ARGS = ("channels", "features", "init_features")  # MONAI argument names that set a network's width
+
+
+def student_architecture(teacher: Architecture | None, width: float, student: dict | None) -> Architecture:
+    """The student's architecture: given explicitly, or the teacher's with every width × ``width``."""
+    if student is not None:
+        return Architecture(student["name"], dict(student.get("args", {})))
+    if teacher is None:
+        raise ValueError("the teacher has no architecture in its card; name the student explicitly "
+                         "(student={'name': 'UNet', 'args': {...}})")
+    args = dict(teacher.args)
+    for key in WIDTH_ARGS:
+        if key in args:
+            value = args[key]
+            args[key] = ([max(2, int(round(c * width))) for c in value] if isinstance(value, (list, tuple))
+                         else max(2, int(round(value * width))))
+    return Architecture(teacher.name, args)
+
+
+def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student: dict | None = None,
+            steps: int = 300, lr: float = 3e-3, batch_size: int = 8, crop: int | None = None,
+            temperature: float = 1.0, label_weight: float = 0.5, use: str = "auto", amp: str = "auto",
+            max_slices: int | None = None, foreground_weight: float = 10.0, seed: int | None = None,
+            init: str = "auto"):
+    """Train a fresh student; it replaces the model (the teacher stays the reference).
+
+    ``use``: "teacher" (label-free), "both" (teacher everywhere + labels where a case has them,
+    weight ``label_weight``), "labels" (labelled cases only, no teacher: the baseline a
+    distillation must beat), "auto" (both when any train case has labels).
+    ``init``: "scratch", "teacher" (the teacher's channels pruned by magnitude down to the student's
+    widths, when the student is the teacher's architecture narrower: it starts where the teacher's
+    strongest channels are, and converges in far fewer steps), "auto" (teacher unless ``use`` is
+    "labels", which must not see the teacher at all).
+    """
+    from app.core.models import build_network
+
+    from compression.training import seed_all
+
+    arch = student_architecture(model.card.architecture, width, student)
+    labelled = any(c.labels is not None for c in data.train)
+    use = ("both" if labelled else "teacher") if use == "auto" else use
+    if use in ("labels", "both") and not labelled:
+        raise ValueError(f"distillation with {use!r} needs labels on at least one train case")
+    arrays = _training_arrays(model, data, use, max_slices)
+    if use != "labels":
+        yield Progress(0.02, "teacher outputs on the train slices")
+        arrays["teacher"] = _teacher(model, data, arrays["x"]).astype(np.float16)
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=data.seed if seed is None else seed,
+                         device=data.device, amp=amp, crop=crop, threads=data.threads)
+    seed_all(config.seed, data.threads)
+    net = build_network(arch, "distillation student")
+    if init == "teacher" or (init == "auto" and use != "labels"):
+        _start_from_teacher(model, net)
+    loss = (make_labels_loss(foreground_weight) if use == "labels" else
+            make_distillation_loss(temperature, label_weight if use == "both" else 0.0, foreground_weight))
+    stats = yield from scaled(train_loop(net, arrays, loss, config, label="distillation"), 0.05, 1.0)
+    _adopt_student(model, net.to("cpu").eval(), arch, use, stats, temperature)
+    return model
+
+
+def _training_arrays(model: WorkingModel, data: StepData, use: str, max_slices: int | None) -> dict:
+    """x for every train case; y with the labels where a case has them and IGNORE elsewhere."""
+    from compression.data import slice_tensors
+    from compression.training import IGNORE
+
+    card = model.card
+    with_labels = [c for c in data.train if c.labels is not None]
+    without = [c for c in data.train if c.labels is None]
+    if use == "teacher":
+        return {"x": slice_tensors(data.train, card, with_labels=False, max_slices=max_slices, seed=data.seed)[0]}
+    x, y = slice_tensors(with_labels, card, with_labels=True, max_slices=max_slices, seed=data.seed)
+    if use == "labels" or not without:
+        return {"x": x, "y": y.astype(np.int64)}
+    xu, _ = slice_tensors(without, card, with_labels=False, max_slices=max_slices, seed=data.seed)
+    if xu.shape[1:] != x.shape[1:]:
+        raise ValueError(f"labelled slices are {x.shape[2:]}, unlabelled {xu.shape[2:]}: they cannot share batches")
+    return {"x": np.concatenate([x, xu]),
+            "y": np.concatenate([y.astype(np.int64), np.full((len(xu),) + y.shape[1:], IGNORE, np.int64)])}
+
+
+def _start_from_teacher(model: WorkingModel, net) -> None:
+    """Load the teacher, channel-pruned by magnitude to the student's widths, into the student."""
+    import copy
+
+    import torch
+    import torch_pruning as tp
+
+    from compression.steps.prune_channels import _output_layers, _sync_norm_sizes
+
+    if model.module is None or model.card.architecture is None:
+        model.notes.append("The student starts from scratch: no torch teacher of a known architecture to start from.")
+        return
+    teacher = copy.deepcopy(model.module).eval()
+    example = torch.zeros(model.example_shape)
+    ratio = 1 - _channel_fraction(teacher, net)
+    try:
+        tp.pruner.MetaPruner(teacher, example, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
+                             ignored_layers=_output_layers(teacher, example)).step()
+        _sync_norm_sizes(teacher)
+        net.load_state_dict(teacher.state_dict(), strict=True)
+        model.notes.append(f"The student started from the teacher's strongest channels ({ratio:.0%} pruned by magnitude).")
+    except Exception as exc:  # a student of another shape: from scratch, and say so
+        model.notes.append(f"The student starts from scratch: the pruned teacher does not fit it ({type(exc).__name__}).")
+
+
+def _channel_fraction(teacher, student) -> float:
+    import torch
+
+    def channels(m):
+        return sum(l.out_channels for l in m.modules() if isinstance(l, torch.nn.modules.conv._ConvNd))
+
+    return channels(student) / max(1, channels(teacher))
+
+
+def _teacher(model: WorkingModel, data: StepData, x: np.ndarray) -> np.ndarray:
+    from compression.steps._common import teacher_logits
+    from compression.training import onnx_logits, predict_logits
+
+    if data.teacher is not None:
+        return teacher_logits(model, data, x)
+    if model.module is not None:
+        return predict_logits(model.module, x)
+    return onnx_logits(model.onnx_path, x, threads=data.threads)
+
+
+def _adopt_student(model: WorkingModel, net, arch: Architecture, use: str, stats: dict, temperature: float) -> None:
+    teacher_params = sum(p.numel() for p in model.module.parameters()) if model.module is not None else None
+    student_params = sum(p.numel() for p in net.parameters())
+    model.module, model.onnx_path, model.storage = net, None, "dense"
+    model.card = replace(model.card, architecture=arch)
+    model.metrics["distillation"] = {"student": {"name": arch.name, "args": arch.args}, "learnt_from": use,
+                                     "temperature": temperature, "teacher_params": teacher_params,
+                                     "student_params": student_params, **stats}
+    model.notes.append(f"Distilled into a {arch.name} student of {student_params} parameters"
+                       + (f" (teacher {teacher_params})" if teacher_params else "")
+                       + f", learning from {use}, {stats['steps']} steps ({stats['amp']}).")

@@ -262,7 +262,7 @@ def _frame(plot: pg.PlotWidget, xs: list[float], ys: list[float]) -> None:
     if not xs or not ys:
         return
     x_pad = max(0.15 * (max(xs) - min(xs)), 0.1 * abs(max(xs)), 1e-3)
-    y_pad = max(0.15 * (max(ys) - min(ys)), 0.02)
+    y_pad = max(0.15 * (max(ys) - min(ys)), 0.05)
     plot.setXRange(max(0.0, min(xs) - x_pad), max(xs) + x_pad, padding=0)
     plot.setYRange(max(0.0, min(ys) - y_pad), min(1.05, max(ys) + y_pad), padding=0)
 
@@ -302,7 +302,7 @@ class ResultsPage(ConfigPage):
         for axis in ("left", "bottom"):
             plot.getAxis(axis).enableAutoSIPrefix(False)   # "Dice (x0.001)" reads as a different metric
         plot.showGrid(x=True, y=True, alpha=0.2)
-        plot.addLegend(offset=(10, -10), labelTextColor="#333")
+        plot.addLegend(offset=(-10, 10), labelTextColor="#333")
         return plot
 
     def _layout(self) -> None:
@@ -397,9 +397,10 @@ class ResultsPage(ConfigPage):
                     plot.plot([x_of(r) for r in chosen], [self.accuracy(r) for r in chosen], pen=None,
                               symbol=symbol, symbolSize=16 if symbol == "star" else 11,
                               symbolBrush=colour, symbolPen=colour, name=label)
-            for r in rows:
+            for k, r in enumerate(rows):
                 if x_of(r) is not None and self.accuracy(r) is not None:
-                    text = pg.TextItem(r.name, color="#333", anchor=(0.5, 1.3))
+                    # alternate sides, so two variants at the same point keep readable names
+                    text = pg.TextItem(r.name, color="#333", anchor=(1.05, 1.1) if k % 2 else (-0.05, 1.1))
                     text.setPos(x_of(r), self.accuracy(r))
                     plot.addItem(text, ignoreBounds=True)
             _frame(plot, [x_of(r) for r in rows if x_of(r) is not None],

@@ -190,7 +190,10 @@ class ModelPage(ConfigPage):
         self.layers.setRowCount(len(summary.layers))
         for row, (name, kind, params, shape_text) in enumerate(summary.layers):
             for col, value in enumerate((name, kind, f"{params:,}", shape_text)):
-                self.layers.setItem(row, col, QTableWidgetItem(value))
+                item = QTableWidgetItem(value)
+                if col == 2:
+                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                self.layers.setItem(row, col, item)
         self.layers.resizeColumnsToContents()
 
     def wizard_providers(self, providers: list[str]) -> None:

@@ -116,3 +116,25 @@ def test_keeping_variants_moves_the_chosen_deletes_the_rest_and_audits(tmp_path)
     assert not run.exists()
     event = read_audit()[-1]
     assert event["event"] == "accept" and event["name"] == "b" and event["weights_sha256"] == "b" * 8
+
+
+def test_phase_progress_maps_onto_the_whole_run_and_passes_loss_on():
+    from app.compress_job import PhaseClock, in_phase
+    from app.core.progress import Progress
+
+    def training():
+        yield Progress(0.5, "step 1", {"loss": 0.7, "step": 1})
+        return "trained"
+
+    clock = PhaseClock(["load", "train", "judge"], [1.0, 2.0, 1.0])
+    ticks = []
+    gen = in_phase(clock, 1, training())
+    while True:
+        try:
+            ticks.append(next(gen))
+        except StopIteration as done:
+            assert done.value == "trained"
+            break
+    assert ticks[0].fraction == pytest.approx(0.25 + 0.5 * 0.5)
+    assert ticks[0].data["phase"] == 1 and ticks[0].data["loss"] == 0.7 and ticks[0].data["iteration"] == 1
+    assert ticks[-1].fraction == pytest.approx(0.75) and ticks[0].message == "train: step 1"

@@ -363,3 +363,25 @@ def test_the_wizard_never_imports_torch_in_the_gui_process(tiny_model, demo_tiny
     lines = dict(line.split(" ", 1) if " " in line else (line, "") for line in done.stdout.splitlines())
     assert int(lines["LAYERS"]) > 3, done.stdout   # the layer table came from a child process
     assert lines.get("HEAVY", "") == "", f"the GUI process imported: {lines['HEAVY']}"
+
+
+def test_results_page_charts_per_layer_sensitivity(qtbot, job_manager, tmp_path):
+    from app.compress_job import CompressResult, VariantRow
+    from widgets.compress_run_pages import ResultsPage
+    from app.compress_config import CompressConfigModel
+
+    rows = [VariantRow("original", "a/card.json", True, "—", 2_000_000, 10.0, 1.0, 0.8, 0.7, 0.9, "", 1.0, 0, True),
+            VariantRow("int8", "b/card.json", False, "quantize_int8_ort", 600_000, 7.0, 1.4, 0.79, 0.7, 0.88, "",
+                       0.97, 1, False, ["1 lost lesion(s) ≥ 6 mm (allowed 0)"])]
+    page = ResultsPage(CompressConfigModel(), job_manager)
+    qtbot.addWidget(page)
+    page.show()
+    page.show_result(CompressResult(str(tmp_path), rows, "sufficient", "x",
+                                    [("model.0.conv", 0.12), ("model.2.conv", 0.03)]))
+    qtbot.waitUntil(lambda: page.sensitivity_plot.isVisible(), timeout=5_000)
+    bars = [i for i in page.sensitivity_plot.getPlotItem().items if type(i).__name__ == "BarGraphItem"]
+    assert len(bars) == 1 and list(bars[0].opts["height"]) == [0.12, 0.03]
+    assert page.table.item(1, 5).text() == "0.790 [0.700, 0.880]"
+    assert page.table.item(1, 8).text().startswith("over: 1 lost lesion")
+    assert not page.keep_boxes["int8"].isChecked()          # over budget: not kept unless the user says so
+    assert page.size_plot.getAxis("bottom").labelText == "deployed size (MB)"

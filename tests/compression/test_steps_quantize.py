@@ -1,0 +1,107 @@
+"""int8 through ONNX Runtime, fp16/bf16 and weight clustering on a small real UNet."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from app.core.inference import make_runner
+from app.core.progress import run_to_end
+
+from compression.export import quantized_conv_share
+from compression.pipeline import run_steps
+from compression.steps.cluster_weights import cluster_weights, kmeans_1d, read_archive
+from compression.steps.half_precision import half_precision
+from compression.steps.quantize_ort import quantize_int8_ort
+from tests.compression.steps_support import fresh_model, parent, step_data
+from tests.compression.tiny import phantom_case
+
+
+@pytest.mark.parametrize("calibrate", ["minmax", "percentile", "entropy"])
+def test_static_int8_runs_at_least_90_percent_of_convs_quantized_in_onnx_runtime(calibrate):
+    model = run_to_end(quantize_int8_ort(fresh_model(), step_data(), calibrate=calibrate))
+    share = quantized_conv_share(model.onnx_path)  # counted in ORT's own optimised graph
+    assert share["quantized_convs"] >= 0.9 * (share["quantized_convs"] + share["float_convs"])
+    assert share["quantized_convs"] > 0
+    assert model.module is None  # the float model no longer describes the variant
+    assert model.metrics["int8_ort"]["fidelity_dice_calib"] > 0.9
+
+
+def test_excluded_layers_stay_float_and_the_check_counts_them():
+    """Per-tensor QInt8 settings plus two excluded layers: what stays float is counted from ORT's graph."""
+    model = run_to_end(quantize_int8_ort(fresh_model(), step_data(), per_channel=False, activation_type="QInt8",
+                                         exclude=["model.0.conv.unit0.conv", "model.1.submodule.0.conv.unit0.conv"]))
+    share = model.metrics["int8_ort"]
+    assert share["float_convs"] >= 2  # the excluded layers really stay float, and are counted so
+    assert any("kept in float on purpose" in note for note in model.notes)
+
+
+def test_unknown_excluded_layers_are_reported_not_fatal():
+    model = run_to_end(quantize_int8_ort(fresh_model(), step_data(), exclude=["no.such.layer"]))
+    assert ("no.such.layer", "asked to exclude it from quantization, but the ONNX graph has no such layer") in model.skipped
+
+
+def test_dynamic_int8_uses_integer_convolutions_and_warns_about_speed():
+    model = run_to_end(quantize_int8_ort(fresh_model(), step_data(), mode="dynamic"))
+    assert model.metrics["int8_ort"]["quantized_convs"] > 0
+    assert any("slower" in note for note in model.notes)
+
+
+def test_an_int8_variant_is_written_and_runs_on_a_scan(tmp_path):
+    variant = run_to_end(run_steps(parent(), [{"step": "quantize_int8_ort"}], step_data(), tmp_path, name="int8"))
+    assert set(variant.card.files) == {"onnx"}
+    assert variant.files["onnx"].stat().st_size < parent().files["onnx"].stat().st_size
+    findings = run_to_end(make_runner(variant, threads=1).run(phantom_case(31).volume))
+    assert findings.labels.any()
+
+
+def test_quantization_after_quantization_is_refused_clearly():
+    model = run_to_end(quantize_int8_ort(fresh_model(), step_data()))
+    with pytest.raises(ValueError, match="before quantization"):
+        run_to_end(half_precision(model, step_data(), precision="bf16"))
+
+
+def test_fp16_onnx_keeps_float32_inputs_and_outputs_and_the_masks():
+    import onnx
+
+    model = run_to_end(half_precision(fresh_model(), step_data(), precision="fp16", measure=False))
+    graph = onnx.load(str(model.onnx_path)).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
+    record = model.metrics["half_precision"]
+    assert record["file_bytes_fp16"] < 0.8 * record["file_bytes_fp32"]
+    assert record["fidelity_dice_calib"] > 0.97
+
+
+def test_bf16_variant_is_deployed_as_bf16_torch_weights(tmp_path):
+    import torch
+
+    variant = run_to_end(run_steps(parent(), [{"step": "half_precision", "precision": "bf16", "measure": False}],
+                                   step_data(), tmp_path, name="bf16"))
+    assert variant.format == "state_dict" and "onnx" not in variant.files
+    state = torch.load(variant.files["weights"], weights_only=True)
+    assert all(v.dtype == torch.bfloat16 for v in state.values() if v.is_floating_point())
+    assert variant.card.lineage.metrics["compression"]["runtime_hint"] == {"torch_autocast": "bf16"}
+    findings = run_to_end(make_runner(variant, threads=1, autocast="bf16").run(phantom_case(31).volume))
+    assert findings.labels.any()
+
+
+def test_kmeans_finds_the_shared_values():
+    values = np.repeat(np.array([-1.0, 0.0, 2.0], np.float32), 50) + np.random.default_rng(0).normal(0, 0.01, 150)
+    codebook, index = kmeans_1d(values, 3)
+    assert np.allclose(np.sort(codebook), [-1.0, 0.0, 2.0], atol=0.01)
+    assert np.abs(codebook[index] - values).max() < 0.05
+
+
+def test_clustered_weights_share_k_values_and_the_archive_decodes_to_them(tmp_path):
+    model = run_to_end(cluster_weights(fresh_model(), step_data(), clusters=16, min_params=256, finetune_steps=3))
+    state = model.module.state_dict()
+    decoded = read_archive(model.extra_files["archive"])
+    assert set(decoded) == set(state)
+    for key, tensor in state.items():
+        assert np.allclose(decoded[key], tensor.numpy())
+    clustered = [n for n, _ in model.module.named_modules() if f"{n}.weight" in state and state[f"{n}.weight"].numel() >= 256]
+    assert clustered and all(len(np.unique(state[f"{n}.weight"].numpy())) <= 16 for n in clustered)
+    record = model.metrics["clustering"]
+    assert record["archive_bytes"] < record["dense_float32_bytes"] / 2
+    assert any("deployed size" in note for note in model.notes)

@@ -339,6 +339,10 @@ class CompareView(QWidget):
         for chart, series in zip(self.charts, summary.charts):
             chart.show_series(series)
         self.evidence_label.setText(f"  {len(self.locations)} disagreement(s); evidence: {summary.evidence}")
+        first = next((row for row, (case, _centre) in enumerate(self.locations) if case == 0), None)
+        if first is not None:   # the first case opens on its most serious disagreement
+            self.disagreement_table.selectRow(first)
+            self._pending_jump = self.locations[first]
 
     def show_case(self, case) -> None:
         """A CaseView: the shared volume in every panel, each with its own findings."""
@@ -356,9 +360,9 @@ class CompareView(QWidget):
                 panel.overlay_state.update_label(DISAGREEMENT, opacity=DISAGREEMENT_OPACITY)
         self.set_disagreement_visible(self.disagreement_action.isChecked())
         self.set_findings_visible(self.findings_action.isChecked())
-        if self._pending_jump is not None:
-            target, self._pending_jump = self._pending_jump, None
-            self._jump(target)
+        if self._pending_jump is not None and self._pending_jump[0] == case.case_index:
+            self._jump(self._pending_jump[1])
+        self._pending_jump = None
 
     def set_disagreement_visible(self, shown: bool) -> None:
         for panel in self.panels:
@@ -374,7 +378,7 @@ class CompareView(QWidget):
             return
         case_index, centre = self.locations[row]
         if case_index != self.current_case:
-            self._pending_jump = centre
+            self._pending_jump = (case_index, centre)
             self.case_requested.emit(case_index)
             return
         self._jump(centre)

@@ -160,3 +160,21 @@ def test_tools_menu_opens_the_compare_view_with_the_open_models(qtbot, tmp_path)
     window.action_compare.trigger()                 # the menu again: the same view, not a second one
     assert window.central.currentWidget() is view
     window.session.close()
+
+
+def test_a_disagreement_on_another_case_opens_that_case_then_jumps(view, qtbot):
+    first, second = _case_view(2), _case_view(2)
+    second.case_index = 1
+    lost = lesion_table(second.labels[0], second.volume)[1]
+    table = Table("list", ["#", "Case"], [["1", "Case 2"]])
+    chart = ChartSeries("c", ["Case 1"], {"a": [1.0]}, "Dice")
+    view.set_variants(["original 1.0", "pruned 1.0"])
+    view.set_cases(["Case 1", "Case 2"])
+    view.show_case(first)
+    view.show_summary(ViewSummary([table] * 3, [chart] * 4, table, [(1, lost.centre_index)], ["missed"], ""))
+    with qtbot.waitSignal(view.case_requested) as asked:
+        view.disagreement_table.cellClicked.emit(0, 0)
+    assert asked.args == [1]
+    view.show_case(second)                         # what the service answers
+    assert view.current_case == 1 and view.case_box.currentIndex() == 1
+    assert view.panels[1].state.position == tuple(int(round(c)) for c in lost.centre_index)

@@ -144,8 +144,10 @@ class CompareService(QObject):
         if self.run is None:
             self.status.emit("Run a comparison first.")
             return
-        self.jobs.submit("Compare: write the report", write_report, self.run, html_path, pdf_path, identify,
-                         on_result=lambda paths: self.exported.emit("Report written: " + ", ".join(paths)))
+        from compression.compare import write_reports
+
+        self.jobs.submit("Compare: write the report", write_reports, self.run, html_path, pdf_path, identify,
+                         on_result=lambda paths: self.exported.emit("Report written: " + ", ".join(map(str, paths))))
 
     def export_seg(self, folder: str) -> None:
         from compression.compare import export_segs
@@ -196,14 +198,3 @@ def case_view(run, case_index: int) -> CaseView:
             for v, f in enumerate(findings)]
     return CaseView(case_index, run.cases[case_index].case.volume, [f.labels for f in findings],
                     [f.lesions for f in findings], maps)
-
-
-def write_report(run, html_path: str, pdf_path: str | None, identify: bool) -> list[str]:
-    from app.core.report import write_html, write_pdf
-    from compression.compare import report_data
-
-    data = report_data(run, identify=identify)
-    written = [str(write_html(data, html_path))]
-    if pdf_path:
-        written.append(str(write_pdf(data, pdf_path)))
-    return written

@@ -593,6 +593,20 @@ def _section(variant, name: str, role: str):
     return VariantSection(name, role, facts)
 
 
+def write_reports(run: ComparisonRun, html_path: str | Path, pdf_path: str | Path | None = None,
+                  identify: bool = False) -> list[Path]:
+    """The HTML report (and the PDF when asked), each export recorded in the audit log."""
+    from app.core.audit import append_audit
+    from app.core.report import write_html, write_pdf
+
+    data = report_data(run, identify=identify)
+    written = [write_html(data, html_path)] + ([write_pdf(data, pdf_path)] if pdf_path else [])
+    for path in written:
+        append_audit("export", kind="comparison report", path=str(Path(path).resolve()), identified=identify,
+                     models=[v.weights_sha256 for v in run.variants + run.classifiers], cases=len(run.cases))
+    return written
+
+
 # ---------------------------------------------------------------- DICOM SEG
 
 

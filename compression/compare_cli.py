@@ -67,9 +67,8 @@ def run_cli(args) -> int:
 def _compare(args, variants) -> int:
     from app.core.audit import audit_data_root
     from app.core.findings_cache import FindingsCache
-    from app.core.report import write_html, write_pdf
     from compression.compare import (InProcessRunner, check_variants, compare, export_segs, load_compare_cases,
-                                     report_data, split_by_task)
+                                     split_by_task, write_reports)
 
     variants, classifiers = split_by_task(variants)
     check_variants(variants, classifiers)
@@ -79,10 +78,8 @@ def _compare(args, variants) -> int:
     if args.volume_change is not None:
         options["volume_change_pct"] = args.volume_change
     run = _progress(compare(variants, cases, cache, InProcessRunner(threads=args.threads), **options), "comparing")
-    data = report_data(run, identify=args.identify)
-    print(f"report: {write_html(data, args.report)}")
-    if args.pdf:
-        print(f"pdf: {write_pdf(data, args.pdf)}")
+    for path in write_reports(run, args.report, args.pdf, identify=args.identify):
+        print(f"report: {path}")
     if args.seg_out:
         for path in export_segs(run, Path(args.seg_out), identify=args.identify):
             print(f"seg: {path}")

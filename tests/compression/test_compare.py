@@ -177,3 +177,14 @@ def test_lesion_type_classifiers_are_compared_on_the_reference_lesions(variants,
     data = report_data(run)
     assert any(t.title.startswith("Lesion-type classifiers") for t in data.tables)
     assert [v.role for v in data.variants] == ["reference", "compared", "reference classifier", "compared classifier"]
+
+
+def test_report_exports_are_in_the_audit_log(comparison, tmp_path):
+    from app.core.audit import read_audit
+    from compression.compare import write_reports
+
+    written = write_reports(comparison, tmp_path / "r.html", tmp_path / "r.pdf")
+    events = [e for e in read_audit() if e["event"] == "export" and e.get("kind") == "comparison report"]
+    logged = {e["path"] for e in events}
+    assert {str(p.resolve()) for p in written} <= logged
+    assert all(e["identified"] is False for e in events if e["path"] in {str(p.resolve()) for p in written})

@@ -143,6 +143,12 @@ def test_comparing_two_variants_on_the_demo_eval_split_end_to_end(qtbot, job_man
         view.tabs.setCurrentIndex(2)
         qtbot.wait(100)
         save_screenshot(view, "compare_charts.png")
+        with qtbot.waitSignal(service.exported, timeout=120_000):   # the toolbar's Report… intent
+            view.report_requested.emit(str(tmp_path / "out" / "comparison.html"), str(tmp_path / "out" / "c.pdf"))
+        with qtbot.waitSignal(service.exported, timeout=120_000):   # and its DICOM SEG… intent
+            view.seg_requested.emit(str(tmp_path / "seg"))
+        assert (tmp_path / "out" / "comparison.html").is_file() and (tmp_path / "out" / "c.pdf").is_file()
+        assert len(list((tmp_path / "seg").glob("*.seg.dcm"))) == 2
     finally:
         compute.close()
 

@@ -1,0 +1,90 @@
+"""Quantization-aware fine-tuning: train with int8 rounding simulated, so PTQ afterwards loses less.
+
+During the fine-tune every Conv sees what ONNX Runtime's static QDQ will give it: weights
+rounded per output channel to symmetric int8, inputs rounded to asymmetric uint8 over a running
+(EMA) range; gradients pass straight through the rounding. The weights end on the int8 grid, and
+the step must be followed by ``quantize_int8_ort`` (static), which then quantizes them exactly.
+ConvTranspose is left alone: ORT has no int8 CPU kernel for it, so it stays float there anyway.
+Gains are usually modest; the notes state the fidelity before and after.
+"""
+from __future__ import annotations
+
+from app.core.progress import Progress, scaled
+
+from compression.pipeline import StepData, WorkingModel
+from compression.steps._common import recover
+
+
+class _WeightFakeQuant:
+    """Per-output-channel symmetric int8 round trip with a straight-through gradient."""
+
+    def __call__(self, weight):
+        import torch
+
+        dims = list(range(1, weight.dim()))
+        scale = (weight.detach().abs().amax(dim=dims, keepdim=True) / 127.0).clamp_min(1e-12)
+        rounded = torch.clamp(torch.round(weight / scale), -127, 127) * scale
+        return weight + (rounded - weight).detach()
+
+
+class _InputFakeQuant:
+    """uint8 round trip of a layer's input over an EMA min/max range (straight-through)."""
+
+    def __init__(self, momentum: float = 0.9):
+        self.momentum, self.low, self.high = momentum, None, None
+
+    def __call__(self, _layer, inputs):
+        import torch
+
+        x = inputs[0]
+        lo, hi = min(float(x.detach().min()), 0.0), max(float(x.detach().max()), 0.0)
+        if self.low is None:
+            self.low, self.high = lo, hi
+        elif _layer.training:
+            self.low = self.momentum * self.low + (1 - self.momentum) * lo
+            self.high = self.momentum * self.high + (1 - self.momentum) * hi
+        scale = (self.high - self.low) / 255.0 or 1.0
+        zero = round(-self.low / scale)
+        q = (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
+        return (x + (q - x).detach(),) + tuple(inputs[1:])
+
+
+def qat_finetune(model: WorkingModel, data: StepData, *, steps: int = 50, lr: float = 1e-4, batch_size: int = 8,
+                 crop: int | None = None, amp: str = "off", use: str = "auto", max_slices: int | None = 64):
+    """Fine-tune with simulated int8 (fp32 math: bf16/fp16 autocast would blur the simulated rounding)."""
+    import torch
+    import torch.nn.utils.parametrize as parametrize
+
+    module = model.require_module("qat_finetune")
+    convs = [(n, m) for n, m in module.named_modules() if type(m).__name__ in ("Conv1d", "Conv2d", "Conv3d")]
+    model.skipped += [(n, "ConvTranspose: no int8 kernel in ONNX Runtime's CPU provider; trained in float")
+                      for n, m in module.named_modules() if type(m).__name__.startswith("ConvTranspose")]
+    hooks = []
+    for _, layer in convs:
+        parametrize.register_parametrization(layer, "weight", _Module(_WeightFakeQuant()))
+        hooks.append(layer.register_forward_pre_hook(_InputFakeQuant()))
+    try:
+        stats = yield from scaled(recover(model, data, steps=steps, lr=lr, batch_size=batch_size, crop=crop, amp=amp,
+                                          use=use, max_slices=max_slices, label="QAT"), 0.0, 0.95)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for _, layer in convs:  # keep the weights on the int8 grid the training adapted to
+            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    model.metrics.setdefault("finetune", []).append(stats)
+    model.metrics["qat"] = {"steps": steps, "convs": len(convs), "learnt_from": stats.get("learnt_from")}
+    model.notes.append(f"Quantization-aware fine-tuning: {len(convs)} Convs trained {steps} steps with int8 weights and "
+                       "uint8 inputs simulated; follow with quantize_int8_ort (static).")
+    yield Progress(1.0, "QAT done")
+    return model
+
+
+def _Module(function):
+    """parametrize needs an nn.Module."""
+    import torch
+
+    class FakeQuant(torch.nn.Module):
+        def forward(self, weight):
+            return function(weight)
+
+    return FakeQuant()

@@ -91,7 +91,8 @@ class Workspace:
         if wizard is None:
             wizard = CompressWizard(self.window.jobs, self.session.models, parent=self.window)
             wizard.variants_kept.connect(lambda paths: [self.session.open_model(p) for p in paths])
-            self.compress_wizard = wizard   # compare_requested(card paths) goes to the compare view
+            wizard.compare_requested.connect(self.show_compare)   # card paths, the original first
+            self.compress_wizard = wizard
         elif not wizard.isVisible():
             wizard.model_page.set_open_models(self.session.models)
             wizard.restart()

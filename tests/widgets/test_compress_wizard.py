@@ -385,3 +385,21 @@ def test_results_page_charts_per_layer_sensitivity(qtbot, job_manager, tmp_path)
     assert page.table.item(1, 8).text().startswith("over: 1 lost lesion")
     assert not page.keep_boxes["int8"].isChecked()          # over budget: not kept unless the user says so
     assert page.size_plot.getAxis("bottom").labelText == "deployed size (MB)"
+
+
+def test_tools_menu_opens_the_wizard_over_the_open_models(qtbot, tiny_model):
+    from widgets.application import create_main_window
+
+    window = create_main_window()
+    qtbot.addWidget(window)
+    window.session.open_model(str(tiny_model))
+    qtbot.waitUntil(lambda: len(window.session.models) == 1, timeout=30_000)
+    window.action_compress.trigger()
+    wizard = window.workspace.compress_wizard
+    assert wizard.isVisible() and wizard.model_page.chooser.count() == 2
+    assert wizard.model_page.chooser.itemData(1) == str(tiny_model)
+    wizard.reject()
+    window.action_compress.trigger()                # again: the same wizard, from its first page
+    assert window.workspace.compress_wizard is wizard and wizard.currentPage() is wizard.model_page
+    wizard.reject()
+    window.close()

@@ -71,7 +71,7 @@ class ComparisonRun:
     def findings(self, case_index: int, variant_index: int):
         """A variant's findings on a case, from the cache (reloaded from disk if evicted)."""
         variant = self.variants[variant_index]
-        found = self.cache.get(variant.weights_sha256, self.cases[case_index].key)
+        found = self.cache.get(cache_id(variant), self.cases[case_index].key)
         if found is None:
             raise CompareError(f"the findings of {self.names[variant_index]} on case "
                                f"{self.cases[case_index].case.case} are no longer in the cache")
@@ -238,35 +238,49 @@ class InProcessRunner:
         return findings
 
 
+def cache_id(variant) -> str:
+    """Whose findings these are: the weights' SHA-256, plus a digest of the card, since the card
+    decides pre-processing (a new HU window on the same weights gives other findings)."""
+    import hashlib
+    import json
+
+    from app.core.model_card import card_to_dict
+
+    card = card_to_dict(variant.card)
+    card.pop("lineage", None)   # metrics and provenance do not change what the model finds
+    digest = hashlib.sha256(json.dumps(card, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{variant.weights_sha256 or 'unknown-weights'}-{digest}"
+
+
 def findings_for(variant, volume, cache: FindingsCache, run: RunVariant):
     """Job body: one variant's findings on one volume, from the cache or by running it (then cached)."""
     key = series_key(volume)
-    found = cache.get(variant.weights_sha256, key)
+    found = cache.get(cache_id(variant), key)
     if found is not None:
         yield Progress(1.0, "from the findings cache")
         return found
     found = yield from run(variant, volume)
-    cache.put(variant.weights_sha256, key, found)
+    cache.put(cache_id(variant), key, found)
     return found
 
 
 def classifier_key(volume, segmenter) -> str:
     """A classifier's findings depend on the lesions it was shown: key them by the segmenter too."""
-    return f"{series_key(volume)}-on-{segmenter.weights_sha256[:16]}"
+    return f"{series_key(volume)}-on-{cache_id(segmenter)}"
 
 
 def classifier_findings_for(classifier, volume, cache: FindingsCache, run: RunVariant, segmenter):
     """Job body: a lesion-type classifier on the reference segmentation's lesions (cached)."""
     key = classifier_key(volume, segmenter)
-    found = cache.get(classifier.weights_sha256, key)
+    found = cache.get(cache_id(classifier), key)
     if found is not None:
         yield Progress(1.0, "from the findings cache")
         return found
-    lesions_from = cache.get(segmenter.weights_sha256, series_key(volume))
+    lesions_from = cache.get(cache_id(segmenter), series_key(volume))
     if lesions_from is None:
         raise CompareError(f"run {segmenter.card.name} first: the classifier scores its lesions")
     found = yield from run(classifier, volume, lesions=lesions_from.lesions)
-    cache.put(classifier.weights_sha256, key, found)
+    cache.put(cache_id(classifier), key, found)
     return found
 
 
@@ -339,7 +353,7 @@ def _type_flips(cache, classifiers, names, segmenter, reference, case, rows) -> 
 
 
 def _cached(cache: FindingsCache, variant, key: str, case: CaseData):
-    found = cache.get(variant.weights_sha256, key)
+    found = cache.get(cache_id(variant), key)
     if found is None:
         raise CompareError(f"{variant.card.name} has not been run on case {case.case} yet")
     return found

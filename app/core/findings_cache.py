@@ -2,8 +2,9 @@
 
 A comparison runs every variant on every case; running a model again to look at a case once
 more would waste minutes, so each variant's findings on a series are written once to
-``<root>/<weights_sha256>/<series key>/`` (uint8 labels, float16 probabilities, the lesion
-table — :meth:`Findings.save`) and read back from there.
+``<root>/<variant id>/<series key>/`` (uint8 labels, float16 probabilities, the lesion table —
+:meth:`Findings.save`) and read back from there. The variant id is the caller's: the compare
+code uses the weights' SHA-256 plus a digest of the card (the card decides pre-processing).
 
 Memory: only findings live in the in-memory LRU; the volumes are held once by the caller and
 shared by every variant (nothing here copies them). The arithmetic for the worst case the

@@ -15,7 +15,7 @@ from app.core.lesions import label_instances
 from app.core.models import open_model
 from app.core.progress import run_to_end
 from app.core.report import RESEARCH_NOTICE, pdf_page_count, write_html, write_pdf
-from compression.compare import CompareError, check_variants, compare, load_compare_cases, report_data
+from compression.compare import CompareError, cache_id, check_variants, compare, load_compare_cases, report_data
 from tests.compression.compare_fixtures import original_and_degraded
 
 
@@ -51,7 +51,7 @@ def test_the_degraded_variant_lists_exactly_the_lesions_it_really_misses(compari
 
 def test_findings_are_cached_on_disk_per_weights_and_series_and_reused(variants, eval_cases, comparison):
     case = eval_cases[0]
-    folder = comparison.cache.folder(variants[1].weights_sha256, series_key(case.volume))
+    folder = comparison.cache.folder(cache_id(variants[1]), series_key(case.volume))
     assert (folder / "labels.nii.gz").is_file() and (folder / "lesions.csv").is_file()
     assert not list(folder.parent.glob(".*part"))   # nothing half-written left beside it
     fresh = FindingsCache(comparison.cache.root)   # a new session: only the disk copy exists
@@ -64,6 +64,18 @@ def test_findings_are_cached_on_disk_per_weights_and_series_and_reused(variants,
     assert again.findings(0, 1).labels.dtype == np.uint8
     assert np.array_equal(again.findings(0, 1).labels, comparison.findings(0, 1).labels)
     assert again.all_disagreements() == comparison.all_disagreements()
+    assert folder.parent.name.startswith(variants[1].weights_sha256)
+
+
+def test_the_same_weights_with_another_card_are_not_served_from_the_cache(variants):
+    from dataclasses import replace
+
+    from app.core.model_card import Preprocessing
+
+    other_window = replace(variants[0], card=replace(variants[0].card, preprocessing=Preprocessing(
+        hu_window=(-1200.0, 600.0), clip=True, normalisation="window_0_1")))
+    assert other_window.weights_sha256 == variants[0].weights_sha256
+    assert cache_id(other_window) != cache_id(variants[0])
 
 
 def test_the_report_files_open(comparison, tmp_path):
@@ -167,7 +179,7 @@ def test_lesion_type_classifiers_are_compared_on_the_reference_lesions(variants,
     cache = FindingsCache(tmp_path / "cache")
     run = run_to_end(compare(variants, eval_cases, cache, classifiers=[first, second]))
     key = classifier_key(eval_cases[0].volume, variants[0])
-    scores_a, scores_b = (cache.get(c.weights_sha256, key).lesion_scores for c in (first, second))
+    scores_a, scores_b = (cache.get(cache_id(c), key).lesion_scores for c in (first, second))
     reference_lesions = {lesion.lesion_id for lesion in run.findings(0, 0).lesions}
     assert set(scores_a) == reference_lesions   # scored on the reference segmentation's lesions
     expected = {i for i in scores_a if most_likely_type(scores_a[i]) != most_likely_type(scores_b[i])}

@@ -144,13 +144,13 @@ class CompareService(QObject):
         if self.run is None:
             self.status.emit("Run a comparison first.")
             return
-        from compression.compare import write_reports
+        from compression.compare_report import write_reports
 
         self.jobs.submit("Compare: write the report", write_reports, self.run, html_path, pdf_path, identify,
                          on_result=lambda paths: self.exported.emit("Report written: " + ", ".join(map(str, paths))))
 
     def export_seg(self, folder: str) -> None:
-        from compression.compare import export_segs
+        from compression.compare_report import export_segs
 
         if self.run is None:
             self.status.emit("Run a comparison first.")
@@ -183,7 +183,8 @@ def _open_models_and_cases(model_paths: list[str], data_path: str, split: str):
 
 
 def assemble_for_view(variants, cases, cache, classifiers=()):
-    from compression.compare import assemble, view_summary
+    from compression.compare import assemble
+    from compression.compare_report import view_summary
 
     run = yield from assemble(variants, cases, cache, classifiers=classifiers)
     return run, view_summary(run)

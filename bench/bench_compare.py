@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     from app.core.models import open_model
     from app.core.progress import run_to_end
     from app.core.report import write_html, write_pdf
-    from compression.compare import InProcessRunner, assemble, collect_findings, load_compare_cases, report_data
+    from compression.compare import InProcessRunner, assemble, collect_findings, load_compare_cases
+    from compression.compare_report import report_data
     from tests.compression.compare_fixtures import original_and_degraded
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -67,8 +67,8 @@ def run_cli(args) -> int:
 def _compare(args, variants) -> int:
     from app.core.audit import audit_data_root
     from app.core.findings_cache import FindingsCache
-    from compression.compare import (InProcessRunner, check_variants, compare, export_segs, load_compare_cases,
-                                     split_by_task, write_reports)
+    from compression.compare import InProcessRunner, check_variants, compare, load_compare_cases, split_by_task
+    from compression.compare_report import export_segs, write_reports
 
     variants, classifiers = split_by_task(variants)
     check_variants(variants, classifiers)

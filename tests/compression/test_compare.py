@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import html.parser
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,8 @@ from app.core.lesions import label_instances
 from app.core.models import open_model
 from app.core.progress import run_to_end
 from app.core.report import RESEARCH_NOTICE, pdf_page_count, write_html, write_pdf
-from compression.compare import CompareError, cache_id, check_variants, compare, load_compare_cases, report_data
+from compression.compare import CompareError, cache_id, check_variants, compare, load_compare_cases
+from compression.compare_report import report_data
 from tests.compression.compare_fixtures import original_and_degraded
 
 
@@ -193,7 +193,7 @@ def test_lesion_type_classifiers_are_compared_on_the_reference_lesions(variants,
 
 def test_report_exports_are_in_the_audit_log(comparison, tmp_path):
     from app.core.audit import read_audit
-    from compression.compare import write_reports
+    from compression.compare_report import write_reports
 
     written = write_reports(comparison, tmp_path / "r.html", tmp_path / "r.pdf")
     events = [e for e in read_audit() if e["event"] == "export" and e.get("kind") == "comparison report"]

@@ -11,7 +11,7 @@ from app.compare import CaseView
 from app.core.disagreement import ONLY_REFERENCE, voxel_disagreement
 from app.core.lesions import lesion_table
 from app.core.report import Table
-from compression.compare import ChartSeries, ViewSummary
+from compression.compare_report import ChartSeries, ViewSummary
 from tests.widgets.viewer_support import grab_rgb, phantom, save_screenshot
 from widgets.compare_view import DISAGREEMENT, CompareView, connect_compare
 

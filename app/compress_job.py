@@ -10,7 +10,7 @@ hashed before and after: a run that changed them fails loudly.
 
 Progress carries structured data for the wizard's Run page::
 
-    {"plan": [phase names]}                         once, first
+    {"plan": [phase names], "done": k}              first (again, with k phases done, if the plan grows)
     {"phase": i, "phase_fraction": f, "eta_s": s}    per tick
     {"loss": x, "iteration": n}                     with a tick during fine-tuning/distillation
 
@@ -217,14 +217,15 @@ class Run:
         return manifest, data, by_split["eval"]
 
     def measure_sensitivity(self, original, data):
-        self.sensitivity = yield from in_phase(self.clock, self.phase, _sensitivity(original, data, self.notes))
+        table = yield from in_phase(self.clock, self.phase, _sensitivity(original, data, self.notes))
+        self.sensitivity = sensitivity_rows(table)
         self.phase += 1
         if self.plan.get("search") and self.sensitivity:
-            self.plan["recipes"] = search_recipes(self.plan, self.sensitivity)
+            self.plan["recipes"] = search_recipes(self.plan, table)
             names, weights = plan_phases(self.plan)
             self.clock = PhaseClock(names, weights)
             yield Progress(self.clock.starts[self.phase], "the most sensitive layers get candidates of their own",
-                           {"plan": names})
+                           {"plan": names, "done": self.phase})
 
     def recipes(self, original, data, out_dir: Path):
         from compression.pipeline import run_steps
@@ -275,16 +276,17 @@ class Run:
 
 
 def _sensitivity(original, data, notes: list[str]):
-    """Per-layer sensitivity from compression.sensitivity: [(layer, drop)], largest first."""
-    try:
-        from compression import sensitivity as module
-    except ImportError:
-        notes.append("per-layer sensitivity is not available in this build")
-        return None
-    result = yield from module.layer_sensitivity(original, data)
-    rows = [(str(getattr(r, "layer", r[0] if isinstance(r, (tuple, list)) else r)),
-             float(getattr(r, "drop", r[1] if isinstance(r, (tuple, list)) else 0.0))) for r in result]
-    return sorted(rows, key=lambda r: -r[1])
+    """compression.sensitivity's table (int8 damage, one layer at a time) on the calib scans."""
+    from compression.sensitivity import layer_sensitivity
+
+    table = yield from layer_sensitivity(original, data, method="quantize")
+    notes += list(table.notes)
+    return table
+
+
+def sensitivity_rows(table) -> list[tuple[str, float]]:
+    """(layer, fidelity drop), in network order, for the Results page's bar chart."""
+    return [(row.layer, float(row.drop)) for row in table] if table is not None else []
 
 
 def _evaluate(original, variants, eval_cases, manifest, plan):

@@ -150,6 +150,8 @@ class RunPage(ConfigPage):
         data = progress.data if isinstance(progress.data, dict) else {}
         if "plan" in data:
             self._set_phases(list(data["plan"]))
+            for k in range(int(data.get("done", 0))):
+                self._show_phase(k, 1.0)
         if progress.fraction is not None:
             self.overall.setValue(int(1000 * progress.fraction))
         if "phase" in data and 0 <= data["phase"] < len(self.phase_bars):
@@ -411,15 +413,19 @@ class ResultsPage(ConfigPage):
         return sum(len(item.getData()[0]) for item in plot.getPlotItem().listDataItems())
 
     def _fill_sensitivity(self, sensitivity) -> None:
+        """One bar per layer in network order: the fidelity lost when that layer alone is int8."""
         self.sensitivity_plot.clear()
         if not sensitivity:
             self.sensitivity_plot.hide()
             return
-        layers = sensitivity[:20]
-        self.sensitivity_plot.addItem(pg.BarGraphItem(x=list(range(len(layers))), height=[d for _n, d in layers],
+        drops = [d for _n, d in sensitivity]
+        self.sensitivity_plot.addItem(pg.BarGraphItem(x=list(range(1, len(drops) + 1)), height=drops,
                                                       width=0.7, brush="#8e44ad"))
-        axis = self.sensitivity_plot.getAxis("bottom")
-        axis.setTicks([[(i, name.split(".")[-1]) for i, (name, _d) in enumerate(layers)]])
+        worst_name, worst = max(sensitivity, key=lambda row: row[1])
+        self.sensitivity_plot.setTitle(f"Per-layer sensitivity (int8 one layer at a time)<br>"
+                                       f"most sensitive: {worst_name} ({worst:.3f})", color="#333", size="9pt")
+        self.sensitivity_plot.setLabel("bottom", "layer (network order)")
+        self.sensitivity_plot.setLabel("left", "fidelity Dice drop")
         self.sensitivity_plot.show()
 
     # -- keeping and comparing -------------------------------------------------------------------

@@ -166,13 +166,17 @@ def test_smallest_preset_searches_until_the_time_limit(qtbot, make_wizard, demo_
     choose_manifest(qtbot, wizard, demo_tiny / "manifest.csv")
     wizard.next()
     wizard.techniques_page.preset_buttons["smallest"].setChecked(True)
+    wizard.techniques_page.sensitivity.setChecked(True)
     wizard.next()
     wizard.next()
     run = wizard.run_page
     qtbot.waitUntil(lambda: run.state != "running", timeout=RUN_TIMEOUT_MS)
     assert run.state == "finished", run.status.text()
     assert len(run.phase_bars) > 4                                  # one bar per search candidate
-    assert run.phase_bars[1].value() == 1000                       # the first candidate always runs
+    assert [run.phases.itemAtPosition(r, 0).widget().text() for r in (1, 2)] == [
+        "Per-layer sensitivity", "int8-percentile: quantize_int8_ort"]
+    assert any("keep1-float" in run.phases.itemAtPosition(r, 0).widget().text() for r in range(len(run.phase_bars)))
+    assert [b.value() for b in run.phase_bars[:3]] == [1000] * 3   # scans, sensitivity, the first candidate
     assert run.phase_bars[-3].text() == "not tried (time limit)"  # the time limit stopped the rest
     wizard.next()
     results = wizard.results_page
@@ -180,6 +184,8 @@ def test_smallest_preset_searches_until_the_time_limit(qtbot, make_wizard, demo_
     assert [r.name for r in rows][:2] == ["original", "int8-percentile"]
     assert any("not tried" in note for note in results.result.notes)
     assert "not tried" in results.evidence.text()
+    qtbot.waitUntil(lambda: results.sensitivity_plot.isVisible(), timeout=5_000)
+    assert len(results.result.sensitivity) > 3 and all(0.0 <= d <= 1.0 for _n, d in results.result.sensitivity)
     recommended = [r for r in rows if r.recommended]
     assert all(r.budget_met for r in recommended)
     assert results.table.item(1, 8).text().startswith("within budget" if rows[1].budget_met else "over")

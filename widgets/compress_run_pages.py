@@ -12,7 +12,7 @@ from pathlib import Path
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QColor
-from PySide6.QtWidgets import (QCheckBox, QFileDialog, QGridLayout, QHBoxLayout, QLabel, QLineEdit,
+from PySide6.QtWidgets import (QCheckBox, QFileDialog, QGridLayout, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
                                QPlainTextEdit, QProgressBar, QPushButton, QSplitter, QTableWidget,
                                QTableWidgetItem, QVBoxLayout, QWidget)
 
@@ -114,7 +114,9 @@ class RunPage(ConfigPage):
         if wizard is not None and hasattr(wizard, "remember"):
             wizard.remember()
         from app.compress_job import compress_run
-        self.log.appendPlainText(f"Run {plan['run_name']}: {len(plan['recipes'])} recipe(s) on {plan['model']}")
+        what = (f"a search for the {plan['search']['objectives'][0]} within budget" if plan.get("search")
+                else f"{len(plan['recipes'])} recipe(s)")
+        self.log.appendPlainText(f"Run {plan['run_name']}: {what} on {plan['model']}")
         self._set_state("running", "Running …")
         self.handle = self.jobs.submit(f"Compress {Path(plan['model']).parent.name}", compress_run, plan,
                                        in_process=True, owner="wizard:compress", on_progress=self.on_progress,
@@ -175,6 +177,7 @@ class RunPage(ConfigPage):
         if self.pending_log:
             self.log.appendPlainText("\n".join(self.pending_log))
             self.pending_log = []
+            self.log.verticalScrollBar().setValue(self.log.verticalScrollBar().maximum())
 
     def _show_phase(self, phase: int, fraction: float) -> None:
         """Phases run in order: one that reports means every earlier one that ran is done."""
@@ -263,7 +266,7 @@ def _frame(plot: pg.PlotWidget, xs: list[float], ys: list[float]) -> None:
     """Axes that show every point with room for its name; accuracy stays within 0..1."""
     if not xs or not ys:
         return
-    x_pad = max(0.15 * (max(xs) - min(xs)), 0.1 * abs(max(xs)), 1e-3)
+    x_pad = max(0.25 * (max(xs) - min(xs)), 0.1 * abs(max(xs)), 1e-3)
     y_pad = max(0.15 * (max(ys) - min(ys)), 0.05)
     plot.setXRange(max(0.0, min(xs) - x_pad), max(xs) + x_pad, padding=0)
     plot.setYRange(max(0.0, min(ys) - y_pad), min(1.05, max(ys) + y_pad), padding=0)
@@ -303,6 +306,7 @@ class ResultsPage(ConfigPage):
         plot.setLabel("left", "accuracy (Dice)")
         for axis in ("left", "bottom"):
             plot.getAxis(axis).enableAutoSIPrefix(False)   # "Dice (x0.001)" reads as a different metric
+        plot.getAxis("left").setWidth(64)   # room for "0.045" and the axis title side by side
         plot.showGrid(x=True, y=True, alpha=0.2)
         plot.addLegend(offset=(-10, 10), labelTextColor="#333")
         return plot
@@ -363,6 +367,7 @@ class ResultsPage(ConfigPage):
                      "—" if row.lost_lesions is None else str(row.lost_lesions), budget_text(row))
             for c, text in enumerate(cells):
                 item = QTableWidgetItem(text)
+                item.setToolTip(text)   # the recipe and the budget verdict may be cut to fit
                 item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsEditable)
                 if c == len(cells) - 1 and not row.is_original:
                     item.setForeground(QColor(WITHIN_COLOUR if row.budget_met else OUTSIDE_COLOUR))
@@ -372,7 +377,9 @@ class ResultsPage(ConfigPage):
                 box.setChecked(row.budget_met)
                 self.keep_boxes[row.name] = box
                 self.table.setCellWidget(r, 0, box)
-        self.table.resizeColumnsToContents()
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(2, QHeaderView.ResizeMode.Stretch)   # the recipe takes what is left
         rows_height = sum(self.table.rowHeight(r) for r in range(len(rows)))
         height = self.table.horizontalHeader().height() + rows_height + 2 * self.table.frameWidth() + 20
         self.table.setMaximumHeight(min(height, 280))   # the plots get the room a short table leaves

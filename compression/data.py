@@ -8,7 +8,6 @@ a model is never tuned on data pre-processed differently from how it will run.
 from __future__ import annotations
 
 import importlib
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generator, Sequence
@@ -67,25 +66,28 @@ def _optional(module: str, name: str):
         return None
 
 
-def _result(value):
-    # app.core loaders may be generators (progress per file) or plain functions.
-    return run_to_end(value) if inspect.isgenerator(value) else value
-
-
 def _read_volume(path: Path, case: Case) -> Volume:
     if not path.exists():
         raise DataError(f"case {case.case}: series not found: {path}")
-    loader = _optional("app.core.dicom_load", "load_series")
     try:
-        if loader is not None and path.is_dir():
-            volume = _result(loader(path))
-            if isinstance(volume, Volume):
-                return volume
-        return _read_with_sitk(path)
+        volume = _read_dicom_series(path, case)
+        return volume if volume is not None else _read_with_sitk(path)
     except DataError:
         raise
     except Exception as exc:  # any reader failure becomes one clear per-case error
         raise DataError(f"case {case.case}: cannot read series {path} ({_first_line(exc)})") from exc
+
+
+def _read_dicom_series(path: Path, case: Case) -> Volume | None:
+    """The DICOM series at ``path`` through app.core's loader; None when it holds no DICOM (e.g. NIfTI)."""
+    index_path = _optional("app.core.dicom_index", "index_path")
+    load_series = _optional("app.core.dicom_load", "load_series")
+    if index_path is None or load_series is None or path.suffix.lower() in (".nii", ".gz", ".nrrd", ".mha", ".mhd"):
+        return None
+    series = run_to_end(index_path(path)).all_series()
+    if len(series) > 1:
+        raise DataError(f"case {case.case}: {path} holds {len(series)} series; give one series folder per case")
+    return run_to_end(load_series(series[0])) if series else None
 
 
 def _read_with_sitk(path: Path) -> Volume:
@@ -112,8 +114,7 @@ def _read_labels(path: Path, volume: Volume, case: Case) -> np.ndarray:
     loader = _optional("app.core.masks", "load_label_file")
     try:
         if loader is not None:
-            labels = _result(loader(path, volume))
-            labels = getattr(labels, "labels", labels)
+            labels = loader(path, volume)  # resampled (nearest) onto the series' grid
         else:
             import SimpleITK as sitk
 

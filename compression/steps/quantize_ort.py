@@ -115,7 +115,8 @@ def _onnx_node_names(path: Path, exclude, model: WorkingModel) -> list[str]:
 def _dynamic(prepared: Path, target: Path, common: dict) -> None:
     from onnxruntime.quantization import quantize_dynamic
 
-    quantize_dynamic(str(prepared), str(target), **common)
+    with _quiet_quantizer():
+        quantize_dynamic(str(prepared), str(target), **common)
 
 
 def _static(prepared, target, model, data, common, calibrate, percentile, activation_type, calib_slices) -> None:
@@ -131,10 +132,25 @@ def _static(prepared, target, model, data, common, calibrate, percentile, activa
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[calibrate]
     extra = {"CalibPercentile": percentile} if calibrate == "percentile" else {}
-    with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
+    with _quiet_quantizer():
         quantize_static(str(prepared), str(target), reader, quant_format=QuantFormat.QDQ,
                         activation_type=getattr(QuantType, activation_type), calibrate_method=method,
                         extra_options=extra, **common)
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """ORT's quantizer prints calibration progress and logs a warning per parameter-free norm to the
+    root logger ("Expected bias ... to be an initializer"); neither is news to the user."""
+    import logging
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def _check_and_report(model, data, source, target, mode, calibrate, excluded, min_conv_share,

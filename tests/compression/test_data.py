@@ -1,0 +1,69 @@
+"""Case data for compression: real DICOM series and label maps from a manifest, sliced as inference does."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from app.core.inference import prepare
+from app.core.manifest import Case, Manifest, read_manifest
+from app.core.progress import run_to_end
+
+from compression.data import DataError, load_cases, slice_tensors
+from tests.compression.tiny import phantom_case, tiny_card
+
+
+def test_load_cases_reads_the_manifests_dicom_series_and_labels(demo_tiny):
+    manifest = read_manifest(demo_tiny / "manifest.csv")
+    ticks = []
+    job = load_cases(manifest, [c.split for c in manifest.cases])
+    while True:
+        try:
+            ticks.append(next(job))
+        except StopIteration as done:
+            cases = done.value
+            break
+    assert [c.case for c in cases] == [c.case for c in manifest.cases]
+    assert len(ticks) == len(cases) and ticks[-1].fraction == 1.0
+    labelled = [c for c in cases if c.labels is not None]
+    assert labelled and all(c.labels.shape == c.volume.shape and set(np.unique(c.labels)) <= {0, 1} for c in labelled)
+    assert any(c.labels.any() for c in labelled)
+
+
+def test_a_missing_series_is_a_clear_per_case_error(tmp_path):
+    manifest = Manifest([Case("c1", "p1", "nowhere", "", "train")], root=tmp_path)
+    with pytest.raises(DataError, match="case c1: series not found"):
+        run_to_end(load_cases(manifest, "train"))
+
+
+def test_a_file_that_is_no_scan_is_a_clear_per_case_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a scan")
+    manifest = Manifest([Case("c2", "p2", "notes.txt", "", "calib")], root=tmp_path)
+    with pytest.raises(DataError, match="case c2: cannot read series"):
+        run_to_end(load_cases(manifest, "calib"))
+
+
+def test_slices_are_preprocessed_exactly_as_inference_prepares_them():
+    case = phantom_case(5, slices=4)
+    x, y = slice_tensors([case], tiny_card(), with_labels=True)
+    assert x.shape == (4, 1, 64, 64) and x.dtype == np.float32
+    assert np.array_equal(x[:, 0], prepare(case.volume, tiny_card()).array)
+    assert np.array_equal(y, case.labels)
+
+
+def test_a_seeded_sample_keeps_lesion_slices_in_the_asked_proportion():
+    cases = [phantom_case(s, slices=8) for s in range(3)]
+    x, y = slice_tensors(cases, tiny_card(), with_labels=True, max_slices=8, foreground_fraction=0.5, seed=1)
+    assert len(x) == 8
+    assert y.reshape(8, -1).any(axis=1).sum() == 4
+    again, _ = slice_tensors(cases, tiny_card(), with_labels=True, max_slices=8, foreground_fraction=0.5, seed=1)
+    assert np.array_equal(x, again)
+
+
+def test_labels_are_demanded_only_when_asked_for():
+    unlabelled = dataclasses.replace(phantom_case(6), labels=None)
+    x, y = slice_tensors([unlabelled], tiny_card(), with_labels=False)
+    assert y is None and len(x) == 8
+    with pytest.raises(DataError, match="case6"):
+        slice_tensors([unlabelled], tiny_card(), with_labels=True)

@@ -1,6 +1,8 @@
 """Shared helpers of the step tests: a fresh working copy of the tiny trained model, step data."""
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,7 +18,9 @@ def parent():
 
 def fresh_model() -> WorkingModel:
     """A private working copy of the trained tiny model, as run_steps makes it."""
-    return working_copy(parent(), Path(tempfile.mkdtemp(prefix="medcompress-work-")))
+    work = Path(tempfile.mkdtemp(prefix="medcompress-work-"))
+    atexit.register(shutil.rmtree, work, True)
+    return working_copy(parent(), work)
 
 
 def step_data(**changes) -> StepData:

@@ -5,7 +5,9 @@ compression suite trains its reference model only once.
 """
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -105,7 +107,9 @@ def train_tiny(arch: dict, steps: int, seed: int = 0, cases=None, lr: float = 1e
 @functools.cache
 def trained_variant_card() -> Path:
     """The reference model every step compresses: trained 100 steps, written as a real variant folder."""
-    folder = Path(tempfile.mkdtemp(prefix="medcompress-tiny-")) / "tiny-unet"
+    root = Path(tempfile.mkdtemp(prefix="medcompress-tiny-"))
+    atexit.register(shutil.rmtree, root, True)  # shared by every module of the session, removed at its end
+    folder = root / "tiny-unet"
     return write_variant_folder(folder, train_tiny(TINY_UNET, steps=100), tiny_card())
 
 

@@ -269,7 +269,7 @@ class ViewSummary:
     charts: list[ChartSeries]
     disagreements: object  # app.core.report.Table, most serious first
     locations: list[tuple[int, tuple[float, float, float]]]
-    kinds: list[str]  # app.core.disagreement kind of each row
+    kinds: list[str]  # app.core.disagreement kind of each row, "-merged" added for a merged/split lesion
     evidence: str
 
 
@@ -279,7 +279,7 @@ def view_summary(run: ComparisonRun, identify: bool = False) -> ViewSummary:
         tables=[verdict_table(run), per_case_table(run, labels), cost_table(run)],
         charts=chart_series(run, labels), disagreements=disagreement_table(run, labels),
         locations=[(ci, d.centre_index) for ci, _name, d in run.all_disagreements()],
-        kinds=[d.kind for _ci, _name, d in run.all_disagreements()],
+        kinds=[d.kind + ("-merged" if d.merged else "") for _ci, _name, d in run.all_disagreements()],
         evidence=run.evaluation.evidence)
 
 # ---------------------------------------------------------------- DICOM SEG

@@ -24,7 +24,10 @@ DISAGREEMENT_COLOURS = {1: "#2ecc71", 2: "#ff2fd0"}
 DISAGREEMENT_OPACITY = 0.7   # above the findings' 0.45: the differences are what this view is for
 VARIANT_COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52")
 AI_NOTICE = "AI findings — research use only"
-KIND_COLOURS = {"missed": "#ffd6d6", "added": "#ffe9c7"}
+# Field of view (mm) a jump to a disagreement zooms to: a nodule of a few mm must be visible at once.
+JUMP_FIELD_MM = 70.0
+# Rows: true misses strongest; lesions merged into or split from another one paler.
+KIND_COLOURS = {"missed": "#ffc9c9", "missed-merged": "#ffeded", "added": "#ffe2b8", "added-merged": "#fff4e4"}
 
 
 # ---------------------------------------------------------------- linking the panels
@@ -384,8 +387,26 @@ class CompareView(QWidget):
         self._jump(centre)
 
     def _jump(self, centre) -> None:
-        if self.panels:
-            self.panels[0].jump_to(*centre)   # linked: every panel follows
+        """Every panel to the lesion (linked: moving the first moves all), zoomed in on it."""
+        if not self.panels:
+            return
+        self.panels[0].jump_to(*centre)
+        for view in self.panels[0].mpr.views.values():
+            zoom_on(view, centre, JUMP_FIELD_MM)
+
+
+def zoom_on(view, centre_kji, field_mm: float) -> None:
+    """Show ``field_mm`` of a slice view round an array position (the view's mm coordinates)."""
+    from app.core.display import VIEW_AXES
+
+    if view.scan is None:
+        return
+    canonical = view.scan.to_canonical(centre_kji)
+    _axis, rows, cols = VIEW_AXES[view.view]
+    row_mm, col_mm = view.pixel_mm()
+    x, y = (canonical[cols] + 0.5) * col_mm, (canonical[rows] + 0.5) * row_mm
+    half = field_mm / 2.0
+    view.view_box.setRange(xRange=(x - half, x + half), yRange=(y - half, y + half), padding=0)
 
 
 def _reference_map(case):

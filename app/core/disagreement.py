@@ -8,8 +8,10 @@ Kinds of disagreement, most serious first (a lesion the compressed model no long
 the failure that hurts a patient; an added one costs a second look; a changed volume or type
 can move a nodule across a management threshold):
 
-1. ``missed`` — a reference lesion with no partner in the other's findings;
-2. ``added`` — a lesion only the other reports;
+1. ``missed`` — a reference lesion with no partner in the other's findings (when most of it lies
+   inside another of the other's lesions — two merged into one — it is listed after the true
+   misses, with the share covered);
+2. ``added`` — a lesion only the other reports (likewise for one split off a paired lesion);
 3. ``volume_change`` — a matched pair whose volume differs by more than a threshold (%);
 4. ``class_flip`` — a classifier's most likely type differs on the same reference lesion.
 
@@ -29,6 +31,8 @@ MISSED, ADDED, VOLUME_CHANGE, CLASS_FLIP = "missed", "added", "volume_change", "
 KINDS = (MISSED, ADDED, VOLUME_CHANGE, CLASS_FLIP)
 KIND_TITLES = {MISSED: "Missed", ADDED: "Added", VOLUME_CHANGE: "Volume changed", CLASS_FLIP: "Type changed"}
 DEFAULT_VOLUME_CHANGE_PCT = 25.0
+# A missed or added lesion mostly covered by the other side's labels was merged or split, not lost.
+MERGED_FRACTION = 0.5
 # Voxel disagreement map values (uint8): where the two label maps' foregrounds differ.
 AGREE, ONLY_REFERENCE, ONLY_OTHER = 0, 1, 2
 # Lung-RADS v2022 size bands for solid nodules (mean diameter, mm): 2 / 3 / 4A / 4B.
@@ -51,6 +55,9 @@ class Disagreement:
     other_volume_ml: float | None = None
     reference_type: str | None = None  # classifier's most likely type, for class flips
     other_type: str | None = None
+    # Missed / added: share of the lesion's voxels the other side marks all the same, as part of
+    # a lesion paired elsewhere (merged or split). 0 = nothing there at all: a true miss.
+    covered_fraction: float = 0.0
 
     @property
     def size_band(self) -> str:
@@ -67,12 +74,19 @@ class Disagreement:
         """1-based slice, as the viewer's corner text shows it."""
         return int(round(self.centre_index[0])) + 1
 
+    @property
+    def merged(self) -> bool:
+        """Most of the lesion lies inside another lesion of the other side (merged or split)."""
+        return self.covered_fraction >= MERGED_FRACTION
+
     def detail(self) -> str:
         """The specifics in a few words, for a table whose other columns say kind, size and variant."""
+        inside = f"{self.covered_fraction:.0%} inside another lesion"
         if self.kind == MISSED:
-            return f"reference lesion {self.reference_id} not found"
+            return f"reference lesion {self.reference_id} " + (f"not found on its own ({inside})" if self.covered_fraction
+                                                                else "not found")
         if self.kind == ADDED:
-            return "not in the reference"
+            return f"not on its own in the reference ({inside})" if self.covered_fraction else "not in the reference"
         if self.kind == VOLUME_CHANGE:
             return (f"lesion {self.reference_id}: {self.reference_volume_ml:.3f} → {self.other_volume_ml:.3f} mL "
                     f"({self.volume_change_pct:+.0f} %)")
@@ -125,8 +139,10 @@ def find_disagreements(reference_labels: np.ndarray, other_labels: np.ndarray, v
     ref_lesions = _by_id(lesion_table(reference_labels, volume, instances=ref_instances, min_voxels=min_voxels))
     other_lesions = _by_id(lesion_table(other_labels, volume, instances=other_instances, min_voxels=min_voxels))
     match = match_lesions(ref_instances, other_instances)
-    found = [_missed(ref_lesions[i]) for i in match.missed if i in ref_lesions]
-    found += [_added(other_lesions[i]) for i in match.added if i in other_lesions]
+    other_mask, ref_mask = np.asarray(other_labels) > 0, np.asarray(reference_labels) > 0
+    found = [_missed(ref_lesions[i], _covered(ref_instances, i, other_mask)) for i in match.missed if i in ref_lesions]
+    found += [_added(other_lesions[i], _covered(other_instances, i, ref_mask))
+              for i in match.added if i in other_lesions]
     found += _volume_changes(match.matched, ref_lesions, other_lesions, volume_change_pct)
     found += class_flips(list(ref_lesions.values()), reference_types or {}, other_types or {})
     return sort_by_seriousness(found)
@@ -153,14 +169,20 @@ def _by_id(lesions: Sequence[Lesion]) -> dict[int, Lesion]:
     return {lesion.lesion_id: lesion for lesion in lesions}
 
 
-def _missed(lesion: Lesion) -> Disagreement:
+def _covered(instances: np.ndarray, lesion_id: int, other_mask: np.ndarray) -> float:
+    """Share of one lesion's voxels that the other label map marks too."""
+    inside = instances == lesion_id
+    return float(other_mask[inside].mean()) if inside.any() else 0.0
+
+
+def _missed(lesion: Lesion, covered: float = 0.0) -> Disagreement:
     return Disagreement(MISSED, lesion.centre_index, lesion.mean_diameter_mm, reference_id=lesion.lesion_id,
-                        reference_volume_ml=lesion.volume_ml)
+                        reference_volume_ml=lesion.volume_ml, covered_fraction=covered)
 
 
-def _added(lesion: Lesion) -> Disagreement:
+def _added(lesion: Lesion, covered: float = 0.0) -> Disagreement:
     return Disagreement(ADDED, lesion.centre_index, lesion.mean_diameter_mm, other_id=lesion.lesion_id,
-                        other_volume_ml=lesion.volume_ml)
+                        other_volume_ml=lesion.volume_ml, covered_fraction=covered)
 
 
 def _volume_changes(pairs, ref_lesions: dict, other_lesions: dict, threshold_pct: float) -> list[Disagreement]:
@@ -197,9 +219,11 @@ def class_flips(reference_lesions: Sequence[Lesion], reference_types: Mapping[in
 
 
 def seriousness_key(item: Disagreement) -> tuple:
-    """Kind first (missed > added > volume > type), then the bigger lesion or change."""
+    """Kind first (missed > added > volume > type); within missed and added, lesions the other
+    side has nothing of before those it merged or split; then the bigger lesion or change."""
     change = abs(item.volume_change_pct or 0.0) if item.kind == VOLUME_CHANGE else 0.0
-    return (KINDS.index(item.kind), -change, -item.mean_diameter_mm, item.reference_id or 0, item.other_id or 0)
+    return (KINDS.index(item.kind), item.merged, -change, -item.mean_diameter_mm, item.reference_id or 0,
+            item.other_id or 0)
 
 
 def sort_by_seriousness(items: Sequence[Disagreement]) -> list[Disagreement]:

@@ -113,3 +113,20 @@ def _degraded_demo_case(demo_tiny):
                 degraded[(slice(None),) * axis + (slice(cut, None),)] = 0
                 return volume, reference, degraded, instances, lesions
     raise AssertionError("no demo case with two lesions apart from each other")
+
+
+def test_a_lesion_merged_into_its_neighbour_is_listed_after_a_true_miss():
+    """B joins lesions A1 and A2 into one (paired with the bigger, A1) and misses A3 outright:
+    A3 comes first (nothing there), A2 after it, marked as lying inside another lesion."""
+    volume = _volume()
+    a1, a2 = _ball(volume.shape, (8, 20, 20), 4), _ball(volume.shape, (8, 20, 30), 3)
+    a3 = _ball(volume.shape, (14, 48, 48), 2)
+    reference = (a1 | a2 | a3).astype(np.uint8)
+    bridge = np.zeros(volume.shape, bool)
+    bridge[7:10, 18:23, 20:31] = True
+    merged = (a1 | a2 | bridge).astype(np.uint8)
+    items = find_disagreements(reference, merged, volume)
+    missed = [d for d in items if d.kind == MISSED]
+    assert [d.merged for d in missed] == [False, True]
+    assert missed[0].centre_index == pytest.approx((14, 48, 48)) and missed[0].covered_fraction == 0.0
+    assert missed[1].covered_fraction == 1.0 and "inside another lesion" in missed[1].detail()

@@ -108,6 +108,13 @@ def test_clicking_a_disagreement_moves_every_view_to_it(view, qtbot):
     view.disagreement_table.cellClicked.emit(0, 2)
     expected = tuple(int(round(c)) for c in lost.centre_index)
     assert view.panels[0].state.position == view.panels[1].state.position == expected
+    for panel in view.panels:   # zoomed in on the lesion, in both panels: the lesion in the middle
+        box, slice_view = panel.mpr.views["axial"].view_box, panel.mpr.views["axial"]
+        (x0, x1), (y0, y1) = box.viewRange()
+        canonical = slice_view.scan.to_canonical(lost.centre_index)
+        row_mm, col_mm = slice_view.pixel_mm()
+        assert min(x1 - x0, y1 - y0) <= 75.0
+        assert x0 < (canonical[2] + 0.5) * col_mm < x1 and y0 < (canonical[1] + 0.5) * row_mm < y1
 
 
 @pytest.mark.timeout(300)

@@ -191,7 +191,7 @@ def run_steps(parent: ModelVariant, steps: list[dict], data: StepData, out_dir: 
             start, stop = 0.9 * number / len(steps), 0.9 * (number + 1) / len(steps)
             model = yield from scaled(_run_one(model, spec, data), start, stop, f"{spec['step']}: ")
         yield Progress(0.9, "writing the variant")
-        yield from write_variant(model, parent, tmp, name, recipe or {"steps": steps}, data)
+        yield from scaled(write_variant(model, parent, tmp, name, recipe or {"steps": steps}, data), 0.9, 1.0)
         shutil.rmtree(tmp / "work", ignore_errors=True)
         os.rename(tmp, final)
     except BaseException:  # cancel (GeneratorExit/Cancelled) or failure: leave nothing behind

@@ -40,6 +40,18 @@ def test_finetune_writes_a_complete_variant_with_lineage_and_never_touches_the_p
     load_torch_module(variant.as_format("state_dict"))  # the weights fit the card's architecture
 
 
+def test_progress_only_moves_forward(tmp_path):
+    job = run_steps(open_model(trained_variant_card()), [{"step": "finetune", "steps": 2}, {"step": "finetune", "steps": 1}],
+                    step_data(), tmp_path, name="ticks")
+    fractions = []
+    while True:
+        try:
+            fractions.append(next(job).fraction)
+        except StopIteration:
+            break
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
 def test_cancel_leaves_no_output_files(tmp_path):
     parent = open_model(trained_variant_card())
     ticks = []

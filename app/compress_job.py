@@ -85,7 +85,8 @@ class PhaseClock:
         f = 0.0 if fraction is None else min(1.0, max(0.0, fraction))
         overall = self.starts[phase] + self.widths[phase] * f
         data = {"phase": phase, "phase_fraction": f, "eta_s": self.eta(overall), **(extra or {})}
-        return Progress(overall, f"{self.names[phase]}: {message}" if message else self.names[phase], data)
+        label = self.names[phase].split(":")[0]   # "expert", not "expert: prune_unstructured → finetune"
+        return Progress(overall, f"{label}: {message}" if message else label, data)
 
     def eta(self, overall: float) -> float | None:
         elapsed = time.monotonic() - self.started

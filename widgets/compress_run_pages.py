@@ -22,6 +22,7 @@ from widgets.compress_wizard import PROBLEM_STYLE, ConfigPage, file_size_text
 LOG_LINES = 2000
 REDRAW_MS = 150
 LOSS_TITLE = "Fine-tuning / distillation loss"
+LOSS_LOG_EVERY = 10
 ORIGINAL_COLOUR, WITHIN_COLOUR, OUTSIDE_COLOUR = "#2c3e50", "#27ae60", "#c0392b"
 
 
@@ -71,6 +72,7 @@ class RunPage(ConfigPage):
         self.log = QPlainTextEdit()
         self.log.setReadOnly(True)
         self.log.setMaximumBlockCount(LOG_LINES)
+        self.log.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
         self.loss_plot = pg.PlotWidget(background="w")
         self.loss_plot.setLabel("left", "loss")
         self.loss_plot.setLabel("bottom", "training step")
@@ -163,11 +165,17 @@ class RunPage(ConfigPage):
         if "loss" in data:
             self.losses.append(float(data["loss"]))
             self.chart_stale = True
-        if progress.message and progress.message != self.last_message:
+        if progress.message and progress.message != self.last_message and self._worth_logging(data):
             self.last_message = progress.message
             self.pending_log.append(progress.message)
         if not self.redraw.isActive():
             self.redraw.start()
+
+    @staticmethod
+    def _worth_logging(data: dict) -> bool:
+        """Training steps go to the chart; the log keeps every LOSS_LOG_EVERY-th of them."""
+        iteration = data.get("iteration")
+        return iteration is None or iteration == 1 or iteration % LOSS_LOG_EVERY == 0
 
     def _redraw(self) -> None:
         """Chart and log are drawn at most every REDRAW_MS: a burst of progress costs one paint."""

@@ -1,0 +1,81 @@
+"""The shared training loop: mixed precision (autocast + GradScaler) on every fine-tune and distillation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from app.core.progress import run_to_end
+
+from compression.training import (
+    IGNORE,
+    TrainConfig,
+    distillation_loss,
+    make_labels_loss,
+    segmentation_loss,
+    train_loop,
+)
+from tests.compression.tiny import THREADS, TINY_UNET, tiny_card, train_cases
+
+
+def arrays():
+    from compression.data import slice_tensors
+
+    x, y = slice_tensors(list(train_cases())[:2], tiny_card(), with_labels=True)
+    return {"x": x, "y": y.astype(np.int64)}
+
+
+def fresh_net():
+    import torch
+
+    from app.core.model_card import Architecture
+    from app.core.models import build_network
+
+    torch.manual_seed(0)
+    return build_network(Architecture("UNet", TINY_UNET))
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
+def test_every_precision_trains_and_reports_what_it_used(amp):
+    stats = run_to_end(train_loop(fresh_net(), arrays(), make_labels_loss(10.0),
+                                  TrainConfig(steps=12, lr=1e-2, amp=amp, threads=THREADS)))
+    assert stats["amp"] == {"off": "fp32", "bf16": "bfloat16", "fp16": "float16"}[amp]
+    assert np.isfinite(stats["loss_last"]) and stats["loss_last"] < stats["loss_first"]
+
+
+def test_fp16_uses_a_grad_scaler(monkeypatch):
+    import torch
+
+    made = []
+    real = torch.amp.GradScaler
+
+    def recording(*args, **kwargs):
+        scaler = real(*args, **kwargs)
+        made.append(scaler)
+        return scaler
+
+    monkeypatch.setattr(torch.amp, "GradScaler", recording)
+    run_to_end(train_loop(fresh_net(), arrays(), make_labels_loss(), TrainConfig(steps=2, amp="fp16", threads=THREADS)))
+    assert made and made[0].is_enabled()
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="amp"):
+        run_to_end(train_loop(fresh_net(), arrays(), make_labels_loss(), TrainConfig(steps=1, amp="int4")))
+
+
+def test_ignored_pixels_do_not_count_in_the_labels_loss():
+    import torch
+
+    logits = torch.randn(2, 2, 8, 8)
+    labels = torch.zeros(2, 8, 8, dtype=torch.long)
+    labels[1] = IGNORE
+    assert torch.isclose(segmentation_loss(logits, labels), segmentation_loss(logits[:1], labels[:1]), atol=1e-6)
+    assert float(segmentation_loss(logits, torch.full_like(labels, IGNORE))) == 0.0
+
+
+def test_distillation_loss_is_smallest_when_the_student_copies_the_teacher():
+    import torch
+
+    teacher = torch.randn(2, 2, 8, 8) * 3
+    assert distillation_loss(teacher, teacher) < distillation_loss(torch.zeros_like(teacher), teacher)
+    assert distillation_loss(teacher, teacher) < distillation_loss(-teacher, teacher)

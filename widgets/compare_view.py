@@ -105,6 +105,7 @@ def _table_widget() -> QTableWidget:
     widget.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
     widget.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
     widget.verticalHeader().setVisible(False)
+    widget.verticalHeader().setDefaultSectionSize(20)   # compact rows: more of the list in view
     widget.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
     return widget
 
@@ -238,17 +239,11 @@ class CompareView(QWidget):
 
     def _build_tabs(self) -> QTabWidget:
         tabs = QTabWidget()
+        tabs.setMinimumHeight(250)
         self.disagreement_table = _table_widget()
         self.disagreement_table.cellClicked.connect(lambda row, _col: self.jump_to_row(row))
         tabs.addTab(self.disagreement_table, "Disagreements")
-        accuracy = QWidget()
-        column = QVBoxLayout(accuracy)
-        self.accuracy_tables = [_table_widget() for _ in range(3)]
-        self.accuracy_titles = [QLabel() for _ in range(3)]
-        for title, table in zip(self.accuracy_titles, self.accuracy_tables):
-            column.addWidget(title)
-            column.addWidget(table, 1)
-        tabs.addTab(accuracy, "Before / after accuracy")
+        tabs.addTab(self._build_accuracy(), "Before / after accuracy")
         charts = QWidget()
         grid = QHBoxLayout(charts)
         self.charts = [BarChart() for _ in range(4)]
@@ -256,6 +251,22 @@ class CompareView(QWidget):
             grid.addWidget(chart)
         tabs.addTab(charts, "Charts")
         return tabs
+
+    def _build_accuracy(self) -> QWidget:
+        """The whole-set verdicts on the left (every measure in view); per case and costs on the right."""
+        self.accuracy_tables = [_table_widget() for _ in range(3)]
+        self.accuracy_titles = [QLabel() for _ in range(3)]
+        columns = QSplitter(Qt.Orientation.Horizontal)
+        for group in ((0,), (1, 2)):
+            holder = QWidget()
+            column = QVBoxLayout(holder)
+            column.setContentsMargins(2, 2, 2, 2)
+            for n in group:
+                self.accuracy_titles[n].setWordWrap(True)
+                column.addWidget(self.accuracy_titles[n])
+                column.addWidget(self.accuracy_tables[n], 1)
+            columns.addWidget(holder)
+        return columns
 
     # --- intents ----------------------------------------------------------------------------------
     def set_models(self, paths: list[str]) -> None:

@@ -4,7 +4,8 @@ What pays on a CPU (measured here): static QDQ, per-channel int8 weights, **uint
 ONNX Runtime then fuses each DequantizeLinear→Conv→QuantizeLinear into one QLinearConv. Its
 default settings left most UNet Convs in float (no speed-up) and dynamic int8 weights ran 3×
 *slower*; the step checks the optimised graph and says how many Convs really run in int8.
-ConvTranspose has no int8 CPU kernel, so it is left in float by default.
+ConvTranspose has no int8 CPU kernel: its weights are still stored in int8 (DequantizeLinear
+feeds a float ConvTranspose), which made the demo UNet's file 31 % smaller for +2 % latency.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ class _SliceReader:
 
 def quantize_int8_ort(model: WorkingModel, data: StepData, *, mode: str = "static", per_channel: bool = True,
                       calibrate: str = "minmax", percentile: float = 99.999, exclude: list | tuple = (),
-                      activation_type: str = "QUInt8", weight_type: str = "QInt8", op_types: list | tuple = ("Conv",),
+                      activation_type: str = "QUInt8", weight_type: str = "QInt8",
+                      op_types: list | tuple = ("Conv", "ConvTranspose"),
                       calib_slices: int = 16, reduce_range: bool = False, min_conv_share: float = 0.9):
     """Quantize to int8 with ONNX Runtime; the result is the deployable ONNX of the variant.
 
@@ -63,7 +65,7 @@ def quantize_int8_ort(model: WorkingModel, data: StepData, *, mode: str = "stati
         _static(prepared, target, model, data, common, calibrate, percentile, activation_type, calib_slices)
     yield Progress(0.8, "checking what ONNX Runtime runs in int8")
     _check_and_report(model, data, source, target, mode, calibrate, excluded, min_conv_share,
-                      activation_type, weight_type, per_channel)
+                      activation_type, weight_type, per_channel, tuple(op_types))
     model.onnx_path, model.module = target, None  # the float torch model no longer describes this variant
     model.storage = "dense"
     yield Progress(1.0, "int8 model ready")
@@ -154,7 +156,7 @@ def _quiet_quantizer():
 
 
 def _check_and_report(model, data, source, target, mode, calibrate, excluded, min_conv_share,
-                      activation_type, weight_type, per_channel) -> None:
+                      activation_type, weight_type, per_channel, op_types) -> None:
     from compression.export import quantized_conv_share
 
     share = quantized_conv_share(target)
@@ -166,7 +168,8 @@ def _check_and_report(model, data, source, target, mode, calibrate, excluded, mi
     model.notes.append(
         f"int8 ({mode}{', ' + calibrate if mode == 'static' else ''}): ONNX Runtime runs {share['quantized_convs']} of "
         f"{share['quantized_convs'] + share['float_convs']} Convs in int8 ({share['share']:.0%}); "
-        f"{share['conv_transpose']} ConvTranspose stay float (no int8 CPU kernel); "
+        f"{share['conv_transpose']} ConvTranspose run in float (no int8 CPU kernel"
+        f"{'; weights stored int8' if 'ConvTranspose' in op_types else ''}); "
         f"mask Dice vs the float model on calibration slices {fidelity:.4f}.")
     if excluded:
         model.notes.append(f"{len(excluded)} layer(s) kept in float on purpose: {', '.join(excluded)}.")

@@ -15,7 +15,8 @@ can move a nodule across a management threshold):
 3. ``volume_change`` — a matched pair whose volume differs by more than a threshold (%);
 4. ``class_flip`` — a classifier's most likely type differs on the same reference lesion.
 
-Within a kind, larger lesions (and larger changes) come first.
+Within a kind, larger lesions (and larger changes) come first; a volume change that moves a
+nodule into another Lung-RADS size band comes before one that does not.
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ class Disagreement:
     # Missed / added: share of the lesion's voxels the other side marks all the same, as part of
     # a lesion paired elsewhere (merged or split). 0 = nothing there at all: a true miss.
     covered_fraction: float = 0.0
+    other_diameter_mm: float | None = None  # volume changes: the other's size of the paired lesion
 
     @property
     def size_band(self) -> str:
@@ -75,6 +77,12 @@ class Disagreement:
         return int(round(self.centre_index[0])) + 1
 
     @property
+    def crosses_size_band(self) -> bool:
+        """A volume change that moves the lesion into another Lung-RADS size band."""
+        return (self.other_diameter_mm is not None
+                and lung_rads_size_band(self.other_diameter_mm) != self.size_band)
+
+    @property
     def merged(self) -> bool:
         """Most of the lesion lies inside another lesion of the other side (merged or split)."""
         return self.covered_fraction >= MERGED_FRACTION
@@ -88,8 +96,9 @@ class Disagreement:
         if self.kind == ADDED:
             return f"not on its own in the reference ({inside})" if self.covered_fraction else "not in the reference"
         if self.kind == VOLUME_CHANGE:
+            band = f", now {lung_rads_size_band(self.other_diameter_mm)}" if self.crosses_size_band else ""
             return (f"lesion {self.reference_id}: {self.reference_volume_ml:.3f} → {self.other_volume_ml:.3f} mL "
-                    f"({self.volume_change_pct:+.0f} %)")
+                    f"({self.volume_change_pct:+.0f} %{band})")
         return f"lesion {self.reference_id}: {self.reference_type} → {self.other_type}"
 
     def describe(self, other: str = "the other") -> str:
@@ -192,7 +201,8 @@ def _volume_changes(pairs, ref_lesions: dict, other_lesions: dict, threshold_pct
         if ref is None or other is None:
             continue
         item = Disagreement(VOLUME_CHANGE, ref.centre_index, ref.mean_diameter_mm, reference_id=ref_id,
-                            other_id=other_id, reference_volume_ml=ref.volume_ml, other_volume_ml=other.volume_ml)
+                            other_id=other_id, reference_volume_ml=ref.volume_ml, other_volume_ml=other.volume_ml,
+                            other_diameter_mm=other.mean_diameter_mm)
         if abs(item.volume_change_pct or 0.0) > threshold_pct:
             changes.append(item)
     return changes
@@ -220,10 +230,11 @@ def class_flips(reference_lesions: Sequence[Lesion], reference_types: Mapping[in
 
 def seriousness_key(item: Disagreement) -> tuple:
     """Kind first (missed > added > volume > type); within missed and added, lesions the other
-    side has nothing of before those it merged or split; then the bigger lesion or change."""
+    side has nothing of before those it merged or split; volume changes that move a lesion into
+    another Lung-RADS size band before those that do not; then the bigger change or lesion."""
     change = abs(item.volume_change_pct or 0.0) if item.kind == VOLUME_CHANGE else 0.0
-    return (KINDS.index(item.kind), item.merged, -change, -item.mean_diameter_mm, item.reference_id or 0,
-            item.other_id or 0)
+    return (KINDS.index(item.kind), item.merged, not item.crosses_size_band, -change, -item.mean_diameter_mm,
+            item.reference_id or 0, item.other_id or 0)
 
 
 def sort_by_seriousness(items: Sequence[Disagreement]) -> list[Disagreement]:

@@ -64,6 +64,8 @@ def test_volume_changes_over_the_threshold_are_listed_biggest_change_first():
     items = find_disagreements(reference, other, volume, volume_change_pct=25.0)
     assert [item.kind for item in items] == [VOLUME_CHANGE, VOLUME_CHANGE]
     assert items[0].volume_change_pct < -70 and 50 < items[1].volume_change_pct < 75
+    # the big one shrinks from 6–8 mm to below 6 mm: a change of Lung-RADS size band, listed first
+    assert items[0].crosses_size_band and items[0].size_band == "6–8 mm" and "now <6 mm" in items[0].detail()
     assert find_disagreements(reference, other, volume, volume_change_pct=90.0) == []
 
 

@@ -39,7 +39,7 @@ def report_data(run: ComparisonRun, *, identify: bool = False, top_images: int =
     summary = [f"Reference: {run.reference_name}. Compared: {', '.join(run.others)}.",
                f"{len(run.cases)} case(s); evidence: {evaluation.evidence}.",
                f"Disagreements listed: {len(run.all_disagreements())} (volume changes over "
-               f"{run.volume_change_pct:g} %)."]
+               f"{run.volume_change_pct:g} %)."] + disagreement_counts(run)
     return ReportData(
         title="Model comparison", summary=summary,
         tables=[verdict_table(run), per_case_table(run, labels), cost_table(run)] + classifier_tables(run),
@@ -48,6 +48,21 @@ def report_data(run: ComparisonRun, *, identify: bool = False, top_images: int =
         variants=[variant_section(run, i) for i in range(len(run.variants))]
         + [classifier_section(run, i) for i in range(len(run.classifiers))],
         environment=environment_facts())
+
+
+def disagreement_counts(run: ComparisonRun) -> list[str]:
+    """One sentence per compared variant: how many of each kind, the merged/split ones apart."""
+    from app.core.disagreement import ADDED, CLASS_FLIP, MISSED, VOLUME_CHANGE
+
+    lines = []
+    for name in run.others + run.classifier_names[1:]:
+        items = [d for case in run.cases for d in case.disagreements.get(name, [])]
+        count = {kind: sum(d.kind == kind for d in items) for kind in (MISSED, ADDED, VOLUME_CHANGE, CLASS_FLIP)}
+        merged = {kind: sum(d.kind == kind and d.merged for d in items) for kind in (MISSED, ADDED)}
+        lines.append(f"{name}: {count[MISSED]} missed ({merged[MISSED]} of them merged into another lesion), "
+                     f"{count[ADDED]} added ({merged[ADDED]} split off another), {count[VOLUME_CHANGE]} volume "
+                     f"changes, {count[CLASS_FLIP]} type changes.")
+    return lines
 
 
 def verdict_table(run: ComparisonRun):

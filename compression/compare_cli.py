@@ -88,8 +88,7 @@ def _compare(args, variants) -> int:
 
 
 def _print_summary(run) -> None:
-    from app.core.disagreement import count_by_kind
+    from compression.compare_report import disagreement_counts
 
-    for name in run.others + run.classifier_names[1:]:
-        counts = count_by_kind([d for c in run.cases for d in c.disagreements.get(name, [])])
-        print(f"{name} vs {run.reference_name}: " + ", ".join(f"{k.replace('_', ' ')} {n}" for k, n in counts.items()))
+    for line in disagreement_counts(run):
+        print(line)

@@ -100,14 +100,26 @@ def segment_descriptions(card, values: Sequence[int]):
     algorithm = hd.AlgorithmIdentificationSequence(
         name=card.name, version=card.version or "unknown", family=codes.cid7162.ArtificialIntelligence)
     names = {label.value: label.name for label in card.labels}
+    colours = {label.value: label.colour for label in card.labels}
     descriptions = []
     for number, value in enumerate(values, 1):
         category, kind = _segment_codes(names.get(value, f"label {value}"))
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=number, segment_label=names.get(value, f"label {value}")[:64],
             segmented_property_category=category, segmented_property_type=kind,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm))
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
+            display_color=_display_colour(colours.get(value))))
     return descriptions
+
+
+def _display_colour(colour: str | None):
+    """The card's label colour as the SEG's recommended display colour (PACS show it so)."""
+    import highdicom as hd
+
+    try:
+        return hd.color.CIELabColor.from_string(colour) if colour else None
+    except ValueError:
+        return None
 
 
 def _label_values(card, labels: np.ndarray) -> list[int]:

@@ -93,14 +93,17 @@ def test_an_empty_result_still_writes_a_valid_seg(case, card, tmp_path):
     assert not read_seg_labels(result.path, volume, series_files(folder)).any()
 
 
-def test_the_seg_reloads_in_our_viewer_on_the_same_voxels(case, exported):
+def test_the_seg_reloads_in_our_viewer_on_the_same_voxels_in_the_cards_colour(case, exported, card):
     """app.core.masks.load_seg is what the viewer calls for a SEG beside a series (by frame position)."""
+    from app.core.display import rgb_of
     from app.core.masks import load_seg
 
     _folder, volume, labels = case
     reloaded, segments = load_seg(str(exported.path), volume)
     assert np.array_equal(np.asarray(reloaded) > 0, labels > 0)
     assert len(segments) == 1
+    nodule = next(label for label in card.labels if label.value == 1)
+    assert np.allclose(segments[0]["colour"], rgb_of(nodule.colour), atol=3)
 
 
 def test_the_lesion_measurements_go_out_as_a_tid_1500_sr_on_the_seg(case, exported, card, tmp_path):

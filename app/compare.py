@@ -61,6 +61,8 @@ class CompareService(QObject):
         self._pending = 0
         self._failed = False
         self._generation = 0   # results of an earlier comparison arriving late are ignored
+        self._running: dict[int, int] = {}   # job id of a model run -> the comparison it belongs to
+        jobs.cancelled.connect(self._job_cancelled)
 
     # -- starting a comparison -------------------------------------------------------------
     def compare(self, model_paths: list[str], data_path: str, split: str = "eval") -> None:
@@ -85,6 +87,7 @@ class CompareService(QObject):
 
         models, self.cases = result
         self.variants, self.classifiers = split_by_task(models)
+        self.cancel()   # a new comparison replaces one still running
         self.run, self._failed = None, False
         self._generation += 1
         self.variants_ready.emit(variant_names(self.variants))
@@ -101,12 +104,24 @@ class CompareService(QObject):
 
         run = _ComputeRun(self.compute, self.threads)
         body, extra = (findings_for, ()) if lesions_from is None else (classifier_findings_for, (lesions_from,))
-        self.jobs.submit(f"Compare: {variant.card.name} {variant.card.version} on {case.case}", body,
-                         variant, case.volume, self.cache, run, *extra, heavy=True,
-                         on_result=lambda _findings: self._one_done(generation),
-                         on_error=lambda message, _detail: self._one_failed(generation, message))
+        handle = self.jobs.submit(f"Compare: {variant.card.name} {variant.card.version} on {case.case}", body,
+                                  variant, case.volume, self.cache, run, *extra, heavy=True,
+                                  on_result=lambda _findings: self._one_done(generation),
+                                  on_error=lambda message, _detail: self._one_failed(generation, message))
+        self._running[handle.job_id] = generation
+
+    def cancel(self) -> None:
+        """Stop the comparison: every model run still queued or running is cancelled."""
+        for job_id in list(self._running):
+            self.jobs.cancel(job_id)
+
+    def _job_cancelled(self, job_id: int) -> None:
+        generation = self._running.pop(job_id, None)
+        if generation is not None:
+            self._one_failed(generation, "cancelled")
 
     def _one_done(self, generation: int) -> None:
+        self._running = {j: g for j, g in self._running.items() if not self.jobs.record(j).state.is_final}
         if generation != self._generation:
             return
         self._pending -= 1
@@ -114,8 +129,9 @@ class CompareService(QObject):
             self._assemble()
 
     def _one_failed(self, generation: int, message: str) -> None:
-        if generation == self._generation:
+        if generation == self._generation and not self._failed:
             self._failed = True
+            self.cancel()   # the comparison cannot be completed: the remaining runs would be wasted
             self.status.emit(f"Compare stopped: {message}")
 
     def _assemble(self) -> None:

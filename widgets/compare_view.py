@@ -149,6 +149,7 @@ class BarChart(pg.PlotWidget):
 
 class CompareView(QWidget):
     compare_requested = Signal(list, str, str)   # model paths, data path, split
+    cancel_requested = Signal()
     case_requested = Signal(int)
     report_requested = Signal(str, str)           # html path, pdf path ("" = none)
     seg_requested = Signal(str)                   # folder
@@ -202,6 +203,9 @@ class CompareView(QWidget):
         self.split_box.setToolTip("Manifest split to compare on (verdicts belong on eval)")
         self.compare_button = QPushButton("Compare")
         self.compare_button.clicked.connect(self._request_compare)
+        self.cancel_button = QPushButton("Stop")
+        self.cancel_button.setToolTip("Cancel the model runs of this comparison")
+        self.cancel_button.clicked.connect(self.cancel_requested.emit)
         row.addWidget(QLabel("Models:"))
         row.addWidget(self.model_list, 2)
         row.addLayout(buttons)
@@ -210,6 +214,7 @@ class CompareView(QWidget):
         row.addWidget(browse)
         row.addWidget(self.split_box)
         row.addWidget(self.compare_button)
+        row.addWidget(self.cancel_button)
         return box
 
     def _build_toolbar(self) -> QToolBar:
@@ -429,6 +434,7 @@ def _reference_map(case):
 def connect_compare(view: CompareView, service) -> None:
     """Wire a CompareView to an app.compare.CompareService: intents out, results in."""
     view.compare_requested.connect(service.compare)
+    view.cancel_requested.connect(service.cancel)
     view.case_requested.connect(service.show_case)
     view.report_requested.connect(lambda html, pdf: service.export_report(html, pdf or None))
     view.seg_requested.connect(service.export_seg)

@@ -191,3 +191,29 @@ def test_a_disagreement_on_another_case_opens_that_case_then_jumps(view, qtbot):
     view.show_case(second)                         # what the service answers
     assert view.current_case == 1 and view.case_box.currentIndex() == 1
     assert view.panels[1].state.position == tuple(int(round(c)) for c in lost.centre_index)
+
+
+@pytest.mark.timeout(300)
+def test_stopping_a_comparison_cancels_its_runs_and_says_so(qtbot, job_manager, demo_tiny, tmp_path):
+    from app.compare import CompareService
+    from app.compute import ComputeClient
+    from app.core.findings_cache import FindingsCache
+    from tests.compression.compare_fixtures import original_and_degraded
+
+    compute = ComputeClient()
+    service = CompareService(job_manager, compute, cache=FindingsCache(tmp_path / "cache"))
+    view = CompareView()
+    qtbot.addWidget(view)
+    connect_compare(view, service)
+    finished = []
+    service.comparison_ready.connect(lambda *_: finished.append(True))
+    try:
+        with qtbot.waitSignal(service.variants_ready, timeout=120_000):   # cases loaded, runs queued
+            service.compare([str(p) for p in original_and_degraded(tmp_path / "m")], str(demo_tiny), "train")
+        with qtbot.waitSignal(service.status, timeout=120_000,
+                              check_params_cb=lambda text: "stopped: cancelled" in text):
+            qtbot.mouseClick(view.cancel_button, Qt.MouseButton.LeftButton)
+        qtbot.waitUntil(lambda: job_manager.active_count() == 0, timeout=120_000)
+        assert not finished and service.run is None
+    finally:
+        compute.close()

@@ -68,10 +68,37 @@ def measure(app, seconds: float | None, until=None):
     return meter.stop()
 
 
+def one_round(app, wizard, gc_pauses: GcPauses) -> list[tuple[str, object]]:
+    """Idle 5 s, one compression run, idle as long as the run: the stall stats of each, in order."""
+    run = wizard.run_page
+    before = measure(app, 5.0)
+    gc_pauses.take()
+    start = time.monotonic()
+    run.start()
+    busy = measure(app, None, until=lambda: run.state != "running")
+    seconds = time.monotonic() - start
+    gc_busy = gc_pauses.take()
+    after = measure(app, seconds)   # as long as the run: the longer the window, the larger its max
+    print(f"  GC pauses on the UI thread during the run: {len(gc_busy)} (longest {max(gc_busy, default=0):.1f} ms); "
+          f"{run.log.document().blockCount()} log lines and {len(run.losses)} loss points drawn")
+    return [("wizard idle before the run (baseline)", before),
+            (f"wizard Run page, compression job ({seconds:.0f} s, {run.state})", busy),
+            (f"wizard idle after the run, as long (baseline)", after)]
+
+
+def print_stats(rows) -> None:
+    for name, stats in rows:
+        verdict = "ok" if stats.within_budget else "OVER BUDGET"
+        print(f"{name:56s} {stats.max_ms:8.1f} {stats.p99_ms:8.1f} {stats.mean_ms:8.2f}  {verdict}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--finetune-steps", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=3, help="idle/run/idle rounds (the machine is shared)")
     args = parser.parse_args()
+    import statistics
+
     from PySide6.QtWidgets import QApplication
 
     from app.compress_config import EXPERT, CompressConfig, DataChoice
@@ -84,32 +111,24 @@ def main() -> int:
         config = CompressConfig(model=str(model), data=DataChoice(manifest=str(manifest)), preset=EXPERT,
                                 steps=[{"step": "prune_unstructured", "sparsity": 0.5},
                                        {"step": "finetune", "steps": args.finetune_steps}],
-                                max_dice_drop="0.5", output=str(Path(tmp) / "out"), name="bench")
+                                max_dice_drop="0.5", output=str(Path(tmp) / "out"))
         jobs = JobManager()
         wizard = CompressWizard(jobs, [], config)
-        run = wizard.run_page
         wizard.setStartId(wizard.pageIds()[4])   # the live Run page (it starts the job when shown)
-        wizard.run_page.initializePage = lambda: None   # ... here the job starts after the idle baseline
+        wizard.run_page.initializePage = lambda: None   # ... here each run starts after its idle baseline
         wizard.show()
         gc_pauses = GcPauses()
-        before = measure(app, 5.0)
-        gc_idle = gc_pauses.take()
-        start = time.monotonic()
-        run.start()
-        busy = measure(app, None, until=lambda: run.state != "running")
-        seconds = time.monotonic() - start
-        gc_busy = gc_pauses.take()
-        after = measure(app, 5.0)
+        rounds = []
         print(f"{'scenario':56s} {'max ms':>8s} {'p99 ms':>8s} {'mean ms':>8s}  verdict")
-        for name, stats in (("wizard idle before the run (baseline)", before),
-                            (f"wizard Run page, compression job ({seconds:.0f} s, {run.state})", busy),
-                            ("wizard idle after the run (baseline)", after)):
-            verdict = "ok" if stats.within_budget else "OVER BUDGET"
-            print(f"{name:56s} {stats.max_ms:8.1f} {stats.p99_ms:8.1f} {stats.mean_ms:8.2f}  {verdict}")
-        print(f"Python GC pauses on the UI thread: idle {len(gc_idle)} (longest {max(gc_idle, default=0):.1f} ms), "
-              f"during the run {len(gc_busy)} (longest {max(gc_busy, default=0):.1f} ms)")
-        print(f"progress events drawn: {run.log.document().blockCount()} log lines, {len(run.losses)} loss points")
-        print(f"p99 ratio busy/idle-before: {busy.p99_ms / max(before.p99_ms, 1e-3):.1f}x")
+        for k in range(args.rounds):
+            wizard.config_model.set("name", f"bench-{k}")
+            rounds.append(one_round(app, wizard, gc_pauses))
+            print_stats(rounds[-1])
+        print(f"median over {args.rounds} rounds (a noisy neighbour's spike lands in one round, not all):")
+        for i, (name, _stats) in enumerate(rounds[0]):
+            values = [r[i][1] for r in rounds]
+            print(f"{name.split(' (')[0]:56s} {statistics.median(v.max_ms for v in values):8.1f} "
+                  f"{statistics.median(v.p99_ms for v in values):8.1f} {statistics.median(v.mean_ms for v in values):8.2f}")
         heavy = sorted(m for m in sys.modules if m.split('.')[0] in ("torch", "onnxruntime"))
         print(f"torch/onnxruntime in the UI process: {heavy or 'none'}")
         wizard.close()

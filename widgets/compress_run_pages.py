@@ -64,6 +64,7 @@ class RunPage(ConfigPage):
         self.losses: list[float] = []
         self.overall = _bar()
         self.eta = QLabel("")
+        self.eta.setMinimumWidth(150)   # a changing text must not re-lay-out the page on every tick
         self.status = QLabel("")
         self.status.setWordWrap(True)
         self.cancel_button = QPushButton("Cancel run")

@@ -226,3 +226,21 @@ def test_the_demo_model_against_its_pruned_copy_lists_every_lesion_it_really_los
         assert {d.reference_id for d in missed if d.covered_fraction == 0.0} == really_missed
         lost_anywhere += len(really_missed)
     assert lost_anywhere > 0, "70 % pruning without fine-tuning should lose some lesion"
+
+
+def test_the_report_is_written_without_a_display_and_without_qt(demo_tiny, variants, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    script = ("import sys, main\n"
+              f"code = main.main(['compare', '--models', {str(variants[0].card_path)!r}, {str(variants[1].card_path)!r},"
+              f" '--data', {str(demo_tiny)!r}, '--report', {str(tmp_path / 'r.html')!r},"
+              f" '--pdf', {str(tmp_path / 'r.pdf')!r}])\n"
+              "print('EXIT', code, 'QT', any(m.startswith('PySide6') for m in sys.modules))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert "EXIT 0 QT False" in result.stdout, result.stdout + result.stderr
+    assert (tmp_path / "r.pdf").read_bytes().startswith(b"%PDF")

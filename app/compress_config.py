@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -369,11 +369,6 @@ def default_run_name(config: CompressConfig) -> str:
 
     model = Path(config.model).parent.name if Path(config.model).name == "card.json" else Path(config.model).stem
     return f"{model}-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def config_dict(config: CompressConfig) -> dict:
-    """Plain, picklable form of the config for the child process."""
-    return asdict(config)
 
 
 # ---------------------------------------------------------------- the observable model

@@ -65,9 +65,6 @@ class CompressResult:
     sensitivity: list[tuple[str, float]] | None = None
     notes: list[str] = field(default_factory=list)
 
-    def row(self, name: str) -> VariantRow:
-        return next(r for r in self.rows if r.name == name)
-
 
 # ---------------------------------------------------------------- progress plumbing
 

@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from PySide6.QtWidgets import QWizard
 
 from app.compress_config import EXPERT, CompressConfig, problems
 from app.core.models import open_model, sha256_file

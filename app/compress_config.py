@@ -17,6 +17,7 @@ from typing import Any
 from PySide6.QtCore import QObject, Signal
 
 from app.core.manifest import DEFAULT_PROPORTIONS, SPLITS
+from compression.evaluate import LARGE_LESION_MM   # "large" lesions: Lung-RADS mean diameter
 
 PAGES = ("model", "data", "techniques", "budget", "output")
 EXPERT = "expert"
@@ -197,9 +198,17 @@ class BudgetValues:
         return budget
 
 
+def parse_lesion_size(text: str) -> float | None:
+    """The evaluation counts lost lesions of any size or from 6 mm (Lung-RADS): 0, 6 or empty."""
+    size = parse_mm(text, "no lost lesions from")
+    if size is not None and size not in (0.0, LARGE_LESION_MM):
+        raise ValueError(f"no lost lesions from: {text!r} — the evaluation counts lost lesions of any size "
+                         f"(write 0) or from {LARGE_LESION_MM:g} mm, Lung-RADS (write {LARGE_LESION_MM:g})")
+    return size
+
+
 def budget_values(config: CompressConfig) -> BudgetValues:
-    return BudgetValues(parse_fraction(config.max_dice_drop, "max Dice drop"),
-                        parse_mm(config.lost_lesion_mm, "no lost lesions from"))
+    return BudgetValues(parse_fraction(config.max_dice_drop, "max Dice drop"), parse_lesion_size(config.lost_lesion_mm))
 
 
 # ---------------------------------------------------------------- checks per page
@@ -255,7 +264,7 @@ def _technique_problems(config: CompressConfig) -> list[str]:
 def _budget_problems(config: CompressConfig) -> list[str]:
     found = []
     for check in (lambda: parse_fraction(config.max_dice_drop, "max Dice drop"),
-                  lambda: parse_mm(config.lost_lesion_mm, "no lost lesions from"),
+                  lambda: parse_lesion_size(config.lost_lesion_mm),
                   lambda: parse_minutes(config.search_minutes)):
         try:
             check()

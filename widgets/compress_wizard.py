@@ -516,6 +516,14 @@ class TechniquesPage(ConfigPage):
 # ---------------------------------------------------------------- 4 Budget and target
 
 
+BUDGET_HINT = (
+    "A Dice drop of 0.02 (2 %) lets a variant's overlap with the ground truth be 2 points below the "
+    "original's on the eval scans (without labels: its disagreement with the original). \"No lost "
+    "lesions from 6 mm\" refuses any variant that misses a lesion of 6 mm or more (Lung-RADS mean "
+    "diameter) that the original found; 0 means any size, empty means not checked. The time limit "
+    "stops a search preset after the candidate running when it comes.")
+
+
 class BudgetPage(ConfigPage):
     page_key = "budget"
 
@@ -535,7 +543,9 @@ class BudgetPage(ConfigPage):
         self._connect()
 
     def _layout(self) -> None:
-        form = QFormLayout(self)
+        outer = QVBoxLayout(self)
+        form = QFormLayout()
+        outer.addLayout(form)
         form.addRow("Max Dice drop vs the original", self.dice_drop)
         form.addRow("No lost lesions from (mm)", self.lesion_mm)
         form.addRow("Target device", self.device)
@@ -543,7 +553,12 @@ class BudgetPage(ConfigPage):
         form.addRow("Search time limit (minutes)", self.minutes)
         form.addRow("Save variants under", _browse_row(self.output, "Browse…", self._browse_output))
         form.addRow("Run name", self.run_name)
-        form.addRow(self.problem_label)
+        hint = QLabel(BUDGET_HINT)
+        hint.setWordWrap(True)
+        hint.setStyleSheet("color: #555;")
+        outer.addWidget(hint)
+        outer.addWidget(self.problem_label)
+        outer.addStretch(1)
 
     def _connect(self) -> None:
         m = self.config_model

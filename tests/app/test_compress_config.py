@@ -138,3 +138,10 @@ def test_phase_progress_maps_onto_the_whole_run_and_passes_loss_on():
     assert ticks[0].fraction == pytest.approx(0.25 + 0.5 * 0.5)
     assert ticks[0].data["phase"] == 1 and ticks[0].data["loss"] == 0.7 and ticks[0].data["iteration"] == 1
     assert ticks[-1].fraction == pytest.approx(0.75) and ticks[0].message == "train: step 1"
+
+
+def test_a_lesion_size_the_evaluation_cannot_count_is_refused():
+    assert problems(CompressConfig(lost_lesion_mm="6 mm"), "budget") == []
+    assert problems(CompressConfig(lost_lesion_mm="0"), "budget") == []
+    found = problems(CompressConfig(lost_lesion_mm="4"), "budget")
+    assert len(found) == 1 and "any size (write 0) or from 6 mm" in found[0]

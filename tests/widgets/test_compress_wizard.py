@@ -29,6 +29,9 @@ def model_hashes(card: Path) -> dict[str, str]:
 
 
 def shoot(wizard, name: str) -> None:
+    from PySide6.QtWidgets import QApplication
+
+    QApplication.processEvents()   # let a message set a moment ago be laid out before the grab
     SHOTS.mkdir(parents=True, exist_ok=True)
     assert wizard.grab().save(str(SHOTS / f"wizard_{name}.png"))
 

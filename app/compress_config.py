@@ -83,16 +83,22 @@ TECHNIQUES = (
               "or small nodules unless fine-tuned afterwards.",
               (Parameter("ratio", "fraction of channels", 0.25, minimum=0.0, maximum=0.9),
                Parameter("finetune_steps", "fine-tuning steps after", 50, minimum=0, maximum=100000))),
+    Technique("sparsity_train", "Sparsity training (network slimming)",
+              "Trains with a penalty that drives whole channels to zero, then removes them: smaller and "
+              "faster, at the cost of training time and possibly faint detail.",
+              (Parameter("steps", "steps", 100, minimum=1, maximum=100000),
+               Parameter("max_ratio", "at most this share of a layer", 0.75, minimum=0.0, maximum=0.95))),
     Technique("finetune", "Fine-tuning",
               "Trains the compressed model a little on your labelled scans to win back accuracy; "
               "it may over-fit a small training split.",
               (Parameter("steps", "steps", 50, minimum=1, maximum=100000),
                Parameter("lr", "learning rate", 5e-4, minimum=0.0, maximum=1.0))),
     Technique("distill", "Distillation",
-              "Trains the compressed model to copy the original's outputs, labels optional; it "
-              "inherits the original's mistakes.",
-              (Parameter("steps", "steps", 50, minimum=1, maximum=100000),
-               Parameter("temperature", "temperature", 2.0, minimum=0.1, maximum=20.0))),
+              "Trains a narrower network to copy the original's outputs, labels optional: fewer channels "
+              "everywhere, and it inherits the original's mistakes.",
+              (Parameter("width", "student width", 0.5, minimum=0.1, maximum=1.0),
+               Parameter("steps", "steps", 300, minimum=1, maximum=100000),
+               Parameter("temperature", "temperature", 1.0, minimum=0.1, maximum=20.0))),
     Technique("cluster_weights", "Weight clustering",
               "Lets weights share a few values so the archive compresses well; speed is unchanged and "
               "too few clusters coarsen the output.",
@@ -101,6 +107,10 @@ TECHNIQUES = (
               "Stores weights in 16 bits (half the size); on a CPU it runs no faster, and very small "
               "activations may underflow.",
               (Parameter("precision", "type", "fp16", choices=("fp16", "bf16")),)),
+    Technique("qat_finetune", "Quantization-aware fine-tuning",
+              "Fine-tunes with int8 rounding simulated so the int8 step after it loses less; it needs "
+              "labelled or teacher data and must be followed by int8 quantization.",
+              (Parameter("steps", "steps", 50, minimum=1, maximum=100000),)),
     Technique("quantize_int8_ort", "int8 quantization (ONNX Runtime)",
               "Stores weights and activations as 8-bit integers calibrated on your scans; about 4× "
               "smaller, and rare intensities may be rounded away.",

@@ -326,20 +326,42 @@ def bootstrap_ci(values, rng_seed: int = 0, resamples: int = 2000, statistic=np.
     return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
 
 
+@dataclass
+class _Truth:
+    """What evaluation needs of a case's ground truth, computed once."""
+
+    mask: np.ndarray  # bool
+    instances: np.ndarray
+    big_ids: list[int]  # lesions ≥ the size the sensitivity counts
+
+
+def _truth(case: DemoCase, min_diameter_mm: float) -> _Truth:
+    from app.core.lesions import label_instances, lesion_table
+
+    mask = case.labels > 0
+    instances, _ = label_instances(mask.astype(np.uint8))
+    big = [l.lesion_id for l in lesion_table(mask.astype(np.uint8), case.volume, instances=instances)
+           if l.mean_diameter_mm >= min_diameter_mm]
+    return _Truth(mask, instances, big)
+
+
+def _outcome(pred_instances: np.ndarray, truth: _Truth) -> tuple[float, int, int, int]:
+    """(Dice, big nodules found, big nodules, false-positive lesions)."""
+    from app.core.lesions import match_lesions
+
+    pred = pred_instances > 0
+    denom = int(pred.sum()) + int(truth.mask.sum())
+    dice = 1.0 if denom == 0 else 2.0 * int((pred & truth.mask).sum()) / denom
+    match = match_lesions(truth.instances, pred_instances)
+    found = {ref for ref, _, _ in match.matched}
+    return dice, sum(1 for b in truth.big_ids if b in found), len(truth.big_ids), len(match.added)
+
+
 def case_outcome(pred: np.ndarray, case: DemoCase, min_diameter_mm: float = 6.0) -> tuple[float, int, int, int]:
     """(Dice, nodules ≥ min_diameter_mm found, such nodules, false-positive lesions) for one case."""
-    from app.core.lesions import label_instances, lesion_table, match_lesions
+    from app.core.lesions import label_instances
 
-    pred, truth = pred > 0, case.labels > 0
-    denom = int(pred.sum()) + int(truth.sum())
-    dice = 1.0 if denom == 0 else 2.0 * int((pred & truth).sum()) / denom
-    truth_inst, _ = label_instances(truth.astype(np.uint8))
-    pred_inst, _ = label_instances(pred.astype(np.uint8))
-    match = match_lesions(truth_inst, pred_inst)
-    found = {ref for ref, _, _ in match.matched}
-    big = [l.lesion_id for l in lesion_table(truth.astype(np.uint8), case.volume, instances=truth_inst)
-           if l.mean_diameter_mm >= min_diameter_mm]
-    return dice, sum(1 for b in big if b in found), len(big), len(match.added)
+    return _outcome(label_instances((pred > 0).astype(np.uint8))[0], _truth(case, min_diameter_mm))
 
 
 def evaluate_segmentation(runner, cases: list[DemoCase], min_diameter_mm: float = 6.0) -> dict:
@@ -356,24 +378,39 @@ def foreground_probabilities(runner, cases: list[DemoCase]) -> list[np.ndarray]:
     return out
 
 
+RULE_GRID = tuple(Postprocessing(min_lesion_mm3=mm3, min_lesion_score=score)
+                  for mm3 in (0.0, 10.0, 20.0, 40.0, 80.0) for score in (0.5, 0.7, 0.9, 0.97))
+
+
 def choose_postprocessing(foregrounds: list[np.ndarray], cases: list[DemoCase]) -> tuple[Postprocessing, dict]:
     """Pick the lesion clean-up on the calibration split: the most sensitive rule with ≤ 0.5
     false positives per case (then the best Dice); never looks at the eval split."""
-    from app.core.inference import remove_unsure_lesions
+    from app.core.inference import lesion_peaks
+    from app.core.lesions import label_instances
 
+    per_case = []  # (instances, component volumes mm3, component peaks, truth) — rule-independent
+    for fg, case in zip(foregrounds, cases):
+        instances, count = label_instances((fg >= 0.5).astype(np.uint8))
+        ids = np.arange(1, count + 1)
+        mm3 = np.bincount(instances.ravel(), minlength=count + 1)[1:] * case.volume.voxel_volume_ml * 1000.0
+        peaks = lesion_peaks(fg, instances, count)
+        per_case.append((instances, ids, mm3, peaks, _truth(case, 6.0)))
     best, best_key, table = Postprocessing(), None, {}
-    for min_mm3 in (0.0, 10.0, 20.0, 40.0, 80.0):
-        for min_score in (0.5, 0.7, 0.9, 0.97):
-            rule = Postprocessing(min_lesion_mm3=min_mm3, min_lesion_score=min_score)
-            outcomes = [case_outcome(remove_unsure_lesions((fg >= 0.5).astype(np.uint8), fg, case.volume, rule), case)
-                        for fg, case in zip(foregrounds, cases)]
-            dice, hits, big, fp = (np.asarray(v, float) for v in zip(*outcomes))
-            sensitivity, fp_rate = hits.sum() / max(1.0, big.sum()), fp.mean()
-            table[f"{min_mm3:g}mm3/{min_score:g}"] = [round(sensitivity, 3), round(fp_rate, 2), round(dice.mean(), 3)]
-            key = (fp_rate <= 0.5, sensitivity, dice.mean(), -fp_rate)
-            if best_key is None or key > best_key:
-                best, best_key = rule, key
+    for rule in RULE_GRID:
+        outcomes = [_outcome(_keep(instances, ids[(mm3 >= rule.min_lesion_mm3) & (peaks >= rule.min_lesion_score)]), truth)
+                    for instances, ids, mm3, peaks, truth in per_case]
+        dice, hits, big, fp = (np.asarray(v, float) for v in zip(*outcomes))
+        sensitivity, fp_rate = hits.sum() / max(1.0, big.sum()), fp.mean()
+        table[f"{rule.min_lesion_mm3:g}mm3/{rule.min_lesion_score:g}"] = [
+            round(float(sensitivity), 3), round(float(fp_rate), 2), round(float(dice.mean()), 3)]
+        key = (fp_rate <= 0.5, sensitivity, dice.mean(), -fp_rate)
+        if best_key is None or key > best_key:
+            best, best_key = rule, key
     return best, table
+
+
+def _keep(instances: np.ndarray, kept_ids: np.ndarray) -> np.ndarray:
+    return np.where(np.isin(instances, kept_ids), instances, 0)
 
 
 def _segmentation_metrics(dice, hits, big_total, false_pos, min_diameter_mm: float = 6.0) -> dict:
@@ -533,14 +570,21 @@ def _train_unet_folder(train, evaluation, data_dir, out_dir, seed, steps, thread
     recipe = {"steps": steps, "crop": 224, "batch": 8, "loss": "DiceCE", "optimiser": "Adam+OneCycle(2e-3)",
               "sampling": "70% crops on nodules, flips", "postprocessing": "chosen on the calib split"}
     card = unet_card(_lineage(seed, threads, recipe, seconds, {}), _training_data_text(data_dir, train))
-    folder = out_dir / card.name
-    card = write_model_folder(net, card, folder, (1, 1, 64, 64), dynamic_spatial=True)
+    write_model_folder(net, card, out_dir / card.name, (1, 1, 64, 64), dynamic_spatial=True)
+    return (yield from calibrate_and_evaluate_unet(out_dir / card.name, data_dir, evaluation, threads))
+
+
+def calibrate_and_evaluate_unet(folder: Path, data_dir: Path, evaluation: list[DemoCase], threads: int):
+    """Choose the lesion clean-up on the calib split, then measure the eval split; both go in the card."""
+    from app.core.model_card import load_card
+
     yield Progress(0.65, "choosing the lesion clean-up on the calib split")
     calib = read_demo_cases(data_dir, ("calib",))
     rule, table = choose_postprocessing(foreground_probabilities(_onnx_runner(folder, threads), calib), calib)
-    card = replace(card, postprocessing=rule)
+    del calib
+    card = replace(load_card(folder / "card.json"), postprocessing=rule)
     save_card(card, folder / "card.json")
-    yield Progress(0.72, "evaluating the UNet on the eval split")
+    yield Progress(0.72, f"evaluating the UNet on the eval split (clean-up {rule})")
     metrics = evaluate_segmentation(_onnx_runner(folder, threads), evaluation)
     metrics["calib_postprocessing_grid (sensitivity, fp/case, dice)"] = table
     card = card.with_lineage(metrics={**card.lineage.metrics, **metrics})
@@ -584,13 +628,20 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=1200, help="UNet training steps (batch 8)")
     parser.add_argument("--epochs", type=int, default=30, help="DenseNet epochs")
     parser.add_argument("--only", choices=("unet", "densenet"), help="train just one of the two")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="keep the UNet weights already in --out; redo its calibration and evaluation")
     parser.set_defaults(handler=_run_cli)
 
 
 def _run_cli(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     which = (args.only,) if args.only else ("unet", "densenet")
-    job = train_demo(Path(args.data), Path(args.out), args.seed, args.steps, args.epochs, args.threads, which)
+    if args.evaluate_only:
+        evaluation = read_demo_cases(Path(args.data), ("eval",))
+        job = calibrate_and_evaluate_unet(Path(args.out) / "lung-nodule-unet2d", Path(args.data), evaluation,
+                                          args.threads)
+    else:
+        job = train_demo(Path(args.data), Path(args.out), args.seed, args.steps, args.epochs, args.threads, which)
     while True:
         try:
             progress = next(job)

@@ -521,8 +521,6 @@ def remove_unsure_lesions(labels: np.ndarray, foreground: np.ndarray, volume: Vo
     ``rule.min_lesion_score`` (the card's post-processing; chosen on the calibration split)."""
     if rule.min_lesion_mm3 <= 0 and rule.min_lesion_score <= 0:
         return labels
-    from scipy import ndimage
-
     from app.core.lesions import label_instances
 
     instances, count = label_instances(labels)
@@ -530,11 +528,20 @@ def remove_unsure_lesions(labels: np.ndarray, foreground: np.ndarray, volume: Vo
         return labels
     ids = np.arange(1, count + 1)
     volume_mm3 = np.bincount(instances.ravel(), minlength=count + 1)[1:] * volume.voxel_volume_ml * 1000.0
-    peak = np.asarray(ndimage.maximum(foreground, instances, ids))
+    peak = lesion_peaks(foreground, instances, count)
     drop = ids[(volume_mm3 < rule.min_lesion_mm3) | (peak < rule.min_lesion_score)]
     out = labels.copy()
     out[np.isin(instances, drop)] = 0
     return out
+
+
+def lesion_peaks(foreground: np.ndarray, instances: np.ndarray, count: int) -> np.ndarray:
+    """Highest foreground probability inside each lesion 1..count (only lesion voxels are read:
+    scipy's ndimage.maximum sorts the whole volume, minutes on a 300-slice scan)."""
+    inside = instances > 0
+    peaks = np.zeros(count + 1, np.float32)
+    np.maximum.at(peaks, instances[inside], foreground[inside].astype(np.float32))
+    return peaks[1:]
 
 
 def _lesion_score(foreground: np.ndarray, lesion) -> float:

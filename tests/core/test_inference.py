@@ -180,3 +180,15 @@ def test_a_lesion_classifier_scores_each_lesion(tmp_path):
         assert sum(scores.values()) == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ModelError, match="looks at lesions"):
         run_to_end(runner.run(volume))
+
+
+def test_torch_bf16_autocast_runs_and_is_reported(tmp_path):
+    variant = open_model(small_unet(tmp_path), prefer="state_dict")
+    volume = chest_phantom()
+    fp32 = run_to_end(TorchRunner(variant).run(volume))
+    runner = TorchRunner(variant, autocast="bf16")
+    bf16 = run_to_end(runner.run(volume))
+    assert runner.provider == "torch-cpu-bf16" and bf16.provider == "torch-cpu-bf16"
+    assert np.mean(bf16.labels == fp32.labels) > 0.95  # bf16 keeps 8 bits of mantissa
+    with pytest.raises(ValueError, match="autocast"):
+        TorchRunner(variant, autocast="int4")

@@ -1,6 +1,7 @@
 """Start-up of the GUI process: one QApplication, one JobManager, one MainWindow."""
 from __future__ import annotations
 
+import gc
 import sys
 
 from PySide6.QtWidgets import QApplication
@@ -30,6 +31,9 @@ def launch(path: str | None = None, demo: bool = False) -> int:
     app = QApplication.instance() or QApplication(sys.argv)
     window = create_main_window(app)
     window.show()
+    # Start-up objects live for the whole session: keep them out of full GC passes, which
+    # otherwise stall the UI thread for tens of milliseconds now and then.
+    gc.freeze()
     if demo:
         window.session.open_demo()
     elif path:

@@ -174,3 +174,14 @@ def test_the_pipeline_runner_writes_and_judges_real_variants(tmp_path):
     assert sparse.values["deployed_bytes"] > 0 and sparse.values["latency_ratio"] > 0
     assert 0.0 <= sparse.values["fidelity_dice"] <= 1.0
     assert "colour" in result.trials[1].error
+
+
+def test_candidates_read_the_sensitivity_module_s_own_table():
+    from compression.sensitivity import LayerSensitivity, SensitivityTable
+
+    table = SensitivityTable("quantize", [LayerSensitivity("model.0.conv", "Conv2d", 160, 0.01, 0.99),
+                                          LayerSensitivity("model.2.conv", "ConvTranspose2d", 290, 0.2, 0.8)])
+    assert se.most_sensitive_layers(table) == ["model.2.conv", "model.0.conv"]
+    names = [c.name for c in se.candidate_recipes(("latency",), sensitivity=table)]
+    assert "int8-keep1-float" in names and "int8-keep3-float" not in names  # only 2 layers to keep
+    assert se.most_sensitive_layers(SensitivityTable("quantize")) == []

@@ -2,6 +2,7 @@
 
     python main.py compress --model CARD --data PATH --recipe R.yaml --out DIR
                             [--device cpu|cuda:0] [--threads N] [--seed S] [--name NAME]
+                            [--search size latency [--time-limit S] [--candidates N]]
     python main.py evaluate --models A B ... --data PATH [--device ...] [--threads N] [--seed S]
 
 PATH is a manifest CSV, or a folder of scans: a folder holding ``manifest.csv`` uses it, any
@@ -12,7 +13,10 @@ is a recipe file or a preset name (safe-int8, smallest, fastest).
 compresses anything, writes the new variant to ``DIR/NAME`` (atomically), judges it against the
 original on the eval split and prints the comparison; exit status 0 when the variant keeps to
 the recipe's budget, 3 when it does not (the variant is still written, and the table says why),
-2 for input that cannot be used. Every run is appended to the audit log.
+2 for input that cannot be used. With ``--search`` it tries the recipe and then candidate recipes
+(cheapest first) within the recipe's budget and the time limit, keeps every variant, and prints
+every trial and the Pareto front (exit 0 when the front is not empty). Every run is appended to
+the audit log.
 """
 from __future__ import annotations
 
@@ -37,6 +41,12 @@ def add_cli(subparsers) -> None:
                           help="recipe file, or a preset name: safe-int8, smallest, fastest")
     compress.add_argument("--out", required=True, metavar="DIR", help="folder the new variant is written into")
     compress.add_argument("--name", help="the new variant's folder name (default: model-recipe)")
+    compress.add_argument("--search", nargs="+", choices=("size", "latency"), metavar="OBJECTIVE",
+                          help="search instead: try the recipe and candidate recipes within the recipe's budget, "
+                               "and print the Pareto front for these objectives (size, latency)")
+    compress.add_argument("--time-limit", type=float, metavar="S", help="search: start no candidate after S seconds")
+    compress.add_argument("--candidates", type=int, metavar="N", help="search: try at most N candidates")
+    compress.add_argument("--finetune-steps", type=int, default=200, help="search: recovery steps of the candidates")
     compress.set_defaults(handler=run_compress)
     evaluate = subparsers.add_parser("evaluate", help="compare model variants on the eval split, with intervals")
     evaluate.add_argument("--models", nargs="+", required=True, metavar="CARD",
@@ -184,6 +194,8 @@ def _compress(args, bar: ProgressBar, out: TextIO) -> int:
     splits = {s: load_split(manifest, s, bar) for s in ("train", "calib", "eval")}
     data = StepData(train=splits["train"], calib=splits["calib"], teacher=None, device=args.device,
                     threads=args.threads, seed=args.seed)
+    if getattr(args, "search", None):
+        return _search(args, parent, recipe, data, splits["eval"], bar, out)
     name = args.name or _free_name(Path(args.out), f"{parent.card.name}-{recipe.name}")
     started = time.perf_counter()
     variant = run_with_bar(run_steps(parent, recipe.steps, data, Path(args.out), name=name,
@@ -219,6 +231,33 @@ def _judge(parent, variant, eval_cases, manifest, budget, args, bar, out) -> tup
     record = ev.comparison_record(comparison)
     _write_json(Path(args.out) / f"{variant.card_path.parent.name}.evaluation.json", record)
     return failures, record
+
+
+def _search(args, parent, recipe, data, eval_cases, bar: ProgressBar, out: TextIO) -> int:
+    """The recipe first, then the search's candidates; every variant kept under OUT/<model>-search."""
+    from app.core.audit import append_audit
+    from compression.search import Candidate, candidate_recipes, pipeline_runner, search
+
+    if not eval_cases:
+        raise ValueError(f"{args.data}: the eval split is empty; a search needs eval scans to judge candidates on")
+    candidates = [Candidate(recipe.name, recipe.steps, "the recipe as given")]
+    candidates += candidate_recipes(args.search, None, args.finetune_steps)
+    candidates = candidates[: args.candidates] if args.candidates else candidates
+    folder = Path(args.out) / _free_name(Path(args.out), f"{parent.card.name}-search")
+    runner = pipeline_runner(parent, data, eval_cases, folder, recipe.budget, device=args.device,
+                             threads=args.threads, seed=args.seed, resamples=args.resamples)
+    result = run_with_bar(search(candidates, runner, recipe.budget, objectives=args.search,
+                                 time_limit_s=args.time_limit), bar)
+    print(result.table(), file=out)
+    print(f"Pareto front ({', '.join(args.search)} and Dice drop, within the budget): "
+          + (", ".join(t.candidate.name for t in result.front) or "empty"), file=out)
+    append_audit("search", model=str(parent.card_path or parent.main_file), parent_sha256=parent.weights_sha256,
+                 folder=str(folder), objectives=list(args.search), budget=recipe.as_dict()["budget"],
+                 trials=[{"name": t.candidate.name, "steps": t.candidate.steps, "values": t.values,
+                          "failures": t.failures, "error": t.error,
+                          "weights_sha256": t.variant.weights_sha256 if t.variant else None} for t in result.trials],
+                 front=[t.candidate.name for t in result.front], seed=args.seed)
+    return EXIT_OK if result.front else EXIT_OVER_BUDGET
 
 
 def _free_name(out_dir: Path, base: str) -> str:

@@ -164,3 +164,16 @@ def test_the_audit_log_lives_where_app_paths_puts_the_data(monkeypatch, tmp_path
     monkeypatch.setenv("MEDCOMPRESS_HOME", str(tmp_path / "explicit"))
     assert audit.audit_log_path().parent == data_root()
     assert os.path.basename(audit.audit_log_path()) == "audit.jsonl"
+
+
+def test_compress_search_keeps_every_trial_and_prints_the_front(tmp_path, demo_tiny, tiny_model, capsys):
+    recipe = tmp_path / "sparse.yaml"
+    recipe.write_text(PRUNE_RECIPE.replace("  min_fidelity_dice: 1.0\n", ""), encoding="utf-8")
+    code, out, err = _run(["compress", "--model", str(tiny_model), "--data", str(demo_tiny), "--recipe", str(recipe),
+                           "--out", str(tmp_path / "out"), "--threads", "1", "--resamples", "50",
+                           "--search", "size", "--candidates", "1"], capsys)
+    assert code == cli.EXIT_OK, err
+    assert (tmp_path / "out" / "test-unet2d-search" / "sparse50" / "card.json").is_file()
+    assert "sparse50" in out and "Pareto front (size and Dice drop, within the budget): sparse50" in out
+    event = _events("search")[-1]
+    assert event["front"] == ["sparse50"] and event["trials"][0]["weights_sha256"]

@@ -458,13 +458,7 @@ class _Runner:
         return np.stack(patches)[:, None].astype(np.float32)
 
     def _fit_to_input(self, patch: np.ndarray) -> np.ndarray:
-        """A millimetre-sized ROI resized to the network's fixed patch."""
-        want = self.card.input.patch_size
-        if want is None or tuple(patch.shape) == tuple(want):
-            return patch
-        from scipy import ndimage
-
-        return ndimage.zoom(patch, [w / n for w, n in zip(want, patch.shape)], order=1, grid_mode=True, mode="nearest")
+        return fit_patch(patch, self.card.input.patch_size)
 
     def _roi_voxels(self, prepared: Prepared) -> tuple[int, ...]:
         roi = self.card.roi
@@ -542,6 +536,16 @@ def lesion_peaks(foreground: np.ndarray, instances: np.ndarray, count: int) -> n
     peaks = np.zeros(count + 1, np.float32)
     np.maximum.at(peaks, instances[inside], foreground[inside].astype(np.float32))
     return peaks[1:]
+
+
+def fit_patch(patch: np.ndarray, size: Sequence[int] | None) -> np.ndarray:
+    """An ROI patch resized (linear) to the network's fixed input, e.g. a zoom onto a nodule."""
+    if size is None or tuple(patch.shape) == tuple(size):
+        return patch
+    from scipy import ndimage
+
+    zoom = [w / n for w, n in zip(size, patch.shape)]
+    return ndimage.zoom(patch, zoom, order=1, grid_mode=True, mode="nearest").astype(np.float32)
 
 
 def _lesion_score(foreground: np.ndarray, lesion) -> float:

@@ -73,6 +73,16 @@ def test_fp16_onnx_keeps_float32_inputs_and_outputs_and_the_masks():
     assert record["fidelity_dice_calib"] > 0.97
 
 
+def test_fp16_variant_passes_the_onnx_checker_and_runs_in_our_runner(tmp_path):
+    import onnx
+
+    variant = run_to_end(run_steps(parent(), [{"step": "half_precision", "precision": "fp16", "measure": False}],
+                                   step_data(), tmp_path, name="fp16"))
+    onnx.checker.check_model(onnx.load(str(variant.files["onnx"])))
+    findings = run_to_end(make_runner(variant, threads=1).run(phantom_case(31).volume))
+    assert findings.labels.any()
+
+
 def test_bf16_variant_is_deployed_as_bf16_torch_weights(tmp_path):
     import torch
 

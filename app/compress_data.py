@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generator, Mapping
 
-from app.core.manifest import Case, Manifest, SPLITS, build_manifest, check_manifest, read_manifest
+from app.core.manifest import (Case, Manifest, SPLITS, check_manifest, is_label_file,
+                               labels_beside, manifest_from_index, read_manifest)
 from app.core.progress import Progress, run_to_end
 
-LABEL_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 # compression.evaluate's evidence rule: below these a verdict reads "insufficient evidence"
 MIN_EVAL_CASES = 30
 MIN_LARGE_LESIONS = 50
@@ -54,53 +54,37 @@ class FoundSeries:
 # ---------------------------------------------------------------- a folder of scans
 
 
-def _is_label_file(path: Path) -> bool:
-    name = path.name.lower()
-    return any(name.endswith(s) for s in LABEL_SUFFIXES)
-
-
 def find_series(folder: Path) -> Generator[Progress, None, list[FoundSeries]]:
     """Image series under ``folder`` from the shared DICOM index (headers only)."""
     from app.core.dicom_index import index_path
 
     index = yield from index_path(folder)
+    return _found_series(index)
+
+
+def _found_series(index) -> list[FoundSeries]:
     return [FoundSeries(Path(s.files[0]).parent, s.patient_id or Path(s.files[0]).parent.name, s.n_images,
                         (s.n_images, s.rows, s.columns)) for s in index.image_series() if s.files]
 
 
 def labels_for(series: FoundSeries, root: Path) -> Path | None:
     """The label map beside a series (its folder or the case folder above it)."""
-    for folder in (series.folder, series.folder.parent):
-        candidates = sorted(p for p in folder.iterdir() if p.is_file() and _is_label_file(p))
-        semantic = [p for p in candidates if "instance" not in p.name.lower()]
-        if semantic or candidates:
-            return (semantic or candidates)[0]
-        if folder == root:
-            break
-    return None
+    return labels_beside(series.folder, root)
 
 
 def orphan_labels(root: Path, series: list[FoundSeries]) -> list[Path]:
     """Label maps under ``root`` that sit beside no series: they would be silently ignored."""
     near = {s.folder for s in series} | {s.folder.parent for s in series}
-    return sorted(p for p in root.rglob("*") if p.is_file() and _is_label_file(p) and p.parent not in near)
+    return sorted(p for p in root.rglob("*") if p.is_file() and is_label_file(p) and p.parent not in near)
 
 
 def manifest_from_folder(folder: str | os.PathLike, proportions: Mapping[str, float],
                          seed: int) -> Generator[Progress, None, tuple[Manifest, list[FoundSeries]]]:
+    from app.core.dicom_index import index_path
+
     root = Path(folder)
-    series = yield from find_series(root)
-    records = []
-    for s in series:
-        labels = labels_for(s, root)
-        rel = s.folder.relative_to(root).as_posix()
-        case = rel.split("/")[0] if rel != "." else root.name
-        if any(r[0] == case for r in records):
-            case = rel.replace("/", "_")
-        records.append((case, s.patient, rel, labels.relative_to(root).as_posix() if labels else ""))
-    if not records:
-        return Manifest(cases=[], root=root), series
-    return build_manifest(records, proportions, seed, root=root), series
+    index = yield from index_path(root)
+    return manifest_from_index(index, root, proportions, seed), _found_series(index)
 
 
 # ---------------------------------------------------------------- counting

@@ -30,7 +30,6 @@ from typing import Any, Callable, Generator, Sequence, TextIO
 from app.core.progress import Progress
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_OVER_BUDGET = 0, 2, 3
-LABEL_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 
 
 def add_cli(subparsers) -> None:
@@ -134,34 +133,13 @@ def data_manifest(path: str | os.PathLike, seed: int = 0, bar: ProgressBar | Non
 def folder_manifest(folder: Path, seed: int = 0) -> Generator[Progress, None, Any]:
     """Index a folder's DICOM series (headers only) and split them by patient with ``seed``."""
     from app.core.dicom_index import index_path
-    from app.core.manifest import build_manifest
+    from app.core.manifest import manifest_from_index
 
     index = yield from index_path(folder)
-    records = []
-    for series in index.image_series():
-        series_dir = Path(series.files[0]).parent
-        relative = series_dir.relative_to(folder).as_posix()
-        labels = _labels_beside(series_dir, folder)
-        case = relative.split("/")[0] if relative != "." else folder.name
-        if any(r[0] == case for r in records):
-            case = relative.replace("/", "_")
-        records.append((case, series.patient_id or case, relative,
-                        labels.relative_to(folder).as_posix() if labels else ""))
-    if not records:
+    manifest = manifest_from_index(index, folder, seed=seed)
+    if not manifest.cases:
         raise ValueError(f"{folder}: no image series found (and no manifest.csv)")
-    return build_manifest(records, seed=seed, root=folder)
-
-
-def _labels_beside(series_dir: Path, root: Path) -> Path | None:
-    """A semantic label map in the series' folder or the case folder above it."""
-    for folder in (series_dir, series_dir.parent):
-        found = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(LABEL_SUFFIXES))
-        semantic = [p for p in found if "instance" not in p.name.lower()]
-        if found:
-            return (semantic or found)[0]
-        if folder == root:
-            break
-    return None
+    return manifest
 
 
 def load_split(manifest, split: str, bar: ProgressBar) -> list:

@@ -112,6 +112,46 @@ def build_manifest(records: Iterable[tuple[str, str, str, str]],
     return Manifest(cases=cases, root=Path(root))
 
 
+LABEL_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+
+
+def is_label_file(path: Path) -> bool:
+    return path.name.lower().endswith(LABEL_SUFFIXES)
+
+
+def labels_beside(series_dir: Path, root: Path) -> Path | None:
+    """The label map of a series: in its folder or the case folder above it, the semantic map
+    preferred over an instance map."""
+    for folder in (series_dir, series_dir.parent):
+        found = sorted(p for p in folder.iterdir() if p.is_file() and is_label_file(p))
+        semantic = [p for p in found if "instance" not in p.name.lower()]
+        if found:
+            return (semantic or found)[0]
+        if folder == root:
+            break
+    return None
+
+
+def manifest_from_index(index, root: str | os.PathLike,
+                        proportions: Mapping[str, float] = DEFAULT_PROPORTIONS, seed: int = 0) -> Manifest:
+    """The image series of a DICOM index under ``root`` as cases, split by patient with ``seed``;
+    a case is named after its top folder, labels are the map found beside each series."""
+    root = Path(root)
+    records: list[tuple[str, str, str, str]] = []
+    for series in index.image_series():
+        if not series.files:
+            continue
+        series_dir = Path(series.files[0]).parent
+        relative = series_dir.relative_to(root).as_posix()
+        case = relative.split("/")[0] if relative != "." else root.name
+        if any(r[0] == case for r in records):
+            case = relative.replace("/", "_")
+        labels = labels_beside(series_dir, root)
+        records.append((case, series.patient_id or case, relative,
+                        labels.relative_to(root).as_posix() if labels else ""))
+    return build_manifest(records, proportions, seed, root=root)
+
+
 # ---------------------------------------------------------------------------- files
 
 

@@ -108,3 +108,16 @@ def test_refuse_overlap_names_the_patient_or_series(tmp_path):
         refuse_overlap(shared_series)
     refuse_overlap(Manifest(cases=[
         Case("c1", "P1", "a", "", "train"), Case("c2", "P2", "b", "", "eval")], root=tmp_path))
+
+
+def test_a_folder_index_becomes_cases_split_by_patient_with_their_labels(demo_tiny):
+    from app.core.dicom_index import index_path
+    from app.core.manifest import manifest_from_index
+    from app.core.progress import run_to_end
+
+    index = run_to_end(index_path(demo_tiny))
+    manifest = manifest_from_index(index, demo_tiny, seed=3)
+    assert sorted(c.case for c in manifest.cases) == ["CASE001", "CASE002", "CASE003"]
+    assert all(c.series.endswith("/CT") and c.labels.endswith("nodules.nii.gz") for c in manifest.cases)
+    assert not check_manifest(manifest)
+    assert manifest_from_index(index, demo_tiny, seed=3).cases == manifest.cases

@@ -19,7 +19,8 @@ def card_html(model: OpenModel) -> str:
     lineage = card.lineage
     rows = [
         ("Task", card.task), ("Labels", None), ("Format", variant.format),
-        ("Size", f"{variant.size_bytes / 1e6:.1f} MB"),
+        ("Size", f"{variant.main_file.stat().st_size / 1e6:.1f} MB runs ({variant.main_file.name}); "
+                 f"{variant.size_bytes / 1e6:.1f} MB in all files"),
         ("Input", f"{card.input.dims}D, axes {card.input.axes}, patch {card.input.patch_size}"),
         ("Weights SHA-256", (variant.weights_sha256 or "")[:16] + "…"),
         ("Training data", card.training_data),
@@ -27,12 +28,22 @@ def card_html(model: OpenModel) -> str:
     metrics = getattr(lineage, "metrics", None) or {}
     body = "".join(f"<tr><td><b>{e(k)}</b></td><td>{labels if v is None else e(str(v))}</td></tr>"
                    for k, v in rows)
-    metric_text = ", ".join(f"{e(str(k))} {e(str(v))}" for k, v in list(metrics.items())[:6])
+    metric_text = ", ".join(f"{e(str(k))} {e(_number_text(v))}" for k, v in list(metrics.items())[:8]
+                            if not isinstance(v, dict))
     return (f"<h3>{e(model.name)}</h3>"
             f"<p style='background:#7a4b00;color:white;padding:4px'><b>Intended use:</b> "
             f"{e(card.intended_use)}</p>"
             f"<table cellspacing=4>{body}</table>"
             + (f"<p><b>Recorded metrics:</b> {metric_text}</p>" if metric_text else ""))
+
+
+def _number_text(value) -> str:
+    """Metrics as a reader wants them: 3 significant digits, intervals as [lo, hi]."""
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_number_text(v) for v in value) + "]"
+    return str(value)
 
 
 def findings_html(model: OpenModel, findings) -> str:

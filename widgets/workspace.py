@@ -71,7 +71,7 @@ class Workspace:
 
     def _add_overlay(self, name: str, labels, is_ai: bool) -> None:
         colours, names = self._label_style(name)
-        source = "AI" if is_ai else "ground truth"
+        source = name if is_ai else "ground truth"
         self.viewer.add_label_overlay(name, labels, colours, is_ai=is_ai, source=source,
                                       label_names=names)
 

@@ -1,0 +1,31 @@
+"""The Models dock shows the card (intended use first) and sends Run with the chosen threads."""
+from __future__ import annotations
+
+from app.core.findings import Findings, Timing
+from app.core.models import open_model
+from app.session import AI_NOTICE, OpenModel
+from tests.core.model_fixtures import chest_phantom, small_unet
+from widgets.model_panel import ModelPanel
+
+
+def test_card_intended_use_size_and_run(qtbot, tmp_path):
+    variant = open_model(small_unet(tmp_path / "unet"))
+    panel = ModelPanel()
+    qtbot.addWidget(panel)
+    assert not panel.run_button.isEnabled()
+    model = OpenModel(variant)
+    panel.add_model(model)
+    text = panel.card_view.toPlainText()
+    assert "Intended use:" in text and variant.card.intended_use in text
+    assert variant.main_file.name in text and "MB runs" in text
+    panel.threads.setValue(3)
+    with qtbot.waitSignal(panel.run_requested, timeout=2_000) as blocker:
+        panel.run_button.click()
+    assert blocker.args == [model, 3]
+
+    volume = chest_phantom()
+    findings = Findings.for_volume(volume, {"provider": "CPUExecutionProvider"},
+                                   timing=Timing(0.1, 0.2, 1.5, 0.3))
+    panel.show_findings(model, findings)
+    shown = panel.findings_view.text()
+    assert AI_NOTICE in shown and "network 1.50 s" in shown and "total 2.10 s" in shown

@@ -15,7 +15,7 @@ def card_html(model: OpenModel) -> str:
     variant, card = model.variant, model.variant.card
     e = html.escape
     labels = ", ".join(f"<span style='color:{e(str(l.colour))}'>■</span> {e(l.name)}"
-                       for l in card.labels if l.value != 0) or "—"
+                       for l in card.labels if l.value != 0 or card.task == "classification") or "—"
     lineage = card.lineage
     rows = [
         ("Task", card.task), ("Labels", None), ("Format", variant.format),

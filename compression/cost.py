@@ -279,16 +279,9 @@ def static_cost(variant, name: str, input_shape: Sequence[int] | None = None) ->
 def onnx_predictor(path: str | os.PathLike, threads: int | None = None,
                    providers: Sequence[str] = ("CPUExecutionProvider",)) -> tuple[Callable, str]:
     """A callable running one batch through an ONNX Runtime session set up as the app sets it up."""
-    import onnxruntime as ort
+    from compression.training import ort_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    options.inter_op_num_threads = 1
-    if threads:
-        options.intra_op_num_threads = int(threads)
-    session = ort.InferenceSession(str(path), options, providers=list(providers))
+    session = ort_session(path, threads, providers=providers)
     name = session.get_inputs()[0].name
     return (lambda batch: session.run(None, {name: batch})[0]), session.get_providers()[0]
 

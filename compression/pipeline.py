@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -24,6 +23,7 @@ from typing import Any, Callable, Generator
 
 import numpy as np
 
+from app.core.environment import cpu_flags, package_versions
 from app.core.model_card import Lineage, ModelCard, save_card
 from app.core.models import ModelVariant, open_model, sha256_file
 from app.core.progress import Progress, scaled
@@ -344,23 +344,3 @@ def _jsonable(value):
     return value
 
 
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for package in ("torch", "monai", "onnx", "onnxruntime-gpu", "onnxruntime", "torch-pruning", "numpy", "torchao"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def cpu_flags() -> list[str]:
-    wanted = {"avx", "avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "fma", "f16c"}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(wanted & set(flags))

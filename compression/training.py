@@ -233,8 +233,9 @@ def onnx_logits(path, x: np.ndarray, batch_size: int = 8, threads: int | None = 
     return np.concatenate(out).astype(np.float32)
 
 
-def ort_session(path, threads: int | None = None, optimized_path=None, level: str = "all"):
-    """A CPU ONNX Runtime session with spinning off (two cores are shared with the UI)."""
+def ort_session(path, threads: int | None = None, optimized_path=None, level: str = "all",
+                providers=("CPUExecutionProvider",)):
+    """An ONNX Runtime session with spinning off (two cores are shared with the UI)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -250,7 +251,7 @@ def ort_session(path, threads: int | None = None, optimized_path=None, level: st
     options.graph_optimization_level = levels[level]
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=list(providers))
 
 
 def masks_from_logits(logits: np.ndarray) -> np.ndarray:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -26,6 +25,7 @@ from typing import Generator
 
 import numpy as np
 
+from app.core.environment import cpu_flags, package_versions
 from app.core.model_card import (
     Architecture,
     InputSpec,
@@ -151,28 +151,6 @@ def seed_everything(seed: int, threads: int) -> None:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "monai", "onnx", "onnxruntime-gpu", "numpy"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def cpu_flags() -> list[str]:
-    wanted = {"avx", "avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "fma", "sse4_2"}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(wanted & set(flags))
 
 
 # ---------------------------------------------------------------- segmentation training

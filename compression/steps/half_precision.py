@@ -14,7 +14,10 @@ import numpy as np
 
 from app.core.progress import Progress
 
-from compression.pipeline import StepData, WorkingModel, cpu_flags
+from compression.pipeline import StepData, StepError, WorkingModel, cpu_flags
+
+
+MIN_FP16_FIDELITY = 0.9   # mask Dice vs fp32 below which the fp16 model is refused
 
 
 def half_precision(model: WorkingModel, data: StepData, *, precision: str = "fp16", keep_io_types: bool = True,
@@ -58,6 +61,13 @@ def _fp16(model, data, keep_io_types, measure, size, repeats):
     record = {"precision": "fp16", "keep_io_types": keep_io_types, "max_abs_logit_diff": float(np.abs(reference - got).max()),
               "fidelity_dice_calib": mask_dice(masks_from_logits(reference), masks_from_logits(got)),
               "file_bytes_fp32": source.stat().st_size, "file_bytes_fp16": target.stat().st_size}
+    if record["fidelity_dice_calib"] < MIN_FP16_FIDELITY:
+        # A half-precision model that no longer finds what the fp32 one found (overflow past
+        # 65504, or an op the converter mishandles) must not be written as a variant.
+        raise StepError(
+            f"fp16 changed the model's masks (Dice {record['fidelity_dice_calib']:.3f} vs fp32 on "
+            f"calibration slices, max logit change {record['max_abs_logit_diff']:.3g}); no fp16 "
+            f"variant was written. Keep this model in fp32 or bf16.")
     if measure:
         yield Progress(0.6, "timing fp32 vs fp16 in ONNX Runtime (CPU)")
         record["cpu_speed_ratio_fp16_vs_fp32"] = _onnx_speed_ratio(source, target, model, size, repeats)

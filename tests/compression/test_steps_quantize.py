@@ -83,6 +83,22 @@ def test_fp16_variant_passes_the_onnx_checker_and_runs_in_our_runner(tmp_path):
     assert findings.labels.any()
 
 
+def test_fp16_that_changes_the_masks_is_refused_and_writes_nothing(tmp_path):
+    import torch
+
+    from compression.pipeline import StepError
+
+    model = fresh_model()
+    with torch.no_grad():   # activations past fp16's 65504 in the second conv: fp32 copes, fp16 saturates
+        convs = [m for m in model.module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+        convs[1].weight.mul_(1e6)
+        if convs[1].bias is not None:
+            convs[1].bias.mul_(1e6)
+    with pytest.raises(StepError, match="fp16 changed the model's masks"):
+        run_to_end(half_precision(model, step_data(), precision="fp16", measure=False))
+    assert model.onnx_path is None or not str(model.onnx_path).endswith("fp16.onnx")
+
+
 def test_bf16_variant_is_deployed_as_bf16_torch_weights(tmp_path):
     import torch
 

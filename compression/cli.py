@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Generator, Sequence, TextIO
 
-from app.core.progress import Progress
+from app.core.progress import Progress, ProgressBar, run_with_bar
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_OVER_BUDGET = 0, 2, 3
 
@@ -64,48 +64,6 @@ def _data_arguments(parser) -> None:
 
 
 # ---------------------------------------------------------------- progress bar
-
-
-class ProgressBar:
-    """A one-line text bar on a terminal; plain lines (one per new message) when piped to a file."""
-
-    def __init__(self, stream: TextIO | None = None, width: int = 30):
-        self.stream = stream or sys.stderr
-        self.width = width
-        self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._last_line = ""
-        self._last_message = None
-
-    def __call__(self, progress: Progress) -> None:
-        line = self.render(progress)
-        if self.interactive:
-            self.stream.write("\r" + line.ljust(len(self._last_line)))
-        elif progress.message != self._last_message:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-        self._last_line, self._last_message = line, progress.message
-
-    def render(self, progress: Progress) -> str:
-        if progress.fraction is None:
-            return f"[{'.' * self.width}]      {progress.message}"[:160]
-        filled = int(round(max(0.0, min(1.0, progress.fraction)) * self.width))
-        bar = "#" * filled + "-" * (self.width - filled)
-        return f"[{bar}] {progress.fraction * 100:3.0f}% {progress.message}"[:160]
-
-    def done(self) -> None:
-        if self.interactive and self._last_line:
-            self.stream.write("\n")
-            self.stream.flush()
-        self._last_line = ""
-
-
-def run_with_bar(job: Generator[Progress, None, Any], bar: ProgressBar) -> Any:
-    from app.core.progress import drive
-
-    try:
-        return drive(job, lambda: False, bar)
-    finally:
-        bar.done()
 
 
 # ---------------------------------------------------------------- data

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from app.core.progress import Progress
+from app.core.progress import run_with_bar, scaled
 
 
 def add_cli(subparsers) -> None:
@@ -33,22 +33,6 @@ def add_cli(subparsers) -> None:
     p.add_argument("--identify", action="store_true",
                    help="name cases as the manifest does (default: Case 1, Case 2 …, de-identified)")
     p.set_defaults(handler=run_cli)
-
-
-def _progress(gen, label: str):
-    """Drive a job generator, printing its progress on one line of stderr."""
-    last = ""
-    while True:
-        try:
-            step = next(gen)
-        except StopIteration as done:
-            print(file=sys.stderr)
-            return done.value
-        if isinstance(step, Progress) and step.fraction is not None:
-            text = f"\r{label}: {step.fraction * 100:5.1f} %"
-            if text != last:
-                print(text, end="", file=sys.stderr, flush=True)
-                last = text
 
 
 def run_cli(args) -> int:
@@ -72,12 +56,13 @@ def _compare(args, variants) -> int:
 
     variants, classifiers = split_by_task(variants)
     check_variants(variants, classifiers)
-    cases = _progress(load_compare_cases(args.data, args.split), "loading cases")
+    cases = run_with_bar(scaled(load_compare_cases(args.data, args.split), 0.0, 1.0, "loading cases: "))
     cache = FindingsCache(audit_data_root() / "findings-cache")
     options = {"classifiers": classifiers}
     if args.volume_change is not None:
         options["volume_change_pct"] = args.volume_change
-    run = _progress(compare(variants, cases, cache, InProcessRunner(threads=args.threads), **options), "comparing")
+    run = run_with_bar(scaled(compare(variants, cases, cache, InProcessRunner(threads=args.threads), **options),
+                                  0.0, 1.0, "comparing: "))
     for path in write_reports(run, args.report, args.pdf, identify=args.identify):
         print(f"report: {path}")
     if args.seg_out:

@@ -29,7 +29,7 @@ from typing import Generator
 
 import numpy as np
 
-from app.core.progress import Progress
+from app.core.progress import Progress, run_with_bar
 
 README = """\
 MedCompress demo data: SYNTHETIC PHANTOM, for research and demonstration only.
@@ -211,20 +211,8 @@ def add_cli(subparsers) -> None:
 
 
 def _run_cli(args) -> int:
-    def report(progress_steps):
-        last = ""
-        while True:
-            try:
-                progress = next(progress_steps)
-            except StopIteration as done:
-                print(file=sys.stderr)
-                return done.value
-            line = f"\r[{100 * (progress.fraction or 0):5.1f}%] {progress.message}"[:100]
-            print(line.ljust(len(last)), end="", file=sys.stderr, flush=True)
-            last = line
-
     try:
-        summary = report(generate_demo_data(args.out, args.cases, args.seed, args.size))
+        summary = run_with_bar(generate_demo_data(args.out, args.cases, args.seed, args.size))
     except (OSError, ValueError) as error:
         print(f"demo-data: {error}", file=sys.stderr)
         return 1

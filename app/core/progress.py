@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import inspect
-from typing import Any, Callable, Generator, TypeVar
+import sys
+from typing import Any, Callable, Generator, TextIO, TypeVar
 
 T = TypeVar("T")
 
@@ -43,7 +44,7 @@ def scaled(gen: Generator[Progress, None, T], start: float, stop: float, prefix:
     """Re-emit a sub-job's progress mapped into [start, stop] of its parent; returns its result."""
     while True:
         try:
-            p = next(gen)
+            p = as_progress(next(gen))
         except StopIteration as done:
             return done.value
         frac = None if p.fraction is None else start + (stop - start) * p.fraction
@@ -100,3 +101,46 @@ def drive(gen_or_value: Any, is_cancelled: Callable[[], bool],
                 report(progress)
     finally:
         gen.close()
+
+
+# -- command lines ------------------------------------------------------------------------
+class ProgressBar:
+    """A one-line text bar on a terminal; plain lines (one per new message) when piped to a file."""
+
+    def __init__(self, stream: TextIO | None = None, width: int = 30):
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last_line = ""
+        self._last_message = None
+
+    def __call__(self, progress: Progress) -> None:
+        line = self.render(progress)
+        if self.interactive:
+            self.stream.write("\r" + line.ljust(len(self._last_line)))
+        elif progress.message != self._last_message:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self._last_line, self._last_message = line, progress.message
+
+    def render(self, progress: Progress) -> str:
+        if progress.fraction is None:
+            return f"[{'.' * self.width}]      {progress.message}"[:160]
+        filled = int(round(max(0.0, min(1.0, progress.fraction)) * self.width))
+        bar = "#" * filled + "-" * (self.width - filled)
+        return f"[{bar}] {progress.fraction * 100:3.0f}% {progress.message}"[:160]
+
+    def done(self) -> None:
+        if self.interactive and self._last_line:
+            self.stream.write("\n")
+            self.stream.flush()
+        self._last_line = ""
+
+
+def run_with_bar(job: Generator[Progress, None, Any], bar: "ProgressBar | None" = None) -> Any:
+    """Drive a job from a command line, showing its progress on stderr; returns its result."""
+    bar = bar or ProgressBar()
+    try:
+        return drive(job, lambda: False, bar)
+    finally:
+        bar.done()

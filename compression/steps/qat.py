@@ -52,7 +52,6 @@ class _InputFakeQuant:
 def qat_finetune(model: WorkingModel, data: StepData, *, steps: int = 50, lr: float = 1e-4, batch_size: int = 8,
                  crop: int | None = None, amp: str = "off", use: str = "auto", max_slices: int | None = 64):
     """Fine-tune with simulated int8 (fp32 math: bf16/fp16 autocast would blur the simulated rounding)."""
-    import torch
     import torch.nn.utils.parametrize as parametrize
 
     module = model.require_module("qat_finetune")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QAction, QActionGroup
-from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QLabel, QScrollArea, QSplitter, QToolBar,
+from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QScrollArea, QSplitter, QToolBar,
                                QVBoxLayout, QWidget)
 
 from app.core.display import PRESETS, VIEW_AXES, VIEWS, DisplayedScan

@@ -106,7 +106,7 @@ def aorta(chest: Chest) -> list[Segment]:
     """Ascending aorta, arch and descending aorta (unenhanced blood, 40 HU)."""
     cx, cy = chest.cavity
     r = 0.09 * cx
-    z0, (hu_, hv, hs) = chest.z_first, chest.heart()[0]
+    z0, hs = chest.z_first, chest.heart()[0][2]
     arch_s = chest.lung_base + 0.80 * chest.lung_height
     ascending = (chest.centre[0] - 0.08 * cx, chest.centre[1] - 0.28 * cy)
     descending = (chest.centre[0] + chest.vertebra_radius + 0.6 * r + 4.0, chest.centre[1] + chest.spine_v - 0.55 * chest.vertebra_radius)

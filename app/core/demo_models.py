@@ -367,48 +367,87 @@ def evaluate_segmentation(runner, cases: list[DemoCase], min_diameter_mm: float 
     return _segmentation_metrics(*zip(*outcomes), min_diameter_mm=min_diameter_mm)
 
 
-def foreground_probabilities(runner, cases: list[DemoCase]) -> list[np.ndarray]:
-    """The network's nodule probability per case (float16), before any lesion clean-up."""
+@dataclass
+class _Candidates:
+    """One case's raw lesion candidates (components of foreground ≥ 0.5) with everything a
+    clean-up rule looks at, and their overlaps with the truth: enough to score any rule
+    exactly as :func:`app.core.lesions.match_lesions` would, without touching the volume again."""
+
+    voxels: np.ndarray  # per candidate
+    mm3: np.ndarray
+    peaks: np.ndarray
+    elongation: np.ndarray
+    pairs: list[tuple[int, int, int]]  # (truth id, candidate id, overlapping voxels)
+    truth_sizes: dict[int, int]
+    truth_voxels: int
+    big_ids: list[int]
+
+    def outcome(self, keep: np.ndarray) -> tuple[float, int, int, int]:
+        """(Dice, big nodules found, big nodules, false-positive lesions) keeping ``keep`` (bool per candidate)."""
+        kept_voxels = int(self.voxels[keep].sum())
+        overlap = sum(c for _, t, c in self.pairs if keep[t - 1])
+        denom = kept_voxels + self.truth_voxels
+        dice = 1.0 if denom == 0 else 2.0 * overlap / denom
+        candidates = sorted((-c, -2.0 * c / (self.truth_sizes[r] + self.voxels[t - 1]), r, t)
+                            for r, t, c in self.pairs if keep[t - 1])
+        used_ref, used_test = set(), set()
+        for _, _, r, t in candidates:
+            if r not in used_ref and t not in used_test:
+                used_ref.add(r)
+                used_test.add(t)
+        return dice, sum(1 for b in self.big_ids if b in used_ref), len(self.big_ids), int(keep.sum()) - len(used_test)
+
+
+def lesion_candidates(runner, cases: list[DemoCase], min_diameter_mm: float = 6.0) -> list[_Candidates]:
+    """Run the network on each case and keep only its candidates' measurements."""
     runner.keep_probabilities = True
-    out = [run_to_end(runner.run(case.volume)).probabilities[1] for case in cases]
-    runner.keep_probabilities = False
-    return out
+    try:
+        return [candidates_from_foreground(run_to_end(runner.run(case.volume)).probabilities[1], case, min_diameter_mm)
+                for case in cases]
+    finally:
+        runner.keep_probabilities = False
 
 
-RULE_GRID = tuple(Postprocessing(min_lesion_mm3=mm3, min_lesion_score=score)
+def candidates_from_foreground(foreground: np.ndarray, case: DemoCase, min_diameter_mm: float = 6.0) -> _Candidates:
+    from app.core.inference import lesion_peaks
+    from app.core.lesions import _overlaps, _sizes, label_instances, lesion_elongation
+
+    instances, count = label_instances((foreground >= 0.5).astype(np.uint8))
+    voxels = np.bincount(instances.ravel(), minlength=count + 1)[1:]
+    truth = _truth(case, min_diameter_mm)
+    return _Candidates(
+        voxels=voxels, mm3=voxels * case.volume.voxel_volume_ml * 1000.0,
+        peaks=lesion_peaks(foreground, instances, count),
+        elongation=lesion_elongation(instances, count, case.volume.spacing),
+        pairs=_overlaps(truth.instances, instances), truth_sizes=_sizes(truth.instances),
+        truth_voxels=int(truth.mask.sum()), big_ids=truth.big_ids)
+
+
+RULE_GRID = tuple(Postprocessing(min_lesion_mm3=mm3, min_lesion_score=score, max_elongation=elongation)
                   for mm3 in (0.0, 10.0, 20.0, 40.0, 80.0, 160.0)
-                  for score in (0.5, 0.52, 0.53, 0.54, 0.55, 0.6, 0.7, 0.9))
+                  for score in (0.5, 0.6, 0.7, 0.9)
+                  for elongation in (None, 1.6, 1.8, 2.0, 2.2, 2.5, 3.0, 4.0))
 
 
-def choose_postprocessing(foregrounds: list[np.ndarray], cases: list[DemoCase]) -> tuple[Postprocessing, dict]:
+def choose_postprocessing(candidates: list[_Candidates]) -> tuple[Postprocessing, dict]:
     """Pick the lesion clean-up on the calibration split, trading sensitivity against false
     positives (sensitivity − 0.05 × FP per case, then Dice); never looks at the eval split."""
-    from app.core.inference import lesion_peaks
-    from app.core.lesions import label_instances
-
-    per_case = []  # (instances, component volumes mm3, component peaks, truth) — rule-independent
-    for fg, case in zip(foregrounds, cases):
-        instances, count = label_instances((fg >= 0.5).astype(np.uint8))
-        ids = np.arange(1, count + 1)
-        mm3 = np.bincount(instances.ravel(), minlength=count + 1)[1:] * case.volume.voxel_volume_ml * 1000.0
-        peaks = lesion_peaks(fg, instances, count)
-        per_case.append((instances, ids, mm3, peaks, _truth(case, 6.0)))
     best, best_key, table = Postprocessing(), None, {}
     for rule in RULE_GRID:
-        outcomes = [_outcome(_keep(instances, ids[(mm3 >= rule.min_lesion_mm3) & (peaks >= rule.min_lesion_score)]), truth)
-                    for instances, ids, mm3, peaks, truth in per_case]
+        outcomes = []
+        for case in candidates:
+            keep = (case.mm3 >= rule.min_lesion_mm3) & (case.peaks >= rule.min_lesion_score)
+            if rule.max_elongation is not None:
+                keep &= case.elongation <= rule.max_elongation
+            outcomes.append(case.outcome(keep))
         dice, hits, big, fp = (np.asarray(v, float) for v in zip(*outcomes))
         sensitivity, fp_rate = hits.sum() / max(1.0, big.sum()), fp.mean()
-        table[f"{rule.min_lesion_mm3:g}mm3/{rule.min_lesion_score:g}"] = [
+        table[f"{rule.min_lesion_mm3:g}mm3/{rule.min_lesion_score:g}/{rule.max_elongation or 'any'}"] = [
             round(float(sensitivity), 3), round(float(fp_rate), 2), round(float(dice.mean()), 3)]
         key = (round(float(sensitivity - 0.05 * fp_rate), 4), dice.mean())
         if best_key is None or key > best_key:
             best, best_key = rule, key
     return best, table
-
-
-def _keep(instances: np.ndarray, kept_ids: np.ndarray) -> np.ndarray:
-    return np.where(np.isin(instances, kept_ids), instances, 0)
 
 
 def _segmentation_metrics(dice, hits, big_total, false_pos, min_diameter_mm: float = 6.0) -> dict:
@@ -579,7 +618,7 @@ def calibrate_and_evaluate_unet(folder: Path, data_dir: Path, evaluation: list[D
 
     yield Progress(0.65, "choosing the lesion clean-up on the calib split")
     calib = read_demo_cases(data_dir, ("calib",))
-    rule, table = choose_postprocessing(foreground_probabilities(_onnx_runner(folder, threads), calib), calib)
+    rule, table = choose_postprocessing(lesion_candidates(_onnx_runner(folder, threads), calib))
     del calib
     card = replace(load_card(folder / "card.json"), postprocessing=rule)
     save_card(card, folder / "card.json")

@@ -511,11 +511,12 @@ def extract_patch(array: np.ndarray, centre: Sequence[int], size: Sequence[int])
 
 
 def remove_unsure_lesions(labels: np.ndarray, foreground: np.ndarray, volume: Volume, rule) -> np.ndarray:
-    """Drop lesions smaller than ``rule.min_lesion_mm3`` or whose peak probability is below
-    ``rule.min_lesion_score`` (the card's post-processing; chosen on the calibration split)."""
-    if rule.min_lesion_mm3 <= 0 and rule.min_lesion_score <= 0:
+    """Drop lesions smaller than ``rule.min_lesion_mm3``, whose peak probability is below
+    ``rule.min_lesion_score`` or whose shape is more elongated than ``rule.max_elongation``
+    (the card's post-processing; chosen on the calibration split)."""
+    if rule.min_lesion_mm3 <= 0 and rule.min_lesion_score <= 0 and rule.max_elongation is None:
         return labels
-    from app.core.lesions import label_instances
+    from app.core.lesions import label_instances, lesion_elongation
 
     instances, count = label_instances(labels)
     if count == 0:
@@ -523,9 +524,11 @@ def remove_unsure_lesions(labels: np.ndarray, foreground: np.ndarray, volume: Vo
     ids = np.arange(1, count + 1)
     volume_mm3 = np.bincount(instances.ravel(), minlength=count + 1)[1:] * volume.voxel_volume_ml * 1000.0
     peak = lesion_peaks(foreground, instances, count)
-    drop = ids[(volume_mm3 < rule.min_lesion_mm3) | (peak < rule.min_lesion_score)]
+    unsure = (volume_mm3 < rule.min_lesion_mm3) | (peak < rule.min_lesion_score)
+    if rule.max_elongation is not None:
+        unsure |= lesion_elongation(instances, count, volume.spacing) > rule.max_elongation
     out = labels.copy()
-    out[np.isin(instances, drop)] = 0
+    out[np.isin(instances, ids[unsure])] = 0
     return out
 
 

@@ -59,10 +59,12 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class Postprocessing:
-    """Lesion clean-up after the label map: drop components too small or too unsure."""
+    """Lesion clean-up after the label map: drop components too small, too unsure, or shaped
+    like a vessel or a plate rather than a nodule."""
 
     min_lesion_mm3: float = 0.0
     min_lesion_score: float = 0.0  # the lesion's peak foreground probability
+    max_elongation: float | None = None  # app.core.lesions.lesion_elongation; None keeps every shape
 
 
 @dataclass(frozen=True)

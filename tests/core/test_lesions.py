@@ -8,6 +8,7 @@ import pytest
 
 from app.core.lesions import (
     label_instances,
+    lesion_elongation,
     lesion_table,
     match_lesions,
     read_lesion_csv,
@@ -158,3 +159,78 @@ def test_csv_round_trip_with_extra_columns(tmp_path):
     assert rows[0]["volume_ml"] == pytest.approx(lesions[0].volume_ml, abs=1e-4)
     assert rows[0]["mean_hu"] == pytest.approx(30.0)
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 0.7, 0.7), (2.5, 0.6, 0.8)])
+def test_elongation_tells_balls_from_tubes_and_plates(spacing):
+    shape = (40, 96, 96)
+    centre = (20 * spacing[0], 48 * spacing[1], 48 * spacing[2])
+    ball = _ellipsoid(shape, spacing, centre, (7.0, 7.0, 7.0))
+    cigar = _ellipsoid(shape, spacing, centre, (3.0, 3.0, 15.0))  # a vessel piece along x, 5:1
+    plate = np.zeros(shape, bool)  # one slice of a dome: wide in plane, one slice thick
+    plate[20] = _ellipsoid(shape, spacing, centre, (100.0, 6.0, 6.0))[20]
+    out = []
+    for mask in (ball, cigar, plate):
+        instances, count = label_instances(mask.astype(np.uint8))
+        out.append(float(lesion_elongation(instances, count, spacing)[0]))
+    ball_e, cigar_e, plate_e = out
+    assert ball_e == pytest.approx(1.0, abs=0.12)
+    assert cigar_e == pytest.approx(5.0, rel=0.15)  # ratio of the half axes, 15 / 3
+    # A plate one slice thick: in-plane sd 3 mm (radius 6) over thickness/sqrt(12).
+    assert plate_e == pytest.approx(3.0 / (spacing[0] / math.sqrt(12)), rel=0.15)
+
+
+def test_elongation_of_several_lesions_at_once_matches_one_by_one():
+    spacing = (1.25, 0.8, 0.8)
+    shape = (40, 80, 80)
+    a = _ellipsoid(shape, spacing, (15, 20, 20), (5.0, 5.0, 5.0))
+    b = _ellipsoid(shape, spacing, (30, 45, 40), (2.0, 9.0, 2.5))
+    instances, count = label_instances((a | b).astype(np.uint8))
+    together = lesion_elongation(instances, count, spacing)
+    alone = [lesion_elongation(*label_instances((instances == i).astype(np.uint8)), spacing)[0]
+             for i in (1, 2)]
+    assert count == 2
+    assert together == pytest.approx(alone, rel=1e-9)
+    assert lesion_elongation(np.zeros(shape, np.int32), 0, spacing).shape == (0,)
+
+
+def test_shape_rule_drops_the_tube_and_keeps_the_nodule():
+    from app.core.inference import remove_unsure_lesions
+    from app.core.model_card import Postprocessing
+
+    spacing = (1.25, 0.8, 0.8)
+    shape = (48, 80, 80)
+    nodule = _ellipsoid(shape, spacing, (20, 20, 20), (5.0, 5.0, 5.0))
+    vessel = _ellipsoid(shape, spacing, (30, 45, 40), (20.0, 2.0, 2.0))
+    labels = (nodule | vessel).astype(np.uint8)
+    volume = Volume(voxels=np.zeros(shape, np.int16), spacing=spacing)
+    foreground = labels.astype(np.float32)
+    kept = remove_unsure_lesions(labels, foreground, volume, Postprocessing(max_elongation=2.0))
+    assert np.array_equal(kept > 0, nodule)
+    assert np.array_equal(remove_unsure_lesions(labels, foreground, volume, Postprocessing()), labels)
+
+
+def test_candidate_scoring_agrees_with_the_matching_rule():
+    """The calibration grid scores rules from precomputed overlaps; it must give exactly what
+    match_lesions gives on the cleaned-up map."""
+    from app.core.demo_models import DemoCase, _outcome, _truth, candidates_from_foreground
+
+    rng = np.random.default_rng(3)
+    spacing = (1.25, 0.8, 0.8)
+    shape = (40, 72, 72)
+    truth = np.zeros(shape, np.uint8)
+    pred = np.zeros(shape, np.float32)
+    for _ in range(6):
+        centre = rng.uniform((8, 10, 10), (40, 47, 47))
+        truth |= _ellipsoid(shape, spacing, centre, (4.0, 4.0, 4.0)).astype(np.uint8)
+        shift = rng.uniform(-3, 3, 3)
+        pred = np.maximum(pred, _ellipsoid(shape, spacing, centre + shift, rng.uniform(2, 6, 3)) * rng.uniform(0.6, 1))
+    volume = Volume(voxels=np.zeros(shape, np.int16), spacing=spacing)
+    case = DemoCase("T", "calib", volume, truth, [])
+
+    candidates = candidates_from_foreground(pred, case)
+    instances, _ = label_instances((pred >= 0.5).astype(np.uint8))
+    for keep in (np.ones(len(candidates.voxels), bool), candidates.elongation <= 1.3, candidates.peaks >= 0.8,
+                 np.zeros(len(candidates.voxels), bool)):
+        cleaned = np.where(np.isin(instances, np.flatnonzero(keep) + 1), instances, 0)
+        assert candidates.outcome(keep) == pytest.approx(_outcome(cleaned, _truth(case, 6.0)))

@@ -160,28 +160,53 @@ def _window01(voxels: np.ndarray) -> np.ndarray:
     return ((np.clip(voxels.astype(np.float32), lo, hi) - lo) / (hi - lo)).astype(np.float32)
 
 
-def slice_pool(cases: list[DemoCase], rng: np.random.Generator, background_per_case: int):
-    """Every slice with nodule plus some without: (images float32, masks uint8) stacks."""
-    images, masks = [], []
+@dataclass
+class SlicePool:
+    """Training slices (lung-windowed) with their nodule masks, and per nodule the pixels
+    where it lies, so that crops can be drawn nodule by nodule."""
+
+    images: np.ndarray  # (n, H, W) float32
+    masks: np.ndarray  # (n, H, W) uint8
+    nodules: list[np.ndarray]  # per 3-D nodule: (m, 3) int32 rows (pool slice, y, x)
+
+
+def slice_pool(cases: list[DemoCase], rng: np.random.Generator, background_per_case: int) -> SlicePool:
+    """Every slice with nodule plus some without."""
+    from app.core.lesions import label_instances
+
+    images, masks, nodules, first = [], [], [], 0
     for case in cases:
         fg = np.flatnonzero(case.labels.reshape(len(case.labels), -1).any(axis=1))
         bg = np.setdiff1d(np.arange(len(case.labels)), fg)
-        chosen = np.concatenate([fg, rng.choice(bg, min(len(bg), background_per_case), replace=False)])
-        images.append(_window01(case.volume.voxels[np.sort(chosen)]))
-        masks.append((case.labels[np.sort(chosen)] > 0).astype(np.uint8))
-    return np.concatenate(images), np.concatenate(masks)
+        chosen = np.sort(np.concatenate([fg, rng.choice(bg, min(len(bg), background_per_case), replace=False)]))
+        images.append(_window01(case.volume.voxels[chosen]))
+        masks.append((case.labels[chosen] > 0).astype(np.uint8))
+        instances = label_instances((case.labels > 0).astype(np.uint8))[0][chosen]
+        points = np.argwhere(instances)
+        ids = instances[tuple(points.T)]
+        order = np.argsort(ids, kind="stable")
+        points, ids = points[order], ids[order]
+        for piece in np.split(points, np.flatnonzero(np.diff(ids)) + 1) if len(ids) else []:
+            nodules.append((piece + np.array([first, 0, 0])).astype(np.int32))
+        first += len(chosen)
+    return SlicePool(np.concatenate(images), np.concatenate(masks), nodules)
 
 
-def sample_crops(images, masks, rng, batch: int, crop: int, nodule_fraction: float = 0.7):
-    """Crops centred near a nodule pixel (oversampled) or anywhere, with flips."""
-    has_fg = masks.reshape(len(masks), -1).any(axis=1)
-    fg_idx, all_idx = np.flatnonzero(has_fg), np.arange(len(masks))
+def sample_crops(pool: SlicePool, rng, batch: int, crop: int, nodule_fraction: float = 0.7):
+    """Crops on a nodule (each nodule equally likely, whatever its size: small solid nodules
+    are the hard ones) or anywhere, with flips."""
+    images, masks = pool.images, pool.masks
     crop = min(crop, images.shape[1], images.shape[2])  # tiny test series are smaller than a crop
     xs, ys = [], []
     for _ in range(batch):
-        on_nodule = len(fg_idx) and rng.random() < nodule_fraction
-        k = int(rng.choice(fg_idx if on_nodule else all_idx))
-        cy, cx = _crop_centre(masks[k], on_nodule, rng, crop)
+        if pool.nodules and rng.random() < nodule_fraction:
+            pixels = pool.nodules[int(rng.integers(len(pool.nodules)))]
+            k, cy, cx = (int(v) for v in pixels[rng.integers(len(pixels))])
+            jitter = rng.integers(-crop // 3, crop // 3 + 1, size=2)
+            cy, cx = cy + int(jitter[0]), cx + int(jitter[1])
+        else:
+            k = int(rng.integers(len(images)))
+            cy, cx = int(rng.integers(0, images.shape[1])), int(rng.integers(0, images.shape[2]))
         y0 = int(np.clip(cy - crop // 2, 0, images.shape[1] - crop))
         x0 = int(np.clip(cx - crop // 2, 0, images.shape[2] - crop))
         img, msk = images[k, y0:y0 + crop, x0:x0 + crop], masks[k, y0:y0 + crop, x0:x0 + crop]
@@ -190,15 +215,6 @@ def sample_crops(images, masks, rng, batch: int, crop: int, nodule_fraction: flo
         xs.append(img)
         ys.append(msk)
     return np.stack(xs)[:, None].copy(), np.stack(ys).astype(np.int64)
-
-
-def _crop_centre(mask, on_nodule, rng, crop):
-    if on_nodule:
-        points = np.argwhere(mask)
-        cy, cx = points[rng.integers(len(points))]
-        jitter = rng.integers(-crop // 3, crop // 3 + 1, size=2)
-        return int(cy + jitter[0]), int(cx + jitter[1])
-    return int(rng.integers(0, mask.shape[0])), int(rng.integers(0, mask.shape[1]))
 
 
 def train_unet(cases: list[DemoCase], seed: int, steps: int, crop: int = 224, batch: int = 8,
@@ -210,7 +226,7 @@ def train_unet(cases: list[DemoCase], seed: int, steps: int, crop: int = 224, ba
 
     seed_everything(seed, threads)
     rng = np.random.default_rng(seed)
-    images, masks = slice_pool(cases, rng, background_per_case=24)
+    pool = slice_pool(cases, rng, background_per_case=24)
     net = UNet(**{k: tuple(v) if isinstance(v, list) else v for k, v in UNET_ARGS.items()})
     # Dice on the nodule channel over the whole batch (crops without nodule are common) plus
     # cross-entropy over both channels. Not MONAI's DiceCELoss(include_background=False): it
@@ -225,7 +241,7 @@ def train_unet(cases: list[DemoCase], seed: int, steps: int, crop: int = 224, ba
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=0.1)
     net.train()
     for step in range(steps):
-        x, y = sample_crops(images, masks, rng, batch, crop)
+        x, y = sample_crops(pool, rng, batch, crop)
         loss = loss_fn(net(torch.from_numpy(x)), torch.from_numpy(y)[:, None])
         optimiser.zero_grad()
         loss.backward()
@@ -429,10 +445,11 @@ RULE_GRID = tuple(Postprocessing(min_lesion_mm3=mm3, min_lesion_score=score, max
                   for elongation in (None, 1.6, 1.8, 2.0, 2.2, 2.5, 3.0, 4.0))
 
 
-def choose_postprocessing(candidates: list[_Candidates]) -> tuple[Postprocessing, dict]:
+def choose_postprocessing(candidates: list[_Candidates], top: int = 10) -> tuple[Postprocessing, dict]:
     """Pick the lesion clean-up on the calibration split, trading sensitivity against false
-    positives (sensitivity − 0.05 × FP per case, then Dice); never looks at the eval split."""
-    best, best_key, table = Postprocessing(), None, {}
+    positives (sensitivity − 0.05 × FP per case, then Dice); never looks at the eval split.
+    Returns the rule and the ``top`` rules' (sensitivity, FP per case, Dice), best first."""
+    scored = []
     for rule in RULE_GRID:
         outcomes = []
         for case in candidates:
@@ -442,11 +459,15 @@ def choose_postprocessing(candidates: list[_Candidates]) -> tuple[Postprocessing
             outcomes.append(case.outcome(keep))
         dice, hits, big, fp = (np.asarray(v, float) for v in zip(*outcomes))
         sensitivity, fp_rate = hits.sum() / max(1.0, big.sum()), fp.mean()
-        table[f"{rule.min_lesion_mm3:g}mm3/{rule.min_lesion_score:g}/{rule.max_elongation or 'any'}"] = [
-            round(float(sensitivity), 3), round(float(fp_rate), 2), round(float(dice.mean()), 3)]
-        key = (round(float(sensitivity - 0.05 * fp_rate), 4), dice.mean())
-        if best_key is None or key > best_key:
-            best, best_key = rule, key
+        key = (round(float(sensitivity - 0.05 * fp_rate), 4), float(dice.mean()))
+        scored.append((key, rule, [round(float(sensitivity), 3), round(float(fp_rate), 2), round(float(dice.mean()), 3)]))
+    scored.sort(key=lambda item: item[0], reverse=True)  # stable: ties keep the grid order
+    best = scored[0][1]
+    table = {f"{rule.min_lesion_mm3:g}mm3/{rule.min_lesion_score:g}/{rule.max_elongation or 'any'}": row
+             for _, rule, row in scored[:top]}
+    for _, rule, row in scored:  # and the rule that keeps everything, for comparison
+        if rule.min_lesion_mm3 == 0 and rule.min_lesion_score == 0.5 and rule.max_elongation is None:
+            table["0mm3/0.5/any (no clean-up)"] = row
     return best, table
 
 

@@ -27,6 +27,7 @@ class TrainConfig:
     device: str = "cpu"
     amp: str = "auto"  # auto | off | bf16 | fp16
     crop: int | None = None  # random square crops (None: whole slices); CPU fine-tunes use 128-256
+    lesion_crops: float = 0.7  # share of crops centred (±crop/3) on a lesion pixel of the labels or the teacher
     augment: bool = True  # flips: nodules have no preferred left/right or up/down
     threads: int | None = None
 
@@ -123,20 +124,47 @@ def distillation_loss(student_logits, teacher_logits, labels=None, temperature: 
 
 
 def _batch(arrays: dict[str, np.ndarray], idx: np.ndarray, rng: np.random.Generator, config: TrainConfig):
-    """The same crop and flips for every array of the batch (image, labels, teacher outputs)."""
+    """One crop window per slice, the same for each of its arrays (image, labels, teacher
+    outputs), and the same flips for the whole batch.
+
+    Lesions fill a few per cent of a slice: a crop drawn anywhere mostly shows background, so
+    ``config.lesion_crops`` of the crops are centred near a lesion pixel (labels where the slice
+    has them, else the teacher's mask), the rest anywhere.
+    """
     out = {k: v[idx] for k, v in arrays.items()}
-    if config.crop:
-        size = out["x"].shape[-1], out["x"].shape[-2]
-        c = min(config.crop, *size)
-        y0 = int(rng.integers(0, out["x"].shape[-2] - c + 1))
-        x0 = int(rng.integers(0, out["x"].shape[-1] - c + 1))
-        out = {k: v[..., y0:y0 + c, x0:x0 + c] for k, v in out.items()}
+    height, width = out["x"].shape[-2:]
+    if config.crop and min(config.crop, height, width) < max(height, width):
+        c = min(config.crop, height, width)
+        windows = [_crop_window(out, i, c, rng, config.lesion_crops) for i in range(len(idx))]
+        out = {k: np.stack([v[i, ..., y0:y0 + c, x0:x0 + c] for i, (y0, x0) in enumerate(windows)])
+               for k, v in out.items()}
     if config.augment:
         flips = rng.random(2) < 0.5
         for axis_from_end, flip in zip((1, 2), flips):
             if flip:
                 out = {k: np.flip(v, -axis_from_end) for k, v in out.items()}
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def _lesion_pixels(out: dict[str, np.ndarray], i: int) -> np.ndarray:
+    if "y" in out:
+        labels = out["y"][i]
+        pixels = np.argwhere((labels > 0) & (labels != IGNORE))
+        if len(pixels) or "teacher" not in out:
+            return pixels
+    if "teacher" in out:
+        return np.argwhere(out["teacher"][i].argmax(0) > 0)
+    return np.zeros((0, 2), int)
+
+
+def _crop_window(out: dict[str, np.ndarray], i: int, c: int, rng: np.random.Generator,
+                 lesion_crops: float) -> tuple[int, int]:
+    height, width = out["x"].shape[-2:]
+    pixels = _lesion_pixels(out, i) if lesion_crops > 0 and rng.random() < lesion_crops else ()
+    if len(pixels):
+        cy, cx = pixels[rng.integers(len(pixels))] + rng.integers(-(c // 3), c // 3 + 1, size=2)
+        return int(np.clip(cy - c // 2, 0, height - c)), int(np.clip(cx - c // 2, 0, width - c))
+    return int(rng.integers(0, height - c + 1)), int(rng.integers(0, width - c + 1))
 
 
 def train_loop(module, arrays: dict[str, np.ndarray], loss_fn: Callable, config: TrainConfig, *,

@@ -79,3 +79,31 @@ def test_distillation_loss_is_smallest_when_the_student_copies_the_teacher():
     teacher = torch.randn(2, 2, 8, 8) * 3
     assert distillation_loss(teacher, teacher) < distillation_loss(torch.zeros_like(teacher), teacher)
     assert distillation_loss(teacher, teacher) < distillation_loss(-teacher, teacher)
+
+
+@pytest.mark.parametrize("source", ["y", "teacher"])
+def test_crops_are_drawn_on_lesions_from_the_labels_or_the_teacher(source):
+    from compression.training import TrainConfig, _batch
+
+    rng = np.random.default_rng(0)
+    x = rng.random((6, 1, 128, 128), dtype=np.float32)
+    lesion = np.zeros((6, 128, 128), np.int64)
+    lesion[:, 100:106, 4:10] = 1  # a small lesion near a corner of every slice
+    arrays = {"x": x}
+    if source == "y":
+        arrays["y"] = lesion
+    else:
+        arrays["teacher"] = np.stack([1.0 - lesion, lesion], axis=1).astype(np.float16)
+
+    def lesion_share(lesion_crops):
+        config = TrainConfig(crop=32, lesion_crops=lesion_crops, augment=False)
+        hits = []
+        for _ in range(40):
+            batch = _batch(arrays, np.arange(5), rng, config)
+            assert batch["x"].shape == (5, 1, 32, 32)
+            shown = batch[source] if source == "y" else batch[source].argmax(1)
+            hits += [bool((shown[i] == 1).any()) for i in range(5)]
+        return np.mean(hits)
+
+    assert lesion_share(1.0) == 1.0
+    assert lesion_share(0.0) < 0.3  # a 32-pixel window anywhere on 128² rarely meets it

@@ -39,9 +39,9 @@ def test_slice_pool_lists_every_nodule_with_pixels_inside_its_mask(demo_tiny):
 
 def test_unet_training_is_deterministic(demo_tiny):
     cases = _train_cases(demo_tiny)[:1]
-    first = run_to_end(train_unet(cases, seed=3, steps=2, crop=64, batch=2, threads=1))
-    second = run_to_end(train_unet(cases, seed=3, steps=2, crop=64, batch=2, threads=1))
-    other = run_to_end(train_unet(cases, seed=4, steps=2, crop=64, batch=2, threads=1))
+    first = run_to_end(train_unet(cases, seed=3, steps=1, crop=64, batch=2, threads=1, polish_steps=1))
+    second = run_to_end(train_unet(cases, seed=3, steps=1, crop=64, batch=2, threads=1, polish_steps=1))
+    other = run_to_end(train_unet(cases, seed=4, steps=1, crop=64, batch=2, threads=1, polish_steps=1))
     a, b, c = (net.state_dict() for net in (first, second, other))
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
     assert not all(np.array_equal(a[k].numpy(), c[k].numpy()) for k in a)

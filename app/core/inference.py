@@ -297,8 +297,9 @@ class _Runner:
         return findings
 
     def _check_channels(self, volume: Volume) -> None:
-        # A CT volume is one channel; a model wanting more cannot run on it.
-        if self.card.input.channels != 1:
+        # A CT volume is one channel; a model wanting more cannot run on it, except a 2D lesion
+        # classifier that reads neighbouring slices as its channels.
+        if self.card.input.channels != 1 and self.card.input.channels != self._slice_channels():
             raise ModelError(
                 f"{self.variant.main_file}: the model wants {self.card.input.channels} input channels "
                 f"but series {volume.series_uid or '(unnamed)'} has 1"
@@ -449,16 +450,26 @@ class _Runner:
             yield Progress(done / max(1, len(inputs)), f"items {done}/{len(inputs)}", {"batch": self.batches_run})
         return scores
 
+    def _slice_channels(self) -> int | None:
+        """For a 2D classifier whose ROI is 3-D (slices, rows, columns): the neighbouring axial
+        slices it stacks as input channels. None for every other model."""
+        roi = self.card.roi
+        if self.card.task != "classification" or self.card.input.dims != 2 or roi is None:
+            return None
+        if roi.source != "lesion_centres" or roi.patch_size_voxels is None or len(roi.patch_size_voxels) != 3:
+            return None
+        return int(roi.patch_size_voxels[0])
+
     def _lesion_patches(self, prepared: Prepared, lesions) -> np.ndarray:
         size = self._roi_voxels(prepared)
         patches = [extract_patch(prepared.array, self._centre_on_grid(lesion, prepared), size) for lesion in lesions]
+        stacked = self._slice_channels() is not None  # (slices, rows, cols): slices are the channels
+        fit = tuple(self.card.input.patch_size or (size[-2:] if stacked else size))
         if not patches:
-            return np.zeros((0, 1) + tuple(self.card.input.patch_size or size), np.float32)
-        patches = [self._fit_to_input(p) for p in patches]
-        return np.stack(patches)[:, None].astype(np.float32)
-
-    def _fit_to_input(self, patch: np.ndarray) -> np.ndarray:
-        return fit_patch(patch, self.card.input.patch_size)
+            return np.zeros((0, size[0] if stacked else 1) + fit, np.float32)
+        if stacked:
+            return np.stack([fit_patch(p, (p.shape[0],) + fit) for p in patches]).astype(np.float32)
+        return np.stack([fit_patch(p, self.card.input.patch_size) for p in patches])[:, None].astype(np.float32)
 
     def _roi_voxels(self, prepared: Prepared) -> tuple[int, ...]:
         roi = self.card.roi

@@ -89,17 +89,21 @@ def small_unet(folder: Path, dims: int = 2, patch=None, **card_changes) -> Path:
     return write_model(folder, segmentation_card(dims, patch, **card_changes), net, shape)
 
 
-def small_classifier(folder: Path) -> Path:
+def small_classifier(folder: Path, slices: int = 1) -> Path:
+    """A lesion-type classifier on 16×16 patches; ``slices`` > 1 reads that many neighbouring
+    axial slices as its channels."""
+    roi = (16, 16) if slices == 1 else (slices, 16, 16)
+    arch = {**SMALL_DENSENET, "in_channels": slices}
     card = ModelCard(
         name="test-type", version="0.1", task="classification",
         labels=tuple(Label(i, n, "#00ff00") for i, n in enumerate(("solid", "part-solid", "ground-glass"))),
-        input=InputSpec(axes="NCHW", dims=2, channels=1, patch_size=(16, 16)),
+        input=InputSpec(axes="NCHW", dims=2, channels=slices, patch_size=(16, 16)),
         preprocessing=Preprocessing(hu_window=(-1000.0, 400.0), clip=True, normalisation="window_0_1"),
-        roi=RoiSpec(source="lesion_centres", patch_size_voxels=(16, 16)),
+        roi=RoiSpec(source="lesion_centres", patch_size_voxels=roi),
         output_activation="softmax", intended_use="tests only", training_data="none",
-        architecture=Architecture("DenseNet", SMALL_DENSENET), files={"weights": "model.pt", "onnx": "model.onnx"},
+        architecture=Architecture("DenseNet", arch), files={"weights": "model.pt", "onnx": "model.onnx"},
     )
-    return write_model(folder, card, build("DenseNet", SMALL_DENSENET), (1, 1, 16, 16), dynamic=False)
+    return write_model(folder, card, build("DenseNet", arch), (1, slices, 16, 16), dynamic=False)
 
 
 def chest_phantom(shape=(6, 48, 40), spacing=(2.5, 0.8, 0.8), seed: int = 0, nodules=((3, 20, 18, 4),)) -> Volume:

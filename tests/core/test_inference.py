@@ -192,3 +192,32 @@ def test_torch_bf16_autocast_runs_and_is_reported(tmp_path):
     assert np.mean(bf16.labels == fp32.labels) > 0.95  # bf16 keeps 8 bits of mantissa
     with pytest.raises(ValueError, match="autocast"):
         TorchRunner(variant, autocast="int4")
+
+
+def test_a_classifier_can_read_neighbouring_slices_as_channels(tmp_path):
+    from app.core.inference import prepare
+    from app.core.lesions import lesion_table
+
+    volume = chest_phantom(shape=(8, 48, 40), nodules=((3, 14, 12, 4), (5, 32, 28, 5)))
+    labels = np.zeros(volume.shape, np.uint8)
+    labels[2:5, 11:18, 9:16] = 1
+    labels[4:7, 28:37, 24:33] = 1
+    lesions = lesion_table(labels, volume)
+    one = OnnxRunner(open_model(small_classifier(tmp_path / "one")))
+    three_folder = small_classifier(tmp_path / "three", slices=3)
+    three = OnnxRunner(open_model(three_folder))
+    prepared = prepare(volume, three.card)
+    stacked = three._lesion_patches(prepared, lesions)
+    assert stacked.shape == (2, 3, 16, 16)
+    # The middle channel is the one-slice classifier's patch; the others are the slices beside it.
+    assert np.array_equal(stacked[:, 1], one._lesion_patches(prepared, lesions)[:, 0])
+    for lesion, patch in zip(lesions, stacked):
+        k = int(round(lesion.centre_index[0]))
+        assert not np.array_equal(patch[0], patch[1]) and not np.array_equal(patch[2], patch[1])
+        shifted = [type(lesion)(**{**lesion.__dict__, "centre_index": (k + dk,) + lesion.centre_index[1:]})
+                   for dk in (-1, 1)]
+        below, above = one._lesion_patches(prepared, shifted)[:, 0]
+        assert np.array_equal(patch[0], below) and np.array_equal(patch[2], above)
+    for runner in (three, TorchRunner(open_model(three_folder, prefer="state_dict"))):
+        findings = run_to_end(runner.run(volume, lesions=lesions))
+        assert set(findings.lesion_scores) == {l.lesion_id for l in lesions}

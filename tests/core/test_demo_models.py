@@ -69,3 +69,19 @@ def test_clean_up_chosen_on_calib_drops_the_vessel_and_keeps_the_nodule():
     dice, found, big, false_positives = candidates.outcome(keep)
     assert (found, big, false_positives) == (1, 1, 0) and dice == pytest.approx(1.0)
     assert table["0mm3/0.5/any (no clean-up)"][1] == 1.0  # the untouched candidates: one FP per case
+
+
+def test_unet_training_can_polish_given_weights(demo_tiny, tmp_path):
+    import torch
+
+    cases = _train_cases(demo_tiny)[:1]
+    parent = run_to_end(train_unet(cases, seed=3, steps=1, crop=64, batch=2, threads=1))
+    torch.save(parent.state_dict(), tmp_path / "parent.pt")
+    polished = run_to_end(train_unet(cases, seed=5, steps=0, crop=64, batch=2, threads=1, polish_steps=1,
+                                     init=tmp_path / "parent.pt"))
+    fresh = run_to_end(train_unet(cases, seed=5, steps=0, crop=64, batch=2, threads=1, polish_steps=1))
+    a, b, c = (net.state_dict() for net in (parent, polished, fresh))
+    conv = next(k for k in a if k.endswith("conv.weight"))
+    # One small step from the parent stays near it; the same step from random weights does not.
+    assert float((b[conv] - a[conv]).abs().max()) < float((c[conv] - a[conv]).abs().max())
+    assert not torch.equal(b[conv], a[conv])

@@ -22,6 +22,7 @@ def card_html(model: OpenModel) -> str:
         ("Size", f"{variant.main_file.stat().st_size / 1e6:.1f} MB runs ({variant.main_file.name}); "
                  f"{variant.size_bytes / 1e6:.1f} MB in all files"),
         ("Input", f"{card.input.dims}D, axes {card.input.axes}, patch {card.input.patch_size}"),
+        *([("Lesion clean-up", card.postprocessing.describe())] if card.task == "segmentation" else []),
         ("Weights SHA-256", (variant.weights_sha256 or "")[:16] + "…"),
         ("Training data", card.training_data),
     ]

@@ -66,6 +66,17 @@ class Postprocessing:
     min_lesion_score: float = 0.0  # the lesion's peak foreground probability
     max_elongation: float | None = None  # app.core.lesions.lesion_elongation; None keeps every shape
 
+    def describe(self) -> str:
+        """The rule in words, e.g. for the model panel: "drops lesions < 80 mm³ or elongation > 1.8"."""
+        parts = []
+        if self.min_lesion_mm3 > 0:
+            parts.append(f"< {self.min_lesion_mm3:g} mm³")
+        if self.min_lesion_score > 0:
+            parts.append(f"peak probability < {self.min_lesion_score:g}")
+        if self.max_elongation is not None:
+            parts.append(f"elongation > {self.max_elongation:g} (vessel- or plate-shaped)")
+        return "drops lesions " + " or ".join(parts) if parts else "none"
+
 
 @dataclass(frozen=True)
 class RoiSpec:

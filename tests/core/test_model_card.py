@@ -85,3 +85,11 @@ def test_output_channels_follow_labels_and_activation():
     card = segmentation_card(labels=3)
     assert card.output_channels == 3
     assert replace(card, output_activation="sigmoid").output_channels == 2
+
+
+def test_the_lesion_clean_up_reads_as_words():
+    from app.core.model_card import Postprocessing
+
+    assert Postprocessing().describe() == "none"
+    assert Postprocessing(min_lesion_mm3=80.0, min_lesion_score=0.5, max_elongation=1.8).describe() == (
+        "drops lesions < 80 mm³ or peak probability < 0.5 or elongation > 1.8 (vessel- or plate-shaped)")

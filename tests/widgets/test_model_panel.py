@@ -18,6 +18,7 @@ def test_card_intended_use_size_and_run(qtbot, tmp_path):
     text = panel.card_view.toPlainText()
     assert "Intended use:" in text and variant.card.intended_use in text
     assert variant.main_file.name in text and "MB runs" in text
+    assert "Lesion clean-up" in text and variant.card.postprocessing.describe() in text
     panel.threads.setValue(3)
     with qtbot.waitSignal(panel.run_requested, timeout=2_000) as blocker:
         panel.run_button.click()

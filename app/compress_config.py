@@ -113,8 +113,10 @@ TECHNIQUES = (
               (Parameter("steps", "steps", 50, minimum=1, maximum=100000),)),
     Technique("quantize_int8_ort", "int8 quantization (ONNX Runtime)",
               "Stores weights and activations as 8-bit integers calibrated on your scans; about 4× "
-              "smaller, and rare intensities may be rounded away.",
-              (Parameter("mode", "mode", "static", choices=("static", "dynamic")),
+              "smaller, and rare intensities may be rounded away. Mode 'weights' stores only the "
+              "weights in 8 bits and computes in float: as small, at float speed (what pays for "
+              "pruned or distilled networks on CPUs).",
+              (Parameter("mode", "mode", "static", choices=("static", "dynamic", "weights")),
                Parameter("per_channel", "per channel", True, choices=(True, False)),
                Parameter("calibrate", "calibration", "percentile", choices=("percentile", "minmax", "entropy")))),
 )

@@ -279,6 +279,9 @@ def ort_session(path, threads: int | None = None, optimized_path=None, level: st
     options.graph_optimization_level = levels[level]
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+    from app.core.inference import apply_weights_only_int8
+
+    apply_weights_only_int8(options, path)
     return ort.InferenceSession(str(path), options, providers=list(providers))
 
 

@@ -618,6 +618,31 @@ def _torch_cuda_libraries_present() -> bool:
     return bool(torch.version.cuda) and torch.cuda.is_available()
 
 
+_INTEGER_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                "MatMulInteger"}
+
+
+def weights_only_int8(path) -> bool:
+    """True for an ONNX model whose int8 lives only in its stored weights (DequantizeLinear on
+    initializers, no activation quantization): it is meant to compute in float."""
+    try:
+        import onnx
+
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # not readable as ONNX: ONNX Runtime will say why
+        return False
+    ops = {node.op_type for node in graph.node}
+    return "DequantizeLinear" in ops and not ops & _INTEGER_OPS
+
+
+def apply_weights_only_int8(options, path) -> None:
+    """For a weights-only int8 model, let ONNX Runtime fold the weight DequantizeLinear nodes into
+    float constants once at load time (its QDQ handling would otherwise keep them and dequantize
+    every run: measured 14.5 vs 16.7 ms per 512² slice on a ½-width UNet)."""
+    if weights_only_int8(path):
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+
+
 def resolve_providers(requested: Sequence[str], available: Sequence[str]) -> list[str]:
     """Requested short names (tensorrt/cuda/cpu) in order, kept if installed; CPU always last."""
     names = [PROVIDER_NAMES.get(r.lower(), r) for r in requested]
@@ -658,6 +683,7 @@ class OnnxRunner(_Runner):
                 ort.preload_dlls()
         options = self._session_options(ort)
         path = str(self.variant.main_file)
+        apply_weights_only_int8(options, path)
         with _stderr_to_log(log):
             try:
                 session = ort.InferenceSession(path, options, providers=chosen)

@@ -54,6 +54,48 @@ def test_an_int8_variant_is_written_and_runs_on_a_scan(tmp_path):
     assert findings.labels.any()
 
 
+def test_int8_weights_only_stores_every_conv_weight_in_int8_and_computes_in_float(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from compression.training import onnx_logits
+
+    model = fresh_model()
+    float_path = tmp_path / "float.onnx"
+    from compression.export import export_onnx
+
+    export_onnx(model.module, float_path, model.example_shape)
+    variant = run_to_end(run_steps(parent(), [{"step": "quantize_int8_ort", "mode": "weights"}], step_data(),
+                                   tmp_path, name="int8-weights"))
+    path = variant.files["onnx"]
+    graph = onnx.load(str(path)).graph
+    convs = [n for n in graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    produced_by_dequantize = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    assert convs and all(n.input[1] in produced_by_dequantize for n in convs)
+    weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    assert all(weights[f"{n.input[1]}_int8"].dtype == np.int8 for n in convs)
+    float_weights = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(float_path)).graph.initializer}
+    int8_bytes = sum(weights[f"{n.input[1]}_int8"].nbytes for n in convs)
+    float_bytes = sum(float_weights[n.input[1]].nbytes for n in convs if n.input[1] in float_weights)
+    assert int8_bytes * 4 == float_bytes  # the same tensors, a byte per weight instead of four
+    # On this tiny network the graph itself is half the file; on the demo UNet the file is ~4× smaller.
+    assert path.stat().st_size < 0.6 * float_path.stat().st_size
+    share = quantized_conv_share(path)  # ONNX Runtime computes in float: no integer convolution
+    assert share["quantized_convs"] == 0
+    x = step_data().slices("calib", variant.card, with_labels=False, max_slices=4)[0]
+    reference, got = onnx_logits(float_path, x), onnx_logits(path, x)
+    assert np.abs(reference - got).max() < 0.05 * np.abs(reference).max()  # 8-bit weights, per channel
+    assert any("int8 weights only" in note for note in variant.card.lineage.metrics.get("compression", {}).get("notes", []))
+    # Our runner lets ONNX Runtime fold the weight dequantization once (float speed); static int8 is left alone.
+    from app.core.inference import weights_only_int8
+
+    static = run_to_end(run_steps(parent(), [{"step": "quantize_int8_ort"}], step_data(), tmp_path, name="int8"))
+    assert weights_only_int8(path) and not weights_only_int8(static.files["onnx"]) and not weights_only_int8(float_path)
+    findings = run_to_end(make_runner(variant, threads=1).run(phantom_case(31).volume))
+    reference = run_to_end(make_runner(parent(), threads=1).run(phantom_case(31).volume))
+    assert np.mean(findings.labels == reference.labels) > 0.99
+
+
 def test_quantization_after_quantization_is_refused_clearly():
     model = run_to_end(quantize_int8_ort(fresh_model(), step_data()))
     with pytest.raises(ValueError, match="before quantization"):

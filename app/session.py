@@ -17,6 +17,9 @@ from app.jobs import JobManager
 RESOURCES = Path(__file__).resolve().parents[1] / "resources"
 DEMO_CASES = 2
 DEMO_SEED = 2026
+# The demo opens on the second study: its 23 mm part-solid nodule is one the demo UNet finds. The
+# first study's two nodules are small solid ones (4 and 5 mm) that it misses (see the model card).
+DEMO_SHOW_PATIENT = f"DEMO-{DEMO_SEED}-002"
 GROUND_TRUTH = "Ground truth"
 AI_NOTICE = "AI finding — research use only"
 
@@ -61,12 +64,13 @@ class Session(QObject):
         self.models: list[OpenModel] = []
 
     # -- scans ---------------------------------------------------------------------------------
-    def open_path(self, path: str, then_show_first: bool = True) -> None:
+    def open_path(self, path: str, then_show_first: bool = True, prefer_patient: str | None = None) -> None:
+        """Index ``path`` and show its first image series (``prefer_patient``'s, if it has one)."""
         from app.core.dicom_index import index_path
         self.jobs.submit(f"Index {Path(path).name or path}", index_path, path, owner="index",
-                         on_result=lambda index: self._indexed(index, then_show_first))
+                         on_result=lambda index: self._indexed(index, then_show_first, prefer_patient))
 
-    def _indexed(self, index, then_show_first: bool) -> None:
+    def _indexed(self, index, then_show_first: bool, prefer_patient: str | None = None) -> None:
         self.index = index
         self.index_changed.emit(index)
         images = index.image_series()
@@ -74,7 +78,8 @@ class Session(QObject):
         counts = f"{len(images)} image series, {broken} unreadable DICOM file(s)"
         self.status.emit(f"Indexed: {counts}")
         if then_show_first and images:
-            self.open_series(images[0])
+            preferred = [s for s in images if s.patient_id == prefer_patient]
+            self.open_series((preferred or images)[0])
 
     def open_series(self, series) -> None:
         if series.kind != "image":
@@ -184,13 +189,13 @@ class Session(QObject):
             self.open_model(str(card))
         folder = demo_root()
         if (folder / "manifest.csv").is_file():
-            self.open_path(str(folder))
+            self.open_path(str(folder), prefer_patient=DEMO_SHOW_PATIENT)
             return
         from app.core.demo_data import generate_demo_data
         self.status.emit("Generating the demo study (first run only) …")
         self.jobs.submit("Generate demo study", generate_demo_data, str(folder), cases=cases,
                          seed=DEMO_SEED, size="full", in_process=True,
-                         on_result=lambda _summary: self.open_path(str(folder)))
+                         on_result=lambda _summary: self.open_path(str(folder), prefer_patient=DEMO_SHOW_PATIENT))
 
     def close(self) -> None:
         self.compute.close()

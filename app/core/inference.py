@@ -223,7 +223,14 @@ def labels_from_probabilities(probabilities: np.ndarray, card: ModelCard) -> np.
             out[probabilities[channel] >= 0.5] = value
         return out
     values = np.array([label.value for label in card.labels], np.uint8)
-    return values[np.argmax(probabilities, axis=0)]
+    # argmax over channels, one contiguous pass per channel: np.argmax(axis=0) walks the volume
+    # with a channel stride and took 1.7 s of a 2.2 s post-processing on a 119-slice scan.
+    best, out = probabilities[0], np.full(probabilities.shape[1:], values[0], np.uint8)
+    for channel in range(1, len(probabilities)):
+        higher = probabilities[channel] > best  # ties keep the lower channel, as np.argmax does
+        out[higher] = values[channel]
+        best = np.where(higher, probabilities[channel], best) if channel + 1 < len(probabilities) else best
+    return out
 
 
 class _Runner:

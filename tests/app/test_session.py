@@ -40,6 +40,14 @@ def test_opening_a_folder_shows_the_first_series_and_its_ground_truth(qtbot, ses
     assert len(lesions[0][1]) == label_instances(labels)[1], "one lesion row per connected nodule"
 
 
+def test_a_folder_of_studies_can_open_on_a_chosen_patient(qtbot, session, demo_tiny):
+    with qtbot.waitSignal(session.volume_opened, timeout=60_000):
+        session.open_path(str(demo_tiny), prefer_patient="DEMO-0-002")
+    images = session.index.image_series()
+    assert len(images) == 3 and images[0].patient_id != "DEMO-0-002"  # not simply the first
+    assert session.series.patient_id == "DEMO-0-002"
+
+
 def test_a_model_runs_in_the_compute_process_and_its_findings_arrive(qtbot, session, demo_tiny, tmp_path):
     from tests.core.model_fixtures import small_unet
 

@@ -221,3 +221,16 @@ def test_a_classifier_can_read_neighbouring_slices_as_channels(tmp_path):
     for runner in (three, TorchRunner(open_model(three_folder, prefer="state_dict"))):
         findings = run_to_end(runner.run(volume, lesions=lesions))
         assert set(findings.lesion_scores) == {l.lesion_id for l in lesions}
+
+
+def test_labels_from_probabilities_is_argmax_with_ties_to_the_lower_channel():
+    from app.core.inference import labels_from_probabilities
+    from app.core.model_card import Label
+
+    rng = np.random.default_rng(4)
+    probabilities = rng.integers(0, 4, (4, 6, 16, 16)).astype(np.float32)  # many ties
+    values = (0, 1, 2, 5)
+    labels = tuple(Label(v, f"c{v}", "#ffffff") for v in values)
+    card = type("Card", (), {"output_activation": "softmax", "labels": labels})()  # all the function reads
+    expected = np.array(values, np.uint8)[np.argmax(probabilities, axis=0)]
+    assert np.array_equal(labels_from_probabilities(probabilities, card), expected)

@@ -539,14 +539,16 @@ def remove_unsure_lesions(labels: np.ndarray, foreground: np.ndarray, volume: Vo
     instances, count = label_instances(labels)
     if count == 0:
         return labels
-    ids = np.arange(1, count + 1)
-    volume_mm3 = np.bincount(instances.ravel(), minlength=count + 1)[1:] * volume.voxel_volume_ml * 1000.0
+    inside = np.flatnonzero(instances.reshape(-1))  # only lesion voxels are read and written
+    in_ids = instances.reshape(-1)[inside]
+    volume_mm3 = np.bincount(in_ids, minlength=count + 1)[1:] * volume.voxel_volume_ml * 1000.0
     peak = lesion_peaks(foreground, instances, count)
     unsure = (volume_mm3 < rule.min_lesion_mm3) | (peak < rule.min_lesion_score)
     if rule.max_elongation is not None:
         unsure |= lesion_elongation(instances, count, volume.spacing) > rule.max_elongation
     out = labels.copy()
-    out[np.isin(instances, ids[unsure])] = 0
+    drop = np.concatenate([[False], unsure])[in_ids]
+    out.reshape(-1)[inside[drop]] = 0
     return out
 
 

@@ -101,11 +101,17 @@ def _occupied_box(labels: np.ndarray) -> tuple[slice, ...] | None:
 def _renumber_by_size(components: np.ndarray, count: int) -> np.ndarray:
     if count == 0:
         return components
-    sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
+    # Only the labelled voxels are read and written: lesions are a sliver of a scan, and a gather
+    # over every voxel took most of the post-processing of a 119-slice scan.
+    flat = components.reshape(-1)
+    inside = np.flatnonzero(flat)
+    ids = flat[inside]
+    sizes = np.bincount(ids, minlength=count + 1)[1:]
     order = np.argsort(-sizes, kind="stable")  # stable: ties keep their first-met order
     new_id = np.zeros(count + 1, dtype=np.int32)
     new_id[order + 1] = np.arange(1, count + 1, dtype=np.int32)
-    return new_id[components]
+    flat[inside] = new_id[ids]  # in place: the caller's array is its own, freshly labelled
+    return components
 
 
 # ---------------------------------------------------------------------------- measurement

@@ -423,18 +423,14 @@ class _Candidates:
 
     def outcome(self, keep: np.ndarray) -> tuple[float, int, int, int]:
         """(Dice, big nodules found, big nodules, false-positive lesions) keeping ``keep`` (bool per candidate)."""
-        kept_voxels = int(self.voxels[keep].sum())
-        overlap = sum(c for _, t, c in self.pairs if keep[t - 1])
-        denom = kept_voxels + self.truth_voxels
-        dice = 1.0 if denom == 0 else 2.0 * overlap / denom
-        candidates = sorted((-c, -2.0 * c / (self.truth_sizes[r] + self.voxels[t - 1]), r, t)
-                            for r, t, c in self.pairs if keep[t - 1])
-        used_ref, used_test = set(), set()
-        for _, _, r, t in candidates:
-            if r not in used_ref and t not in used_test:
-                used_ref.add(r)
-                used_test.add(t)
-        return dice, sum(1 for b in self.big_ids if b in used_ref), len(self.big_ids), int(keep.sum()) - len(used_test)
+        from app.core.lesions import pair_lesions
+
+        kept = [(r, t, c) for r, t, c in self.pairs if keep[t - 1]]
+        denom = int(self.voxels[keep].sum()) + self.truth_voxels
+        dice = 1.0 if denom == 0 else 2.0 * sum(c for _, _, c in kept) / denom
+        sizes = np.concatenate([[0], self.voxels])  # candidate id → voxels
+        found = {r for r, _, _ in pair_lesions(kept, self.truth_sizes, sizes)}
+        return dice, sum(1 for b in self.big_ids if b in found), len(self.big_ids), int(keep.sum()) - len(found)
 
 
 def lesion_candidates(runner, cases: list[DemoCase], min_diameter_mm: float = 6.0) -> list[_Candidates]:
@@ -477,10 +473,7 @@ def choose_postprocessing(candidates: list[_Candidates], top: int = 10) -> tuple
     for rule in RULE_GRID:
         outcomes = []
         for case in candidates:
-            keep = (case.mm3 >= rule.min_lesion_mm3) & (case.peaks >= rule.min_lesion_score)
-            if rule.max_elongation is not None:
-                keep &= case.elongation <= rule.max_elongation
-            outcomes.append(case.outcome(keep))
+            outcomes.append(case.outcome(~rule.drops(case.mm3, case.peaks, case.elongation)))
         dice, hits, big, fp = (np.asarray(v, float) for v in zip(*outcomes))
         sensitivity, fp_rate = hits.sum() / max(1.0, big.sum()), fp.mean()
         key = (round(float(sensitivity - 0.05 * fp_rate), 4), float(dice.mean()))

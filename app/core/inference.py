@@ -542,10 +542,8 @@ def remove_unsure_lesions(labels: np.ndarray, foreground: np.ndarray, volume: Vo
     inside = np.flatnonzero(instances.reshape(-1))  # only lesion voxels are read and written
     in_ids = instances.reshape(-1)[inside]
     volume_mm3 = np.bincount(in_ids, minlength=count + 1)[1:] * volume.voxel_volume_ml * 1000.0
-    peak = lesion_peaks(foreground, instances, count)
-    unsure = (volume_mm3 < rule.min_lesion_mm3) | (peak < rule.min_lesion_score)
-    if rule.max_elongation is not None:
-        unsure |= lesion_elongation(instances, count, volume.spacing) > rule.max_elongation
+    elongation = lesion_elongation(instances, count, volume.spacing) if rule.max_elongation is not None else None
+    unsure = rule.drops(volume_mm3, lesion_peaks(foreground, instances, count), elongation)
     out = labels.copy()
     drop = np.concatenate([[False], unsure])[in_ids]
     out.reshape(-1)[inside[drop]] = 0

@@ -313,8 +313,18 @@ def match_lesions(reference_instances: np.ndarray, test_instances: np.ndarray) -
         raise ValueError(f"instance maps differ in shape: {reference.shape} vs {test.shape}")
     ref_sizes = _sizes(reference)
     test_sizes = _sizes(test)
+    matched = pair_lesions(_overlaps(reference, test), ref_sizes, test_sizes)
+    missed = sorted(set(ref_sizes) - {r for r, _, _ in matched})
+    added = sorted(set(test_sizes) - {t for _, t, _ in matched})
+    return LesionMatch(matched=matched, missed=missed, added=added)
+
+
+def pair_lesions(overlaps, ref_sizes, test_sizes) -> list[tuple[int, int, float]]:
+    """The pairing rule of :func:`match_lesions` on precomputed (ref id, test id, overlapping
+    voxels) triples and whole-lesion sizes (mappings or arrays indexed by id): sorted
+    (ref id, test id, Dice) pairs."""
     candidates = []
-    for ref_id, test_id, overlap in _overlaps(reference, test):
+    for ref_id, test_id, overlap in overlaps:
         dice = 2.0 * overlap / (ref_sizes[ref_id] + test_sizes[test_id])
         candidates.append((-overlap, -dice, ref_id, test_id))
     matched, used_ref, used_test = [], set(), set()
@@ -324,9 +334,7 @@ def match_lesions(reference_instances: np.ndarray, test_instances: np.ndarray) -
         used_ref.add(ref_id)
         used_test.add(test_id)
         matched.append((ref_id, test_id, -neg_dice))
-    missed = sorted(set(ref_sizes) - used_ref)
-    added = sorted(set(test_sizes) - used_test)
-    return LesionMatch(matched=sorted(matched), missed=missed, added=added)
+    return sorted(matched)
 
 
 def _sizes(instances: np.ndarray) -> dict[int, int]:

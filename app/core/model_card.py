@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from app.core.atomic import write_text_atomic
 
 SCHEMA_VERSION = "1.0"
@@ -65,6 +67,14 @@ class Postprocessing:
     min_lesion_mm3: float = 0.0
     min_lesion_score: float = 0.0  # the lesion's peak foreground probability
     max_elongation: float | None = None  # app.core.lesions.lesion_elongation; None keeps every shape
+
+    def drops(self, volume_mm3: np.ndarray, peak: np.ndarray, elongation: np.ndarray | None) -> np.ndarray:
+        """Which lesions the rule removes, from their volumes, peak probabilities and elongations
+        (``elongation`` may be None when ``max_elongation`` is None)."""
+        drop = (np.asarray(volume_mm3) < self.min_lesion_mm3) | (np.asarray(peak) < self.min_lesion_score)
+        if self.max_elongation is not None:
+            drop |= np.asarray(elongation) > self.max_elongation
+        return drop
 
     def describe(self) -> str:
         """The rule in words, e.g. for the model panel: "drops lesions < 80 mm³ or elongation > 1.8"."""

@@ -13,8 +13,9 @@ import pytest
 from app.core.dicom_fixtures import SeriesSpec, bundled_test_file, bundled_test_files, write_ct_series
 from app.core.dicom_header import read_header
 from app.core.dicom_index import index_path
-from app.core.dicom_load import (SeriesLoadError, fast_path_accepts, load_series, open_series,
-                                 read_stored_fast, series_thumbnail)
+from app.core.dicom_load import (_CHUNK, _WORKERS, SeriesLoadError, centre_out_order,
+                                 fast_path_accepts, load_series, open_series, read_stored_fast,
+                                 series_thumbnail)
 from app.core.progress import run_to_end
 
 
@@ -290,10 +291,25 @@ def test_first_slice_is_ready_at_open_and_fill_grows_around_it(tmp_path):
 def test_closing_fill_stops_it_part_way(tmp_path):
     write_ct_series(tmp_path, SeriesSpec(shape=(80, 16, 16)))
     loader = open_series(_only_series(tmp_path))
+    # Slices outside the first chunk wait until the loader is told to stop, so the outcome
+    # does not depend on how fast this machine decodes 16x16 slices (it once loaded all 80
+    # before the close arrived).
+    order = centre_out_order(80, loader.first_slice)
+    first_chunk = set([k for k in order if not loader.volume.loaded[k]][:_CHUNK])
+    read = loader._read_stored
+
+    def gated_read(s):
+        if loader._slices.index(s) not in first_chunk:
+            assert loader._stop.wait(timeout=30)
+        return read(s)
+
+    loader._read_stored = gated_read
     job = loader.fill()
     next(job)
     job.close()  # cancel: the pool is shut down and joined (conftest fails leaked threads)
-    assert 1 < loader.volume.loaded.sum() < 80
+    loaded = int(loader.volume.loaded.sum())
+    # the first chunk, plus at most the one slice each other worker was waiting on
+    assert 1 + _CHUNK <= loaded <= 1 + _CHUNK + _WORKERS
 
 
 def test_a_slice_broken_after_indexing_is_blank_with_a_warning(tmp_path):

@@ -62,6 +62,8 @@ CLASSIFIER_ROI_VOXELS = ((CLASSIFIER_ROI, CLASSIFIER_ROI) if CLASSIFIER_SLICES =
 # of the compute, which is what 2 shared CPU cores can train in minutes on ~100 lesions.
 DENSENET_ARGS = {"spatial_dims": 2, "in_channels": CLASSIFIER_SLICES, "out_channels": 3, "init_features": 32,
                  "growth_rate": 16, "block_config": [6, 12, 24, 16], "dropout_prob": 0.0}
+# A part-solid training slice must show its core: ground glass is −650…−450 HU, solid 0…60 HU.
+SOLID_CORE_HU = -300.0
 ONNX_TOLERANCE = 1e-4  # max |logit difference| torch vs ONNX Runtime, fp32, same input
 
 
@@ -295,6 +297,8 @@ def lesion_patches(case: DemoCase, offsets=(0,), jitters: int = 0, rng=None) -> 
             continue
         k, j, i = lesion_centre_index(case.volume, row)
         for dk in offsets:
+            if row["type"] == "part-solid" and not shows_solid_core(case.volume, row, k + dk):
+                continue  # a slice past a small core shows only ground glass: not a part-solid example
             # Jittered centres teach tolerance to a segmentation's slightly different centroid.
             shifts = [(0, 0)] + [tuple(rng.integers(-2, 3, 2)) for _ in range(jitters)]
             for dj, di in shifts:
@@ -303,6 +307,28 @@ def lesion_patches(case: DemoCase, offsets=(0,), jitters: int = 0, rng=None) -> 
                 patches.append(patch if patch.ndim == 3 else patch[None])  # (channels, rows, columns)
                 targets.append(NODULE_TYPES.index(row["type"]))
     return patches, targets
+
+
+def shows_solid_core(volume: Volume, row: dict, k: int) -> bool:
+    """Whether axial slice ``k`` shows a solid part inside the lesion's central disc (radius
+    0.6 × its mean diameter / 2): the 3×3 mean somewhere there reaches SOLID_CORE_HU.
+
+    A small part-solid nodule's core can lie on one slice only; the slices beside it show pure
+    ground glass. Labelled part-solid, they taught the classifier to call small ground-glass
+    nodules part-solid (every eval error of DenseNet 1.0.0)."""
+    from scipy import ndimage
+
+    if not 0 <= k < volume.shape[0]:
+        return False
+    _, j, i = lesion_centre_index(volume, row)
+    radius = 0.6 * float(row["mean_diameter_mm"]) / 2.0 / volume.spacing[1]
+    reach = int(np.ceil(radius)) + 2
+    j0, i0 = max(0, j - reach), max(0, i - reach)
+    window = volume.voxels[k, j0:j + reach + 1, i0:i + reach + 1].astype(np.float32)
+    smooth = ndimage.uniform_filter(window, 3, mode="nearest")
+    rows, cols = np.ogrid[j0 - j:j0 - j + window.shape[0], i0 - i:i0 - i + window.shape[1]]
+    disc = rows**2 + cols**2 <= radius**2
+    return bool(disc.any() and smooth[disc].max() >= SOLID_CORE_HU)
 
 
 def train_densenet(cases: list[DemoCase], seed: int, epochs: int, threads: int = 2,
@@ -581,7 +607,7 @@ def unet_card(lineage: Lineage, training_data: str) -> ModelCard:
 def densenet_card(lineage: Lineage, training_data: str) -> ModelCard:
     colours = ("#ff4040", "#ffc000", "#40c0ff")
     return ModelCard(
-        name="nodule-type-densenet", version="1.0.0", task="classification",
+        name="nodule-type-densenet", version="1.1.0", task="classification",
         description="Nodule type (solid / part-solid / ground-glass) from a 24×24-pixel axial patch at the "
                     "lesion centre, zoomed to 64×64.",
         labels=tuple(Label(i, name, c) for i, (name, c) in enumerate(zip(NODULE_TYPES, colours))),
@@ -697,6 +723,7 @@ def _train_densenet_folder(train, evaluation, data_dir, out_dir, seed, epochs, t
     recipe = {"epochs": epochs, "batch": 32, "optimiser": "Adam(1e-3)+cosine", "roi_pixels": CLASSIFIER_ROI,
               "slices_as_channels": CLASSIFIER_SLICES,
               "input": CLASSIFIER_PATCH, "augment": "quarter turns, flips, ±2 slices, 2 jittered centres (±2 px)",
+              "part_solid_slices": f"only those showing the core (3×3 mean ≥ {SOLID_CORE_HU:g} HU in the central disc)",
               "roi_chosen_on": "calib split, one slice: 24 px 0.82, 32 px 0.76, 64 px 0.65"}
     card = densenet_card(_lineage(seed, threads, recipe, seconds, metrics), _training_data_text(data_dir, train))
     write_model_folder(net, card, out_dir / card.name, (1, CLASSIFIER_SLICES, CLASSIFIER_PATCH, CLASSIFIER_PATCH),

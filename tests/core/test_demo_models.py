@@ -9,8 +9,10 @@ from app.core.demo_models import (
     DemoCase,
     candidates_from_foreground,
     choose_postprocessing,
+    lesion_patches,
     read_demo_cases,
     sample_crops,
+    shows_solid_core,
     slice_pool,
     train_unet,
 )
@@ -85,3 +87,28 @@ def test_unet_training_can_polish_given_weights(demo_tiny, tmp_path):
     # One small step from the parent stays near it; the same step from random weights does not.
     assert float((b[conv] - a[conv]).abs().max()) < float((c[conv] - a[conv]).abs().max())
     assert not torch.equal(b[conv], a[conv])
+
+
+def test_part_solid_training_slices_show_their_core_and_ground_glass_keeps_every_slice():
+    # 2.5 mm slices, 0.7 mm pixels: a 9 mm ground-glass disc over 5 slices; the part-solid one
+    # has its 3 mm solid core on the middle slice only, as small cores are on thick slices.
+    spacing, shape = (2.5, 0.7, 0.7), (9, 64, 64)
+    voxels = np.full(shape, -900, np.int16)
+    glass = _ball(shape, spacing, (10.0, 22.4, 22.4), (6.0, 4.5, 4.5))
+    core = _ball(shape, spacing, (10.0, 22.4, 22.4), (1.0, 1.5, 1.5))
+    assert glass.any(axis=(1, 2)).sum() == 5 and core.any(axis=(1, 2)).sum() == 1
+    voxels[glass] = -550
+    voxels[core] = 30
+    volume = Volume(voxels=voxels, spacing=spacing)
+    row = {"centre_x_mm": 22.4, "centre_y_mm": 22.4, "centre_z_mm": 10.0, "mean_diameter_mm": 9.0}
+    assert [shows_solid_core(volume, row, k) for k in range(2, 7)] == [False, False, True, False, False]
+
+    offsets = (-2, -1, 0, 1, 2)
+    part_solid = DemoCase("P", "train", volume, glass.astype(np.uint8), [{**row, "type": "part-solid"}])
+    patches, targets = lesion_patches(part_solid, offsets=offsets)
+    assert targets == [1] and patches[0].max() > 0.6  # only the core slice: solid is > 0.6 windowed
+
+    voxels[core] = -550  # the same nodule without its core: ground glass on every slice
+    ground_glass = DemoCase("G", "train", volume, glass.astype(np.uint8), [{**row, "type": "ground-glass"}])
+    patches, targets = lesion_patches(ground_glass, offsets=offsets)
+    assert targets == [2] * len(offsets) and max(p.max() for p in patches) < 0.4

@@ -297,7 +297,7 @@ def _store_sparse(model: WorkingModel, folder: Path) -> dict:
 def _write_torch_files(model: WorkingModel, folder: Path, verification: dict, torchscript: bool = True) -> dict:
     import torch
 
-    from app.core.atomic import atomic_output
+    from app.core.models import save_state_dict
     from compression.export import export_torchscript
 
     files = {}
@@ -307,8 +307,7 @@ def _write_torch_files(model: WorkingModel, folder: Path, verification: dict, to
     if _module_fits_architecture(model):
         dtype = getattr(torch, model.weights_dtype)
         state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.module.state_dict().items()}
-        with atomic_output(folder / "model.pt") as tmp:
-            torch.save(state, tmp)
+        save_state_dict(state, folder / "model.pt")
         files["weights"] = "model.pt"
     return files
 

@@ -284,10 +284,14 @@ def lesion_centre_index(volume: Volume, row: dict) -> tuple[int, int, int]:
     return int(round(k)), int(round(j)), int(round(i))
 
 
-def lesion_patches(case: DemoCase, offsets=(0,), jitters: int = 0, rng=None) -> tuple[list[np.ndarray], list[int]]:
+def lesion_patches(case: DemoCase, offsets=(0,), jitters: int = 0, rng=None,
+                   require_core: bool = False) -> tuple[list[np.ndarray], list[int]]:
     """ROI patches (CLASSIFIER_SLICES neighbouring axial slices × CLASSIFIER_ROI²) through each
     typed lesion's centre (and, for training, centres moved by ``offsets`` slices and jittered
-    in plane), zoomed in plane to the network input exactly as the runner does."""
+    in plane), zoomed in plane to the network input exactly as the runner does.
+
+    ``require_core`` (training only): a part-solid nodule's slice is kept only if it shows the
+    solid core (:func:`shows_solid_core`). Evaluation keeps every lesion."""
     from app.core.inference import extract_patch, fit_patch
 
     image = _window01(case.volume.voxels)
@@ -297,7 +301,7 @@ def lesion_patches(case: DemoCase, offsets=(0,), jitters: int = 0, rng=None) -> 
             continue
         k, j, i = lesion_centre_index(case.volume, row)
         for dk in offsets:
-            if row["type"] == "part-solid" and not shows_solid_core(case.volume, row, k + dk):
+            if require_core and row["type"] == "part-solid" and not shows_solid_core(case.volume, row, k + dk):
                 continue  # a slice past a small core shows only ground glass: not a part-solid example
             # Jittered centres teach tolerance to a segmentation's slightly different centroid.
             shifts = [(0, 0)] + [tuple(rng.integers(-2, 3, 2)) for _ in range(jitters)]
@@ -340,7 +344,7 @@ def train_densenet(cases: list[DemoCase], seed: int, epochs: int, threads: int =
     rng = np.random.default_rng(seed)
     patches, targets = [], []
     for case in cases:
-        p, t = lesion_patches(case, offsets=(-2, -1, 0, 1, 2), jitters=2, rng=rng)
+        p, t = lesion_patches(case, offsets=(-2, -1, 0, 1, 2), jitters=2, rng=rng, require_core=True)
         patches += p
         targets += t
     x_all, y_all = np.stack(patches).astype(np.float32), np.asarray(targets, np.int64)
@@ -579,12 +583,9 @@ def export_onnx(net, path: Path, example_shape: tuple[int, ...], dynamic_spatial
 
 
 def save_weights(net, path: Path) -> None:
-    import torch
+    from app.core.models import save_state_dict
 
-    from app.core.atomic import atomic_output
-
-    with atomic_output(path) as tmp:
-        torch.save(net.state_dict(), tmp)
+    save_state_dict(net.state_dict(), path)
 
 
 # ---------------------------------------------------------------- cards

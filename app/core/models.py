@@ -83,6 +83,24 @@ def sha256_file(path: str | os.PathLike) -> str:
 # ---------------------------------------------------------------- opening files
 
 
+def save_state_dict(state: dict, path: str | os.PathLike) -> None:
+    """Write torch weights atomically, byte for byte the same for the same tensors.
+
+    ``torch.save`` to a file names the archive's records after the file, so saving through a
+    temporary name gave every save a new SHA-256; saved through memory they are "archive/…".
+    """
+    import io
+
+    import torch
+
+    from app.core.atomic import atomic_output
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
 def open_model(path: str | os.PathLike, trust: bool = False, prefer: str | None = None) -> ModelVariant:
     """Open a card, a model file with a card beside it, or a MONAI bundle folder.
 

@@ -105,10 +105,11 @@ def test_part_solid_training_slices_show_their_core_and_ground_glass_keeps_every
 
     offsets = (-2, -1, 0, 1, 2)
     part_solid = DemoCase("P", "train", volume, glass.astype(np.uint8), [{**row, "type": "part-solid"}])
-    patches, targets = lesion_patches(part_solid, offsets=offsets)
+    patches, targets = lesion_patches(part_solid, offsets=offsets, require_core=True)
     assert targets == [1] and patches[0].max() > 0.6  # only the core slice: solid is > 0.6 windowed
+    assert lesion_patches(part_solid, offsets=offsets)[1] == [1] * len(offsets)  # evaluation keeps all
 
     voxels[core] = -550  # the same nodule without its core: ground glass on every slice
     ground_glass = DemoCase("G", "train", volume, glass.astype(np.uint8), [{**row, "type": "ground-glass"}])
-    patches, targets = lesion_patches(ground_glass, offsets=offsets)
+    patches, targets = lesion_patches(ground_glass, offsets=offsets, require_core=True)
     assert targets == [2] * len(offsets) and max(p.max() for p in patches) < 0.4

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from app.core.model_card import ModelError, card_to_dict
-from app.core.models import open_model, load_torch_module, sha256_file
+from app.core.models import load_torch_module, open_model, save_state_dict, sha256_file
 from tests.core.model_fixtures import SMALL_UNET_2D, build, segmentation_card, small_unet, write_model
 
 
@@ -21,6 +21,18 @@ def test_a_card_opens_as_an_immutable_variant_with_the_weights_hash(tmp_path):
     assert torch_variant.weights_sha256 == sha256_file(tmp_path / "model.pt")
     with pytest.raises(AttributeError):
         variant.format = "torchscript"
+
+
+def test_saving_the_same_weights_twice_gives_the_same_sha256(tmp_path):
+    import torch
+
+    state = build("UNet", SMALL_UNET_2D).state_dict()
+    save_state_dict(state, tmp_path / "a.pt")
+    save_state_dict(state, tmp_path / "b" / "model.pt")
+    assert sha256_file(tmp_path / "a.pt") == sha256_file(tmp_path / "b" / "model.pt")
+    loaded = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b"]  # no temporary file left
 
 
 def test_a_model_file_finds_its_card_beside_it(tmp_path):

@@ -1,0 +1,49 @@
+"""tools/eval_manifest.py: widening the eval split with more generated cases, never leaking a
+training patient into it."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from app.core.manifest import Case, Manifest, read_manifest, write_manifest
+
+_TOOL = Path(__file__).resolve().parents[1] / "tools" / "eval_manifest.py"
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("eval_manifest", _TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(folder: Path, rows) -> Path:
+    folder.mkdir(parents=True)
+    for case, *_ in rows:
+        (folder / case).mkdir()
+        (folder / case / "labels.nii.gz").write_bytes(b"x")
+    manifest = Manifest([Case(c, p, f"{c}", f"{c}/labels.nii.gz", s) for c, p, s in rows], root=folder)
+    write_manifest(manifest, folder / "manifest.csv")
+    return folder / "manifest.csv"
+
+
+def test_extra_cases_join_eval_and_paths_still_point_at_their_files(tmp_path):
+    base = _write(tmp_path / "base", [("CASE001", "P5-1", "train"), ("CASE002", "P5-2", "eval")])
+    extra = _write(tmp_path / "more" / "s6", [("CASE001", "P6-1", "train"), ("CASE002", "P6-2", "calib")])
+    out = tmp_path / "wide" / "manifest.csv"
+    assert _tool().main([str(out), str(base), str(extra)]) == 0
+    wide = read_manifest(out)
+    assert [(c.case, c.split) for c in wide.cases] == [
+        ("ACASE001", "train"), ("ACASE002", "eval"), ("BCASE001", "eval"), ("BCASE002", "eval")]
+    assert all(wide.series_path(c).is_dir() and wide.labels_path(c).is_file() for c in wide.cases)
+    assert (wide.series_path(wide.cases[2]).resolve() == (tmp_path / "more" / "s6" / "CASE001").resolve())
+
+
+def test_a_patient_in_two_manifests_is_refused(tmp_path):
+    base = _write(tmp_path / "base", [("CASE001", "P-1", "train")])
+    extra = _write(tmp_path / "extra", [("CASE009", "P-1", "eval")])
+    with pytest.raises(SystemExit, match="patient P-1 is also in"):
+        _tool().main([str(tmp_path / "wide" / "manifest.csv"), str(base), str(extra)])
+    assert not (tmp_path / "wide").exists()

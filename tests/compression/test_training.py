@@ -107,3 +107,24 @@ def test_crops_are_drawn_on_lesions_from_the_labels_or_the_teacher(source):
 
     assert lesion_share(1.0) == 1.0
     assert lesion_share(0.0) < 0.3  # a 32-pixel window anywhere on 128² rarely meets it
+
+
+def test_teacher_logits_go_straight_into_one_float16_array():
+    import tracemalloc
+
+    from compression.training import predict_logits
+
+    net = fresh_net()
+    x = np.random.default_rng(0).random((64, 1, 64, 64), dtype=np.float32)
+    reference = predict_logits(net, x)  # float32
+    tracemalloc.start()
+    try:
+        half = predict_logits(net, x, dtype=np.float16)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert half.dtype == np.float16 and half.shape == reference.shape
+    assert np.allclose(half, reference, rtol=1e-2, atol=1e-2)
+    # The float16 result plus batch-sized scratch; gathering float32 batches and concatenating
+    # them needed at least two float32 copies (4× the float16 result).
+    assert peak < 2 * half.nbytes, f"peak {peak} bytes for a {half.nbytes}-byte result"

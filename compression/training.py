@@ -143,7 +143,8 @@ def _batch(arrays: dict[str, np.ndarray], idx: np.ndarray, rng: np.random.Genera
         for axis_from_end, flip in zip((1, 2), flips):
             if flip:
                 out = {k: np.flip(v, -axis_from_end) for k, v in out.items()}
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+    # Labels are kept as uint8 (an eighth of int64 for every train slice); the loss wants int64.
+    return {k: np.ascontiguousarray(v, np.int64 if k == "y" else None) for k, v in out.items()}
 
 
 def _lesion_pixels(out: dict[str, np.ndarray], i: int) -> np.ndarray:

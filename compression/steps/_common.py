@@ -59,7 +59,7 @@ def recovery_arrays(model: WorkingModel, data: StepData, use: str, max_slices: i
     x, y = data.slices("train", model.card, with_labels=use in ("labels", "both"), max_slices=max_slices)
     arrays = {"x": x}
     if y is not None:
-        arrays["y"] = y.astype(np.int64)
+        arrays["y"] = y  # uint8; batches turn it into int64
     if use == "labels":
         return arrays, labels_loss, use
     arrays["teacher"] = teacher_logits(model, data, x, dtype=np.float16)

@@ -95,12 +95,12 @@ def _training_arrays(model: WorkingModel, data: StepData, use: str, max_slices: 
         return {"x": slice_tensors(data.train, card, with_labels=False, max_slices=max_slices, seed=data.seed)[0]}
     x, y = slice_tensors(with_labels, card, with_labels=True, max_slices=max_slices, seed=data.seed)
     if use == "labels" or not without:
-        return {"x": x, "y": y.astype(np.int64)}
+        return {"x": x, "y": y}  # uint8; batches turn it into int64
     xu, _ = slice_tensors(without, card, with_labels=False, max_slices=max_slices, seed=data.seed)
     if xu.shape[1:] != x.shape[1:]:
         raise ValueError(f"labelled slices are {x.shape[2:]}, unlabelled {xu.shape[2:]}: they cannot share batches")
     return {"x": np.concatenate([x, xu]),
-            "y": np.concatenate([y.astype(np.int64), np.full((len(xu),) + y.shape[1:], IGNORE, np.int64)])}
+            "y": np.concatenate([y, np.full((len(xu),) + y.shape[1:], IGNORE, y.dtype)])}
 
 
 def _start_from_teacher(model: WorkingModel, net) -> None:

@@ -21,7 +21,7 @@ def arrays():
     from compression.data import slice_tensors
 
     x, y = slice_tensors(list(train_cases())[:2], tiny_card(), with_labels=True)
-    return {"x": x, "y": y.astype(np.int64)}
+    return {"x": x, "y": y}  # uint8, as the steps keep it
 
 
 def fresh_net():

@@ -423,11 +423,14 @@ def table(contenders, size, latency, comparison) -> str:
     return "\n".join(rows)
 
 
-def choose_best(contenders, size, latency, comparison) -> Contender:
-    """The recipe that meets the most targets (ties: the smaller file)."""
+def choose_best(contenders, size, latency, comparison) -> Contender | None:
+    """The recipe that meets the most targets (ties: the smaller file); None when the run
+    holds techniques only (``--only`` without a recipe). A recipe that failed to build is fatal."""
     recipes = [c for c in contenders if c.kind == "recipe" and c.variant is not None]
     if not recipes:
-        raise SystemExit("no recipe could be built; see the errors above")
+        if any(c.kind == "recipe" for c in contenders):
+            raise SystemExit("no recipe could be built; see the errors above")
+        return None
     return max(recipes, key=lambda c: (sum(targets(c, size, latency, comparison, None).values()),
                                        -size[c.name]["deployed"]))
 
@@ -503,11 +506,12 @@ def main(argv=None) -> int:
     log("accuracy on the eval split (every contender on every case)")
     comparison = accuracy(contenders, eval_cases, max(args.threads), args.seed)
     best = choose_best(contenders, size, latency, comparison)
-    log(f"end to end: {best.name} vs the fp32 eager pipeline")
-    scan = e2e_scan(data_dir, args.e2e_slices)
-    e2e = end_to_end(contenders[0], best, scan, max(args.threads))
-    report(contenders, size, latency, comparison, best, e2e, out, args, time.perf_counter() - started,
-           scan.volume.shape[0])
+    e2e, e2e_slices = {}, 0
+    if best is not None:
+        log(f"end to end: {best.name} vs the fp32 eager pipeline")
+        scan = e2e_scan(data_dir, args.e2e_slices)
+        e2e, e2e_slices = end_to_end(contenders[0], best, scan, max(args.threads)), scan.volume.shape[0]
+    report(contenders, size, latency, comparison, best, e2e, out, args, time.perf_counter() - started, e2e_slices)
     return 0
 
 
@@ -517,17 +521,21 @@ def report(contenders, size, latency, comparison, best, e2e, out, args, seconds,
     print()
     print(table(contenders, size, latency, comparison))
     print(f"\n{comparison.evidence}; {len(comparison.cases)} eval cases, {comparison.large_lesions} lesions ≥ 6 mm")
-    print(f"\nend to end ({e2e_slices}-slice scan → findings, {max(args.threads)} threads): "
-          + ", ".join(f"{k} {v:.2f} s" for k, v in e2e.items())
-          + f" → {e2e['fp32 eager pipeline'] / e2e[best.name]:.2f}×")
-    met = targets(best, size, latency, comparison, e2e)
-    print(f"\nbest recipe: {best.name}")
-    for name, ok in met.items():
-        print(f"  {'MET    ' if ok else 'NOT MET'} {name}")
+    met = {}
+    if best is None:
+        print("\nno recipe among the contenders: techniques only, so no end-to-end run and no target verdict")
+    else:
+        print(f"\nend to end ({e2e_slices}-slice scan → findings, {max(args.threads)} threads): "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in e2e.items())
+              + f" → {e2e['fp32 eager pipeline'] / e2e[best.name]:.2f}×")
+        met = targets(best, size, latency, comparison, e2e)
+        print(f"\nbest recipe: {best.name}")
+        for name, ok in met.items():
+            print(f"  {'MET    ' if ok else 'NOT MET'} {name}")
     print(f"\nbench took {seconds / 60:.1f} min; variants and results in {out}")
     record = {"contenders": [{"name": c.name, "kind": c.kind, "error": c.error, "build_s": c.build_s, "notes": c.notes}
                              for c in contenders],
-              "size": size, "latency_ms": latency, "end_to_end_s": e2e, "best": best.name,
+              "size": size, "latency_ms": latency, "end_to_end_s": e2e, "best": best.name if best else None,
               "targets": met, "evaluation": comparison_record(comparison), "args": vars(args)}
     (out / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
 

@@ -268,8 +268,8 @@ def batched_logits(run, x: np.ndarray, batch_size: int, dtype) -> np.ndarray:
     """``run`` batch by batch, written straight into one array of ``dtype``.
 
     Collecting float32 batches and concatenating them held two float32 copies of every train
-    slice's logits at once (19 GB for a teacher's outputs on 24 full scans: killed for memory);
-    a teacher's float16 outputs now take a quarter of that.
+    slice's logits at once (≈ 18 GB for a teacher's outputs on the 4,277 slices of 24 full
+    scans: killed for memory); a teacher's float16 outputs now take a quarter of that.
     """
     out = None
     for first in range(0, len(x), batch_size):

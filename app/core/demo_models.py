@@ -301,7 +301,8 @@ def lesion_patches(case: DemoCase, offsets=(0,), jitters: int = 0, rng=None,
             continue
         k, j, i = lesion_centre_index(case.volume, row)
         for dk in offsets:
-            if require_core and row["type"] == "part-solid" and not shows_solid_core(case.volume, row, k + dk):
+            if (require_core and row["type"] == "part-solid"
+                    and not shows_solid_core(case.volume, (k + dk, j, i), float(row["mean_diameter_mm"]))):
                 continue  # a slice past a small core shows only ground glass: not a part-solid example
             # Jittered centres teach tolerance to a segmentation's slightly different centroid.
             shifts = [(0, 0)] + [tuple(rng.integers(-2, 3, 2)) for _ in range(jitters)]
@@ -313,19 +314,20 @@ def lesion_patches(case: DemoCase, offsets=(0,), jitters: int = 0, rng=None,
     return patches, targets
 
 
-def shows_solid_core(volume: Volume, row: dict, k: int) -> bool:
-    """Whether axial slice ``k`` shows a solid part inside the lesion's central disc (radius
-    0.6 × its mean diameter / 2): the 3×3 mean somewhere there reaches SOLID_CORE_HU.
+def shows_solid_core(volume: Volume, centre: tuple[int, int, int], diameter_mm: float) -> bool:
+    """Whether axial slice ``k`` of ``centre`` (k, j, i) shows a solid part inside the lesion's
+    central disc (radius 0.6 × ``diameter_mm`` / 2 around (j, i)): the 3×3 mean somewhere there
+    reaches SOLID_CORE_HU.
 
     A small part-solid nodule's core can lie on one slice only; the slices beside it show pure
     ground glass. Labelled part-solid, they taught the classifier to call small ground-glass
     nodules part-solid (every eval error of DenseNet 1.0.0)."""
     from scipy import ndimage
 
+    k, j, i = centre
     if not 0 <= k < volume.shape[0]:
         return False
-    _, j, i = lesion_centre_index(volume, row)
-    radius = 0.6 * float(row["mean_diameter_mm"]) / 2.0 / volume.spacing[1]
+    radius = 0.6 * diameter_mm / 2.0 / volume.spacing[1]
     reach = int(np.ceil(radius)) + 2
     j0, i0 = max(0, j - reach), max(0, i - reach)
     window = volume.voxels[k, j0:j + reach + 1, i0:i + reach + 1].astype(np.float32)

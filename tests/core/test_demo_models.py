@@ -101,7 +101,8 @@ def test_part_solid_training_slices_show_their_core_and_ground_glass_keeps_every
     voxels[core] = 30
     volume = Volume(voxels=voxels, spacing=spacing)
     row = {"centre_x_mm": 22.4, "centre_y_mm": 22.4, "centre_z_mm": 10.0, "mean_diameter_mm": 9.0}
-    assert [shows_solid_core(volume, row, k) for k in range(2, 7)] == [False, False, True, False, False]
+    centre = tuple(int(round(v)) for v in volume.patient_to_index((22.4, 22.4, 10.0)))
+    assert [shows_solid_core(volume, (k,) + centre[1:], 9.0) for k in range(2, 7)] == [False, False, True, False, False]
 
     offsets = (-2, -1, 0, 1, 2)
     part_solid = DemoCase("P", "train", volume, glass.astype(np.uint8), [{**row, "type": "part-solid"}])

@@ -119,13 +119,35 @@ def _start_from_teacher(model: WorkingModel, net) -> None:
     example = torch.zeros(model.example_shape)
     ratio = 1 - _channel_fraction(teacher, net)
     try:
+        outputs = _output_layers(teacher, example)
         tp.pruner.MetaPruner(teacher, example, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
-                             ignored_layers=_output_layers(teacher, example)).step()
+                             pruning_ratio_dict=_exact_ratios(teacher, net, outputs),
+                             ignored_layers=outputs).step()
         _sync_norm_sizes(teacher)
         net.load_state_dict(teacher.state_dict(), strict=True)
         model.notes.append(f"The student started from the teacher's strongest channels ({ratio:.0%} pruned by magnitude).")
     except Exception as exc:  # a student of another shape: from scratch, and say so
         model.notes.append(f"The student starts from scratch: the pruned teacher does not fit it ({type(exc).__name__}).")
+
+
+def _exact_ratios(teacher, student, ignored) -> dict:
+    """Per conv layer, the ratio that leaves exactly the student's width at the same place.
+
+    One global ratio left the pruner's own rounding (16 channels × 0.35 → 5, the student has
+    round(5.6) = 6), the pruned teacher did not fit, and the student started from scratch.
+    Torch-Pruning keeps int(c × (1 − ratio)) channels: asking for half a channel more than the
+    target makes float error unable to round it down.
+    """
+    import torch
+
+    def convs(m):
+        return [l for l in m.modules() if isinstance(l, torch.nn.modules.conv._ConvNd)]
+
+    pairs = list(zip(convs(teacher), convs(student)))
+    if len(convs(teacher)) != len(convs(student)):
+        return {}
+    return {t: 1 - (s.out_channels + 0.5) / t.out_channels for t, s in pairs
+            if t not in ignored and s.out_channels < t.out_channels}
 
 
 def _channel_fraction(teacher, student) -> float:

@@ -50,6 +50,19 @@ def test_the_student_is_the_teacher_narrower_and_fits_its_card():
     assert any("strongest channels" in note for note in model.notes)
 
 
+def test_a_width_the_pruner_rounds_otherwise_still_starts_from_the_teachers_channels():
+    # 8 × 0.35 = 2.8: the student has 3 channels there; one global pruning ratio left 2 and the
+    # student silently started from scratch.
+    teacher = fresh_model().module
+    model = run_to_end(distill(fresh_model(), step_data(), steps=0, width=0.35))
+    assert model.card.architecture.args["channels"] == [3, 6, 11]
+    assert any("strongest channels" in note for note in model.notes)
+    first = "model.0.conv.unit0.conv.weight"
+    kept = model.module.state_dict()[first]
+    source = teacher.state_dict()[first]
+    assert all(any(bool((k == s).all()) for s in source) for k in kept)  # each kept filter is a teacher filter
+
+
 def test_an_onnx_only_teacher_teaches_through_onnx_runtime():
     teacher = parent().as_format("onnx")
     teacher = dataclasses.replace(teacher, files={"onnx": teacher.files["onnx"]})  # no torch weights to fall back on

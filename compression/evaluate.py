@@ -57,6 +57,7 @@ class CaseRow:
     reference_lesions_large: int = 0
     lesions_lost: int = 0
     lesions_lost_large: int = 0
+    lesions_lost_large_true: int = 0  # of those, lesions that overlap a ground-truth lesion (labels only)
     lesions_gained: int = 0
     lesions_gained_large: int = 0
     # classifiers, per lesion: (truth or None, predicted class, score of each class)
@@ -224,14 +225,21 @@ def truth_measures(row: CaseRow, predicted: np.ndarray, truth: np.ndarray, volum
 
 
 def fidelity_measures(row: CaseRow, predicted: np.ndarray, original: np.ndarray,
-                      predicted_lesions: _LesionMap, original_lesions: _LesionMap) -> None:
-    """Fill the columns that compare a variant with the original on the same scan."""
+                      predicted_lesions: _LesionMap, original_lesions: _LesionMap,
+                      original_true: set[int] | None = None) -> None:
+    """Fill the columns that compare a variant with the original on the same scan.
+
+    ``original_true``: the original's lesions that overlap a ground-truth lesion. A lost lesion
+    is any of the original's findings the variant does not reproduce, its false positives
+    included (fidelity); the lost *true* lesions are the nodules a reader would miss.
+    """
     row.fidelity_dice = dice(predicted, original)
     match = _match(original_lesions, predicted_lesions)
     row.reference_lesions = len(original_lesions.ids)
     row.reference_lesions_large = len(original_lesions.large)
     row.lesions_lost = len(match.missed)
     row.lesions_lost_large = len(set(match.missed) & original_lesions.large)
+    row.lesions_lost_large_true = len(set(match.missed) & original_lesions.large & (original_true or set()))
     row.lesions_gained = len(match.added)
     row.lesions_gained_large = len(set(match.added) & predicted_lesions.large)
 
@@ -254,12 +262,14 @@ def segmentation_rows(case, findings: Sequence, names: Sequence[str], reference_
     truth = None if getattr(case, "labels", None) is None else np.asarray(case.labels)
     truth_lesions = None if truth is None else lesion_map(truth, volume)
     original = findings[reference_index]
+    original_true = (None if truth is None else
+                     {int(i) for i in np.unique(maps[reference_index].instances[truth > 0]) if i})
     rows = []
     for name, found, lesions in zip(names, findings, maps):
         row = CaseRow(case=case.case, patient=case.patient, variant=name, **_seconds(found))
         if truth is not None:
             truth_measures(row, found.labels, truth, volume, lesions, truth_lesions)
-        fidelity_measures(row, found.labels, original.labels, lesions, maps[reference_index])
+        fidelity_measures(row, found.labels, original.labels, lesions, maps[reference_index], original_true)
         rows.append(row)
     return rows
 
@@ -344,6 +354,7 @@ SEGMENTATION_METRICS = (
     MetricSpec("fidelity_dice", _mean("fidelity_dice"), ("fidelity_dice",), True, False),
     MetricSpec("lesions_lost", _total("lesions_lost"), ("lesions_lost",), False, False),
     MetricSpec("lesions_lost_large", _total("lesions_lost_large"), ("lesions_lost_large",), False, False),
+    MetricSpec("lesions_lost_large_true", _total("lesions_lost_large_true"), ("lesions_lost_large_true",), False, True),
     MetricSpec("lesions_gained", _total("lesions_gained"), ("lesions_gained",), False, False),
     MetricSpec("lesions_gained_large", _total("lesions_gained_large"), ("lesions_gained_large",), False, False),
 )
@@ -639,7 +650,7 @@ def _case_rows(case, findings, names, reference_index) -> list[CaseRow]:
 
 
 TABLE_METRICS = ("dice", "dice_drop", "hd95_mm", "sensitivity_large", "false_positives_per_case",
-                 "fidelity_dice", "lesions_lost_large", "lesions_gained_large",
+                 "fidelity_dice", "lesions_lost_large", "lesions_lost_large_true", "lesions_gained_large",
                  "accuracy", "auc", "accuracy_drop", "class_flip_rate")
 
 

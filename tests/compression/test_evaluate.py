@@ -62,6 +62,18 @@ def test_lesions_of_6_mm_and_more_are_counted_separately():
     assert 0.0 < row.dice < 1.0 and row.hd95_mm > 0
 
 
+def test_a_lost_lesion_is_told_apart_from_a_lost_false_positive_of_the_original():
+    case = _case(truth=(LARGE,))
+    original = FixedFindings(labels_with(SHAPE, (LARGE, ELSEWHERE)))  # ELSEWHERE: the original's false positive
+    variant = FixedFindings(labels_with(SHAPE, (SMALL,)))  # reproduces neither
+    _, row = ev.segmentation_rows(case, [original, variant], ["original", "student"])
+    assert row.lesions_lost_large == 2  # fidelity: both of the original's findings are gone
+    assert row.lesions_lost_large_true == 1  # one of them was a nodule
+    unlabelled = Case("c2", "p2", volume(SHAPE), None)
+    _, row = ev.segmentation_rows(unlabelled, [original, variant], ["original", "student"])
+    assert (row.lesions_lost_large, row.lesions_lost_large_true) == (2, 0)
+
+
 def test_losing_a_large_lesion_breaks_the_budget_and_says_why():
     case = _case()
     original = FixedFindings(labels_with(SHAPE, (LARGE, SMALL)))

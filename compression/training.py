@@ -240,8 +240,9 @@ def make_distillation_loss(temperature: float = 1.0, label_weight: float = 0.5, 
 
 
 def predict_logits(module, x: np.ndarray, batch_size: int = 8, device: str = "cpu", amp: str = "off",
-                   dtype=np.float32) -> np.ndarray:
-    """Logits (N, C, H, W) of a torch module on pre-processed slices, stored as ``dtype``."""
+                   dtype=np.float32, allocate: Callable | None = None) -> np.ndarray:
+    """Logits (N, C, H, W) of a torch module on pre-processed slices, stored as ``dtype``
+    (in the array ``allocate(shape, dtype)`` returns, e.g. a file-backed one; see :func:`batched_logits`)."""
     import torch
 
     autocast = amp_dtype(amp, device)
@@ -254,30 +255,47 @@ def predict_logits(module, x: np.ndarray, batch_size: int = 8, device: str = "cp
 
     with torch.inference_mode(), torch.autocast(device_type, dtype=autocast or torch.float32,
                                                 enabled=autocast is not None):
-        return batched_logits(run, x, batch_size, dtype)
+        return batched_logits(run, x, batch_size, dtype, allocate)
 
 
-def onnx_logits(path, x: np.ndarray, batch_size: int = 8, threads: int | None = None, dtype=np.float32) -> np.ndarray:
+def onnx_logits(path, x: np.ndarray, batch_size: int = 8, threads: int | None = None, dtype=np.float32,
+                allocate: Callable | None = None) -> np.ndarray:
     """Logits of an ONNX model on pre-processed slices (a teacher that exists only as ONNX)."""
     session = ort_session(path, threads)
     name = session.get_inputs()[0].name
-    return batched_logits(lambda batch: session.run(None, {name: np.ascontiguousarray(batch)})[0], x, batch_size, dtype)
+    return batched_logits(lambda batch: session.run(None, {name: np.ascontiguousarray(batch)})[0], x, batch_size,
+                          dtype, allocate)
 
 
-def batched_logits(run, x: np.ndarray, batch_size: int, dtype) -> np.ndarray:
+def batched_logits(run, x: np.ndarray, batch_size: int, dtype, allocate: Callable | None = None) -> np.ndarray:
     """``run`` batch by batch, written straight into one array of ``dtype``.
 
     Collecting float32 batches and concatenating them held two float32 copies of every train
     slice's logits at once (≈ 18 GB for a teacher's outputs on the 4,277 slices of 24 full
-    scans: killed for memory); a teacher's float16 outputs now take a quarter of that.
+    scans: killed for memory); a teacher's float16 outputs now take a quarter of that, and
+    ``allocate(shape, dtype)`` may hand out a file-backed array so that they take page cache
+    instead of memory (:func:`scratch_array`).
     """
     out = None
     for first in range(0, len(x), batch_size):
         logits = run(x[first:first + batch_size])
         if out is None:
-            out = np.empty((len(x),) + logits.shape[1:], dtype)
+            shape = (len(x),) + logits.shape[1:]
+            out = np.empty(shape, dtype) if allocate is None else allocate(shape, dtype)
         out[first:first + len(logits)] = logits
     return out if out is not None else np.zeros((0,), dtype)
+
+
+def scratch_array(path) -> Callable:
+    """An ``allocate`` for :func:`batched_logits`: a memory-mapped .npy file at ``path`` (in a
+    step's scratch folder, removed with the variant's temporary folder). Training reads its
+    batches from it at random; the operating system keeps what fits in memory."""
+    from pathlib import Path
+
+    def allocate(shape, dtype):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    return allocate
 
 
 def ort_session(path, threads: int | None = None, optimized_path=None, level: str = "all",

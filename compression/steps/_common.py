@@ -26,24 +26,26 @@ def weight_layers(module, min_params: int = 0) -> tuple[list[tuple[str, object]]
     return kept, skipped
 
 
-def teacher_logits(model: WorkingModel, data: StepData, x: np.ndarray, dtype=np.float32) -> np.ndarray:
+def teacher_logits(model: WorkingModel, data: StepData, x: np.ndarray, dtype=np.float32,
+                   allocate=None) -> np.ndarray:
     """What the student recovers towards: the given teacher variant, else the parent's own model."""
     if data.teacher is not None:
-        return variant_logits(data.teacher, x, data.threads, dtype)
+        return variant_logits(data.teacher, x, data.threads, dtype, allocate)
     if model.original is None:
         raise ValueError("no teacher and no original torch model to recover towards")
-    return predict_logits(model.original, x, dtype=dtype)
+    return predict_logits(model.original, x, dtype=dtype, allocate=allocate)
 
 
-def variant_logits(variant, x: np.ndarray, threads: int | None = None, dtype=np.float32) -> np.ndarray:
+def variant_logits(variant, x: np.ndarray, threads: int | None = None, dtype=np.float32,
+                   allocate=None) -> np.ndarray:
     """Logits of any variant (torch weights when present, else ONNX) on pre-processed slices."""
     from app.core.models import load_torch_module
 
     if "weights" in variant.files and variant.card.architecture is not None:
-        return predict_logits(load_torch_module(variant.as_format("state_dict")), x, dtype=dtype)
+        return predict_logits(load_torch_module(variant.as_format("state_dict")), x, dtype=dtype, allocate=allocate)
     if "torchscript" in variant.files:
-        return predict_logits(load_torch_module(variant.as_format("torchscript")), x, dtype=dtype)
-    return onnx_logits(variant.files["onnx"], x, threads=threads, dtype=dtype)
+        return predict_logits(load_torch_module(variant.as_format("torchscript")), x, dtype=dtype, allocate=allocate)
+    return onnx_logits(variant.files["onnx"], x, threads=threads, dtype=dtype, allocate=allocate)
 
 
 def recovery_arrays(model: WorkingModel, data: StepData, use: str, max_slices: int | None):

@@ -160,15 +160,17 @@ def _channel_fraction(teacher, student) -> float:
 
 
 def _teacher(model: WorkingModel, data: StepData, x: np.ndarray) -> np.ndarray:
-    """The teacher's logits on every train slice, stored as float16 (half the memory)."""
+    """The teacher's logits on every train slice, as float16 in a memory-mapped scratch file:
+    4.3 GB for the 4,277 slices of 24 full scans, which now take page cache, not memory."""
     from compression.steps._common import teacher_logits
-    from compression.training import onnx_logits, predict_logits
+    from compression.training import onnx_logits, predict_logits, scratch_array
 
+    allocate = scratch_array(model.scratch("teacher_logits.npy"))
     if data.teacher is not None:
-        return teacher_logits(model, data, x, dtype=np.float16)
+        return teacher_logits(model, data, x, dtype=np.float16, allocate=allocate)
     if model.module is not None:
-        return predict_logits(model.module, x, dtype=np.float16)
-    return onnx_logits(model.onnx_path, x, threads=data.threads, dtype=np.float16)
+        return predict_logits(model.module, x, dtype=np.float16, allocate=allocate)
+    return onnx_logits(model.onnx_path, x, threads=data.threads, dtype=np.float16, allocate=allocate)
 
 
 def _adopt_student(model: WorkingModel, net, arch: Architecture, use: str, stats: dict, temperature: float) -> None:

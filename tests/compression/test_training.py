@@ -128,3 +128,15 @@ def test_teacher_logits_go_straight_into_one_float16_array():
     # The float16 result plus batch-sized scratch; gathering float32 batches and concatenating
     # them needed at least two float32 copies (4× the float16 result).
     assert peak < 2 * half.nbytes, f"peak {peak} bytes for a {half.nbytes}-byte result"
+
+
+def test_teacher_logits_can_live_in_a_file_backed_array(tmp_path):
+    from compression.training import predict_logits, scratch_array
+
+    net = fresh_net()
+    x = np.random.default_rng(0).random((20, 1, 64, 64), dtype=np.float32)
+    in_memory = predict_logits(net, x, dtype=np.float16)
+    on_disk = predict_logits(net, x, dtype=np.float16, allocate=scratch_array(tmp_path / "step" / "teacher.npy"))
+    assert isinstance(on_disk, np.memmap) and str(on_disk.filename) == str(tmp_path / "step" / "teacher.npy")
+    assert np.array_equal(on_disk, in_memory)
+    assert np.array_equal(np.load(tmp_path / "step" / "teacher.npy"), in_memory)  # a plain .npy file

@@ -10,7 +10,7 @@ share the two cores without holding 10 GB each.
 
     python bench/distill_sweep.py cache --data WIDE --cache DIR     # once: slices, labels, teacher, eval cases
     python bench/distill_sweep.py try NAME --cache DIR [--width 0.35] [--steps 6000] [--lr 1e-3]
-                                  [--use auto] [--init auto] [--threads 1]
+                                  [--foreground-weight 10] [--use auto] [--init auto] [--threads 1]
 
 No speed figure comes from here: latency and size are ``bench_compression.py``'s job.
 """
@@ -83,7 +83,8 @@ def try_settings(args) -> None:
     data = StepData(train=load_split(data_dir, "train", 1), calib=load_split(data_dir, "calib", 2),
                     threads=args.threads, seed=args.seed)
     steps = [{"step": "distill", "width": args.width, "steps": args.steps, "lr": args.lr, "crop": args.crop,
-              "batch_size": args.batch_size, "use": args.use, "init": args.init},
+              "batch_size": args.batch_size, "use": args.use, "init": args.init,
+              "foreground_weight": args.foreground_weight},
              {"step": "quantize_int8_ort", "mode": "weights"}]
     start = time.perf_counter()
     variant = _report_progress(run_steps(parent, steps, data, folder / "variants", name=args.name), start)
@@ -122,6 +123,7 @@ def parse(argv=None):
     one.add_argument("--lr", type=float, default=1e-3)
     one.add_argument("--crop", type=int, default=192)
     one.add_argument("--batch-size", type=int, default=8)
+    one.add_argument("--foreground-weight", type=float, default=10.0, help="weight of the teacher's lesion pixels")
     one.add_argument("--use", default="auto", choices=("auto", "teacher", "both", "labels"))
     one.add_argument("--init", default="auto", choices=("auto", "teacher", "scratch"))
     one.add_argument("--seed", type=int, default=0)

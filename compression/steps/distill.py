@@ -138,25 +138,25 @@ def _exact_ratios(teacher, student, ignored) -> dict:
     Torch-Pruning keeps int(c × (1 − ratio)) channels: asking for half a channel more than the
     target makes float error unable to round it down.
     """
-    import torch
-
-    def convs(m):
-        return [l for l in m.modules() if isinstance(l, torch.nn.modules.conv._ConvNd)]
-
-    pairs = list(zip(convs(teacher), convs(student)))
-    if len(convs(teacher)) != len(convs(student)):
+    teacher_convs, student_convs = _convs(teacher), _convs(student)
+    if len(teacher_convs) != len(student_convs):
         return {}
-    return {t: 1 - (s.out_channels + 0.5) / t.out_channels for t, s in pairs
+    return {t: 1 - (s.out_channels + 0.5) / t.out_channels for t, s in zip(teacher_convs, student_convs)
             if t not in ignored and s.out_channels < t.out_channels}
 
 
 def _channel_fraction(teacher, student) -> float:
-    import torch
-
     def channels(m):
-        return sum(l.out_channels for l in m.modules() if isinstance(l, torch.nn.modules.conv._ConvNd))
+        return sum(layer.out_channels for layer in _convs(m))
 
     return channels(student) / max(1, channels(teacher))
+
+
+def _convs(module) -> list:
+    """The module's convolutions (transposed ones included), in module order."""
+    import torch
+
+    return [layer for layer in module.modules() if isinstance(layer, torch.nn.modules.conv._ConvNd)]
 
 
 def _teacher(model: WorkingModel, data: StepData, x: np.ndarray) -> np.ndarray:

@@ -10,7 +10,8 @@ share the two cores without holding 10 GB each.
 
     python bench/distill_sweep.py cache --data WIDE --cache DIR     # once: slices, labels, teacher, eval cases
     python bench/distill_sweep.py try NAME --cache DIR [--width 0.35] [--steps 6000] [--lr 1e-3]
-                                  [--foreground-weight 10] [--use auto] [--init auto] [--threads 1]
+                                  [--foreground-weight 10] [--use auto] [--init auto] [--focus 0]
+                                  [--focus-every 2000] [--seed 0] [--threads 1]
 
 No speed figure comes from here: latency and size are ``bench_compression.py``'s job.
 """
@@ -84,7 +85,7 @@ def try_settings(args) -> None:
                     threads=args.threads, seed=args.seed)
     steps = [{"step": "distill", "width": args.width, "steps": args.steps, "lr": args.lr, "crop": args.crop,
               "batch_size": args.batch_size, "use": args.use, "init": args.init,
-              "foreground_weight": args.foreground_weight},
+              "foreground_weight": args.foreground_weight, "focus": args.focus, "focus_every": args.focus_every},
              {"step": "quantize_int8_ort", "mode": "weights"}]
     start = time.perf_counter()
     variant = _report_progress(run_steps(parent, steps, data, folder / "variants", name=args.name), start)
@@ -126,6 +127,9 @@ def parse(argv=None):
     one.add_argument("--foreground-weight", type=float, default=10.0, help="weight of the teacher's lesion pixels")
     one.add_argument("--use", default="auto", choices=("auto", "teacher", "both", "labels"))
     one.add_argument("--init", default="auto", choices=("auto", "teacher", "scratch"))
+    one.add_argument("--focus", type=float, default=0.0,
+                     help="share of each batch from the slices where the student misses the teacher's lesions")
+    one.add_argument("--focus-every", type=int, default=2000, help="steps between re-scorings of those slices")
     one.add_argument("--seed", type=int, default=0)
     for p in (make, one):
         p.add_argument("--cache", required=True)

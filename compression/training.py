@@ -171,13 +171,15 @@ def _crop_window(out: dict[str, np.ndarray], i: int, c: int, rng: np.random.Gene
 def train_loop(module, arrays: dict[str, np.ndarray], loss_fn: Callable, config: TrainConfig, *,
                penalty: Callable | None = None, after_backward: Callable | None = None,
                after_step: Callable | None = None, param_groups: list[dict] | None = None,
-               label: str = "fine-tune") -> Generator[Progress, None, dict]:
+               sampler: Callable | None = None, label: str = "fine-tune") -> Generator[Progress, None, dict]:
     """Train ``module`` in place on ``arrays`` (``x`` plus targets) for ``config.steps`` steps.
 
     ``loss_fn(logits, batch_tensors)`` gives the task loss; ``penalty(module)`` adds a
     regulariser (sparsity); ``after_backward(module)`` runs between backward and the optimiser
     step (torch-pruning's group regularisation); ``after_step(module, lr)`` after it (proximal
-    shrinkage, projections). Yields a progress tick with the loss per step.
+    shrinkage, projections). ``sampler(module, step, rng, n, batch_size)`` picks each batch's
+    slices (default: uniformly; see :class:`DisagreementSampler`). Yields a progress tick with
+    the loss per step.
     """
     import torch
 
@@ -193,7 +195,8 @@ def train_loop(module, arrays: dict[str, np.ndarray], loss_fn: Callable, config:
     losses, start = [], time.perf_counter()
     n = len(arrays["x"])
     for step in range(config.steps):
-        idx = rng.choice(n, min(config.batch_size, n), replace=False)
+        idx = (rng.choice(n, min(config.batch_size, n), replace=False) if sampler is None
+               else sampler(module, step, rng, n, min(config.batch_size, n)))
         batch = {k: torch.from_numpy(v).to(config.device) for k, v in _batch(arrays, idx, rng, config).items()}
         with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = module(batch["x"])
@@ -217,6 +220,64 @@ def train_loop(module, arrays: dict[str, np.ndarray], loss_fn: Callable, config:
     return {"steps": config.steps, "loss_first": losses[0] if losses else None,
             "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])) if losses else None,
             "seconds": round(time.perf_counter() - start, 2), "amp": str(dtype).replace("torch.", "") if dtype else "fp32"}
+
+
+class DisagreementSampler:
+    """Online hard-example mining for distillation: ``share`` of every batch comes from the train
+    slices where the student, as it is now, misses most of the teacher's lesion pixels.
+
+    Lesions are a few per cent of the slices and the misses a few per cent of those: drawn
+    uniformly, a slice with the one small nodule the student does not see yet comes up about
+    once in a thousand batches. Every ``every`` steps the student (in eval mode, as it will
+    run) is scored on each slice where the teacher sees lesion: the share of the teacher's
+    lesion pixels it calls background (plus a floor so every such slice keeps a chance), and
+    those slices are drawn in proportion. Scoring costs one forward pass over those slices.
+    """
+
+    def __init__(self, x: np.ndarray, teacher: np.ndarray, share: float = 0.5, every: int = 2000,
+                 device: str = "cpu", chunk: int = 64):
+        self.x, self.teacher, self.share, self.every, self.device = x, teacher, float(share), int(every), device
+        lesion = [np.flatnonzero((teacher[i:i + chunk, 1] > teacher[i:i + chunk, 0]).any(axis=(1, 2))) + i
+                  for i in range(0, len(teacher), chunk)]
+        self.lesion_slices = np.concatenate(lesion) if lesion else np.zeros(0, int)
+        self.weights: np.ndarray | None = None
+        self.history: list[dict] = []  # per re-scoring: step, slices scored, mean missed share
+
+    def __call__(self, module, step: int, rng: np.random.Generator, n: int, batch_size: int) -> np.ndarray:
+        if step and step % self.every == 0 and len(self.lesion_slices):
+            self.rescore(module, step)
+        focused = int(round(self.share * batch_size)) if self.weights is not None else 0
+        picked = (rng.choice(self.lesion_slices, min(focused, len(self.lesion_slices)), replace=False,
+                             p=self.weights) if focused else np.zeros(0, int))
+        rest = rng.choice(n, batch_size, replace=False)
+        rest = rest[~np.isin(rest, picked)][:batch_size - len(picked)]
+        return np.concatenate([picked, rest]).astype(int)
+
+    def missed_share(self, module, batch_size: int = 8) -> np.ndarray:
+        """Per lesion slice: the share of the teacher's lesion pixels the student calls background."""
+        import torch
+
+        was_training = module.training
+        module.eval()
+        out = np.empty(len(self.lesion_slices), np.float32)
+        with torch.inference_mode():
+            for first in range(0, len(self.lesion_slices), batch_size):
+                idx = self.lesion_slices[first:first + batch_size]
+                student = module(torch.from_numpy(np.ascontiguousarray(self.x[idx])).to(self.device)).float()
+                student_fg = (student[:, 1] > student[:, 0]).cpu().numpy()
+                teacher = np.asarray(self.teacher[idx], np.float32)
+                teacher_fg = teacher[:, 1] > teacher[:, 0]
+                out[first:first + len(idx)] = ((teacher_fg & ~student_fg).sum(axis=(1, 2))
+                                               / np.maximum(teacher_fg.sum(axis=(1, 2)), 1))
+        module.train(was_training)
+        return out
+
+    def rescore(self, module, step: int) -> None:
+        missed = self.missed_share(module)
+        weights = missed + 0.02
+        self.weights = weights / weights.sum()
+        self.history.append({"step": step, "slices": int(len(missed)), "missed_mean": round(float(missed.mean()), 4),
+                             "missed_half": int((missed > 0.5).sum())})
 
 
 def labels_loss(logits, batch):

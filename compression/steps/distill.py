@@ -46,7 +46,7 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
             steps: int = 300, lr: float = 3e-3, batch_size: int = 8, crop: int | None = None,
             temperature: float = 1.0, label_weight: float = 0.5, use: str = "auto", amp: str = "auto",
             max_slices: int | None = None, foreground_weight: float = 10.0, seed: int | None = None,
-            init: str = "auto"):
+            init: str = "auto", focus: float = 0.0, focus_every: int = 2000):
     """Train a fresh student; it replaces the model (the teacher stays the reference).
 
     ``use``: "teacher" (label-free), "both" (teacher everywhere + labels where a case has them,
@@ -56,10 +56,13 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
     widths, when the student is the teacher's architecture narrower: it starts where the teacher's
     strongest channels are, and converges in far fewer steps), "auto" (teacher unless ``use`` is
     "labels", which must not see the teacher at all).
+    ``focus``: the share of each batch drawn from the train slices where the student misses most
+    of the teacher's lesion pixels, re-scored every ``focus_every`` steps (hard-example mining,
+    :class:`~compression.training.DisagreementSampler`; 0 = uniform).
     """
     from app.core.models import build_network
 
-    from compression.training import seed_all
+    from compression.training import DisagreementSampler, seed_all
 
     arch = student_architecture(model.card.architecture, width, student)
     labelled = any(c.labels is not None for c in data.train)
@@ -78,7 +81,19 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
         _start_from_teacher(model, net)
     loss = (make_labels_loss(foreground_weight) if use == "labels" else
             make_distillation_loss(temperature, label_weight if use == "both" else 0.0, foreground_weight))
-    stats = yield from scaled(train_loop(net, arrays, loss, config, label="distillation"), 0.05, 1.0)
+    sampler = (DisagreementSampler(arrays["x"], arrays["teacher"], focus, focus_every, data.device)
+               if focus > 0 and "teacher" in arrays else None)
+    stats = yield from scaled(train_loop(net, arrays, loss, config, sampler=sampler, label="distillation"), 0.05, 1.0)
+    if sampler is not None:
+        stats["focus"] = {"share": focus, "every": focus_every, "lesion_slices": int(len(sampler.lesion_slices)),
+                          "rescored": sampler.history}
+        if sampler.history:
+            first, last = sampler.history[0], sampler.history[-1]
+            model.notes.append(
+                f"Hard-example mining: {focus:.0%} of each batch from the {len(sampler.lesion_slices)} slices where "
+                f"the teacher sees lesion, weighted by the share of its lesion pixels the student missed "
+                f"(mean {first['missed_mean']:.3f} at step {first['step']}, {last['missed_mean']:.3f} at step "
+                f"{last['step']}).")
     _adopt_student(model, net.to("cpu").eval(), arch, use, stats, temperature)
     return model
 

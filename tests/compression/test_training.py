@@ -140,3 +140,40 @@ def test_teacher_logits_can_live_in_a_file_backed_array(tmp_path):
     assert isinstance(on_disk, np.memmap) and str(on_disk.filename) == str(tmp_path / "step" / "teacher.npy")
     assert np.array_equal(on_disk, in_memory)
     assert np.array_equal(np.load(tmp_path / "step" / "teacher.npy"), in_memory)  # a plain .npy file
+
+
+def test_hard_example_mining_draws_the_slices_where_the_student_misses_the_teachers_lesions():
+    import torch
+
+    from compression.training import DisagreementSampler
+
+    class Threshold(torch.nn.Module):  # a "student" that sees lesion where the image is bright
+        def forward(self, x):
+            return torch.cat([torch.zeros_like(x), (x - 0.5) * 10], 1)
+
+    x = np.zeros((30, 1, 16, 16), np.float32)
+    teacher = np.zeros((30, 2, 16, 16), np.float16)
+    teacher[:, 0] = 1.0
+    teacher[:10, 1, 4:8, 4:8] = 3.0  # the teacher sees a lesion on slices 0-9
+    x[:5, 0, 4:8, 4:8] = 1.0  # the student sees it only on 0-4
+    sampler = DisagreementSampler(x, teacher, share=0.5, every=3)
+    assert sampler.lesion_slices.tolist() == list(range(10))
+    rng = np.random.default_rng(0)
+    before = sampler(Threshold(), 0, rng, 30, 8)  # not scored yet: uniform
+    assert len(set(before.tolist())) == 8
+    batches = np.stack([sampler(Threshold(), step, rng, 30, 8) for step in range(3, 203)])
+    assert sampler.history[0] == {"step": 3, "slices": 10, "missed_mean": 0.5, "missed_half": 5}
+    assert all(len(set(b.tolist())) == 8 for b in batches)
+    focused, uniform = batches[:, :4], batches[:, 4:]
+    assert np.isin(focused, np.arange(5, 10)).mean() > 0.9  # drawn uniformly: 5 of 30 slices
+    assert np.isin(uniform, np.arange(5, 10)).mean() < 0.3
+
+
+def test_distillation_with_focus_reports_what_the_mining_saw():
+    from compression.steps.distill import distill
+    from tests.compression.steps_support import fresh_model, step_data
+
+    model = run_to_end(distill(fresh_model(), step_data(), steps=4, focus=0.5, focus_every=2, use="teacher"))
+    focus = model.metrics["distillation"]["focus"]
+    assert focus["lesion_slices"] > 0 and [r["step"] for r in focus["rescored"]] == [2]
+    assert any(note.startswith("Hard-example mining") for note in model.notes)

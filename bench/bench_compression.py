@@ -512,7 +512,7 @@ def main(argv=None) -> int:
     if best is not None:
         log(f"end to end: {best.name} vs the fp32 eager pipeline")
         scan = e2e_scan(data_dir, args.e2e_slices)
-        e2e, e2e_slices = end_to_end(contenders[0], best, scan, max(args.threads)), scan.volume.shape[0]
+        e2e, e2e_slices = end_to_end(contenders[0], best, scan, max(args.threads), args.rounds), scan.volume.shape[0]
     report(contenders, size, latency, comparison, best, e2e, out, args, time.perf_counter() - started, e2e_slices)
     return 0
 

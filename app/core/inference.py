@@ -205,6 +205,13 @@ def sliding_window(
 
 
 def activate(logits: np.ndarray, activation: str, axis: int = 1) -> np.ndarray:
+    if activation == "softmax" and logits.shape[axis] == 2:
+        # Two classes: softmax is the sigmoid of the difference, one exp instead of two plus the
+        # max and the sum (a third of a 2D model's post-processing on a 32-slice scan).
+        first, second = np.take(logits, 0, axis=axis), np.take(logits, 1, axis=axis)
+        with np.errstate(over="ignore"):  # exp → inf where background wins by > 88: foreground 0, exactly
+            foreground = 1.0 / (1.0 + np.exp(first - second))
+        return np.stack([1.0 - foreground, foreground], axis=axis).astype(logits.dtype, copy=False)
     if activation == "softmax":
         shifted = logits - logits.max(axis=axis, keepdims=True)
         exp = np.exp(shifted)
@@ -404,8 +411,8 @@ class _Runner:
         probabilities = restore(prepared, probabilities, order=1, axis_offset=1)
         labels = labels_from_probabilities(probabilities, self.card)
         foreground = 1.0 - probabilities[0] if self.card.output_activation == "softmax" else probabilities.max(0)
-        labels = remove_unsure_lesions(labels, foreground, volume, self.card.postprocessing)
-        lesions = lesion_table(labels, volume)
+        labels, instances = clean_lesions(labels, foreground, volume, self.card.postprocessing)
+        lesions = lesion_table(labels, volume, instances=instances)
         scores = {lesion.lesion_id: _lesion_score(foreground, lesion) for lesion in lesions}
         keep = probabilities.astype(np.float16) if self.keep_probabilities else None
         return Findings.for_volume(volume, self._identity(), labels=labels, probabilities=keep,
@@ -532,22 +539,41 @@ def remove_unsure_lesions(labels: np.ndarray, foreground: np.ndarray, volume: Vo
     """Drop lesions smaller than ``rule.min_lesion_mm3``, whose peak probability is below
     ``rule.min_lesion_score`` or whose shape is more elongated than ``rule.max_elongation``
     (the card's post-processing; chosen on the calibration split)."""
-    if rule.min_lesion_mm3 <= 0 and rule.min_lesion_score <= 0 and rule.max_elongation is None:
-        return labels
-    from app.core.lesions import label_instances, lesion_elongation
+    return clean_lesions(labels, foreground, volume, rule)[0]
 
-    instances, count = label_instances(labels)
-    if count == 0:
-        return labels
-    inside = np.flatnonzero(instances.reshape(-1))  # only lesion voxels are read and written
-    in_ids = instances.reshape(-1)[inside]
+
+def clean_lesions(labels: np.ndarray, foreground: np.ndarray, volume: Volume, rule) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`remove_unsure_lesions`, also returning the kept lesions' instance map: exactly
+    what :func:`~app.core.lesions.label_instances` makes of the kept labels (ids by descending
+    size), so that the lesion table need not label the scan a second time."""
+    from app.core.lesions import label_instances, lesion_elongation, occupied_box
+
+    instances = np.zeros(labels.shape, np.int32)
+    box = occupied_box(labels)
+    if box is None:
+        return labels, instances
+    # Everything below reads only the box around the candidates (moments do not depend on where
+    # the box sits): whole-volume passes were most of a 32-slice scan's post-processing.
+    inner, count = label_instances(labels[box])
+    inside = np.flatnonzero(inner.reshape(-1))  # only lesion voxels are read and written
+    in_ids = inner.reshape(-1)[inside]
+    if rule.min_lesion_mm3 <= 0 and rule.min_lesion_score <= 0 and rule.max_elongation is None:
+        instances[box] = inner
+        return labels, instances
     volume_mm3 = np.bincount(in_ids, minlength=count + 1)[1:] * volume.voxel_volume_ml * 1000.0
-    elongation = lesion_elongation(instances, count, volume.spacing) if rule.max_elongation is not None else None
-    unsure = rule.drops(volume_mm3, lesion_peaks(foreground, instances, count), elongation)
+    elongation = lesion_elongation(inner, count, volume.spacing) if rule.max_elongation is not None else None
+    unsure = rule.drops(volume_mm3, lesion_peaks(foreground[box], inner, count), elongation)
+    # Ids are in descending size, ties in raster order of first voxel: dropping some and closing
+    # the gaps gives the kept lesions the ids a fresh labelling of the kept mask would.
+    new_id = np.zeros(count + 1, np.int32)
+    new_id[1:][~unsure] = np.arange(1, int((~unsure).sum()) + 1, dtype=np.int32)
+    inner.reshape(-1)[inside] = new_id[in_ids]
+    instances[box] = inner
     out = labels.copy()
-    drop = np.concatenate([[False], unsure])[in_ids]
-    out.reshape(-1)[inside[drop]] = 0
-    return out
+    kept = out[box].copy()
+    kept.reshape(-1)[inside[np.concatenate([[False], unsure])[in_ids]]] = 0
+    out[box] = kept
+    return out, instances
 
 
 def lesion_peaks(foreground: np.ndarray, instances: np.ndarray, count: int) -> np.ndarray:

@@ -72,30 +72,33 @@ def label_instances(labels: np.ndarray, connectivity: int = 26) -> tuple[np.ndar
         raise ValueError(f"expected a 3-D label map, got shape {labels.shape}")
     structure = _structure(connectivity)
     components = np.zeros(labels.shape, dtype=np.int32)
-    box = _occupied_box(labels)
+    box = occupied_box(labels)
     if box is None:
         return components, 0
-    # Lesions fill a sliver of a scan: labelling only the box around them is many times faster.
+    # Lesions fill a sliver of a scan: labelling, and numbering by size, only the box around
+    # them is many times faster than any pass over the whole volume.
     inner, count = labels[box], 0
+    inner_components = np.zeros(inner.shape, dtype=np.int32)
     for value in np.unique(inner):
         if value == 0:
             continue
         comp, n = ndimage.label(inner == value, structure=structure)
-        components[box][comp > 0] = comp[comp > 0] + count
+        inner_components[comp > 0] = comp[comp > 0] + count
         count += n
-    return _renumber_by_size(components, count), count
+    components[box] = _renumber_by_size(inner_components, count)
+    return components, count
 
 
-def _occupied_box(labels: np.ndarray) -> tuple[slice, ...] | None:
-    """The smallest box holding every non-zero voxel, found from per-axis projections."""
-    box = []
-    for axis in range(labels.ndim):
-        others = tuple(a for a in range(labels.ndim) if a != axis)
-        present = np.flatnonzero(np.any(labels, axis=others))
-        if present.size == 0:
-            return None
-        box.append(slice(int(present[0]), int(present[-1]) + 1))
-    return tuple(box)
+def occupied_box(labels: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding every non-zero voxel of a 3-D map: its slices from one
+    projection, then rows and columns from those slices only."""
+    slices = np.flatnonzero(np.any(labels, axis=(1, 2)))
+    if slices.size == 0:
+        return None
+    k = slice(int(slices[0]), int(slices[-1]) + 1)
+    plane = np.any(labels[k], axis=0)
+    rows, columns = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    return k, slice(int(rows[0]), int(rows[-1]) + 1), slice(int(columns[0]), int(columns[-1]) + 1)
 
 
 def _renumber_by_size(components: np.ndarray, count: int) -> np.ndarray:
@@ -241,7 +244,7 @@ def lesion_table(labels: np.ndarray | None, volume: Volume, *, min_voxels: int =
     if instances.dtype.kind not in "iu":
         raise ValueError(f"an instance map holds integer lesion ids, not {instances.dtype}")
     lesions = []
-    for index, box in enumerate(ndimage.find_objects(instances), 1):
+    for index, box in enumerate(_find_objects(instances), 1):
         if box is None:
             continue
         component = instances[box] == index
@@ -250,6 +253,17 @@ def lesion_table(labels: np.ndarray | None, volume: Volume, *, min_voxels: int =
         label = _dominant_label(labels, component, box)
         lesions.append(_measure(index, label, component, box, volume))
     return sorted(lesions, key=lambda lesion: (-lesion.voxel_count, lesion.lesion_id))
+
+
+def _find_objects(instances: np.ndarray) -> list[tuple[slice, ...] | None]:
+    """``ndimage.find_objects`` read from the box around the lesions, not the whole scan."""
+    from scipy import ndimage
+
+    box = occupied_box(instances)
+    if box is None:
+        return []
+    return [None if found is None else tuple(slice(f.start + b.start, f.stop + b.start) for f, b in zip(found, box))
+            for found in ndimage.find_objects(instances[box])]
 
 
 def lesion_elongation(instances: np.ndarray, count: int, spacing: Sequence[float]) -> np.ndarray:

@@ -210,6 +210,34 @@ def test_shape_rule_drops_the_tube_and_keeps_the_nodule():
     assert np.array_equal(remove_unsure_lesions(labels, foreground, volume, Postprocessing()), labels)
 
 
+@pytest.mark.parametrize("rule", [{}, {"min_lesion_mm3": 30.0}, {"min_lesion_mm3": 30.0, "max_elongation": 2.0},
+                                  {"min_lesion_score": 0.97}])
+def test_cleaned_lesions_carry_the_ids_a_fresh_labelling_of_the_kept_mask_gives(rule):
+    """The inference post-processing hands its instance map to the lesion table instead of
+    labelling the scan again: it must be exactly label_instances of what it kept (ids by size,
+    ties in raster order), whichever lesions were dropped, with two classes and a tie."""
+    from app.core.inference import clean_lesions
+    from app.core.model_card import Postprocessing
+
+    rng = np.random.default_rng(3)
+    shape = (30, 64, 64)
+    labels = np.zeros(shape, np.uint8)
+    for k in range(14):  # boxes of random sizes, two classes; two equal cubes make a tie
+        z, y, x = rng.integers(2, 24), rng.integers(2, 56), rng.integers(2, 56)
+        d = (3, 3, 3) if k < 2 else tuple(rng.integers(1, 7, size=3))
+        labels[z:z + d[0], y:y + d[1], x:x + d[2]] = 1 + k % 2
+    labels[25:27, 0:30, 60:62] = 1  # a thin plate
+    foreground = rng.random(shape).astype(np.float32) * (labels > 0)
+    volume = Volume(voxels=np.zeros(shape, np.int16), spacing=(1.5, 0.9, 0.9))
+    kept, instances = clean_lesions(labels, foreground, volume, Postprocessing(**rule))
+    fresh, count = label_instances(kept)
+    assert np.array_equal(instances, fresh) and instances.max() == count
+    if rule:
+        assert 0 < count < label_instances(labels)[1]  # the rule dropped some, not all
+    assert [l.lesion_id for l in lesion_table(kept, volume, instances=instances)] == \
+           [l.lesion_id for l in lesion_table(kept, volume)]
+
+
 def test_candidate_scoring_agrees_with_the_matching_rule():
     """The calibration grid scores rules from precomputed overlaps; it must give exactly what
     match_lesions gives on the cleaned-up map."""

@@ -204,14 +204,18 @@ def sliding_window(
 # ---------------------------------------------------------------- the pipeline
 
 
+def two_class_foreground(logits: np.ndarray, axis: int = 1) -> np.ndarray:
+    """Softmax's second channel for two classes: the sigmoid of the logits' difference (one exp
+    instead of two, plus the max and the sum)."""
+    first, second = np.take(logits, 0, axis=axis), np.take(logits, 1, axis=axis)
+    with np.errstate(over="ignore"):  # exp → inf where background wins by > 88: foreground 0, exactly
+        return (1.0 / (1.0 + np.exp(first - second))).astype(logits.dtype, copy=False)
+
+
 def activate(logits: np.ndarray, activation: str, axis: int = 1) -> np.ndarray:
     if activation == "softmax" and logits.shape[axis] == 2:
-        # Two classes: softmax is the sigmoid of the difference, one exp instead of two plus the
-        # max and the sum (a third of a 2D model's post-processing on a 32-slice scan).
-        first, second = np.take(logits, 0, axis=axis), np.take(logits, 1, axis=axis)
-        with np.errstate(over="ignore"):  # exp → inf where background wins by > 88: foreground 0, exactly
-            foreground = 1.0 / (1.0 + np.exp(first - second))
-        return np.stack([1.0 - foreground, foreground], axis=axis).astype(logits.dtype, copy=False)
+        foreground = two_class_foreground(logits, axis)
+        return np.stack([1.0 - foreground, foreground], axis=axis)
     if activation == "softmax":
         shifted = logits - logits.max(axis=axis, keepdims=True)
         exp = np.exp(shifted)
@@ -252,6 +256,10 @@ class _Runner:
         self.threads = threads
         self.batch_size = max(1, int(batch_size))
         self.keep_probabilities = keep_probabilities
+        # A two-class softmax segmenter: slices keep only the foreground probability, half the
+        # memory and the copying of both channels (most of the post-processing of a whole scan).
+        self._foreground_only = (self.card.task == "segmentation" and self.card.output_activation == "softmax"
+                                 and len(self.card.labels) == 2)
         self.batches_run = 0
         self.provider = ""
         self._cancel = threading.Event()
@@ -374,7 +382,8 @@ class _Runner:
             flat = run_to_end(sliding_window(batch[:, 0], patch, self.card.input.overlap, self._network_2d_windows, 1))
             logits = flat.reshape((batch.shape[0], -1) + flat.shape[1:])
         start = time.perf_counter()
-        probabilities = activate(logits, self.card.output_activation)
+        probabilities = (two_class_foreground(logits)[:, None] if self._foreground_only
+                         else activate(logits, self.card.output_activation))
         self._batch_post_s += time.perf_counter() - start  # activation is post-processing
         return probabilities
 
@@ -408,10 +417,18 @@ class _Runner:
                                timing: Timing) -> Findings:
         from app.core.lesions import lesion_table
 
-        probabilities = restore(prepared, probabilities, order=1, axis_offset=1)
-        labels = labels_from_probabilities(probabilities, self.card)
-        foreground = 1.0 - probabilities[0] if self.card.output_activation == "softmax" else probabilities.max(0)
-        labels, instances = clean_lesions(labels, foreground, volume, self.card.postprocessing)
+        if self._foreground_only and len(probabilities) == 1:  # 2D slices: the foreground channel only
+            foreground = restore(prepared, probabilities[0], order=1)
+            # argmax of (1 − f, f), ties to channel 0: f > 1 − f is f > 0.5, exactly, in float32.
+            mask = foreground > 0.5
+            first, second = (label.value for label in self.card.labels)
+            labels = mask.view(np.uint8) if (first, second) == (0, 1) else np.where(mask, second, first).astype(np.uint8)
+            probabilities = np.stack([1.0 - foreground, foreground]) if self.keep_probabilities else None
+        else:
+            probabilities = restore(prepared, probabilities, order=1, axis_offset=1)
+            labels = labels_from_probabilities(probabilities, self.card)
+            foreground = 1.0 - probabilities[0] if self.card.output_activation == "softmax" else probabilities.max(0)
+        labels, instances = clean_lesions(labels, foreground, volume, self.card.postprocessing, in_place=True)
         lesions = lesion_table(labels, volume, instances=instances)
         scores = {lesion.lesion_id: _lesion_score(foreground, lesion) for lesion in lesions}
         keep = probabilities.astype(np.float16) if self.keep_probabilities else None
@@ -542,10 +559,12 @@ def remove_unsure_lesions(labels: np.ndarray, foreground: np.ndarray, volume: Vo
     return clean_lesions(labels, foreground, volume, rule)[0]
 
 
-def clean_lesions(labels: np.ndarray, foreground: np.ndarray, volume: Volume, rule) -> tuple[np.ndarray, np.ndarray]:
+def clean_lesions(labels: np.ndarray, foreground: np.ndarray, volume: Volume, rule,
+                  in_place: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """:func:`remove_unsure_lesions`, also returning the kept lesions' instance map: exactly
     what :func:`~app.core.lesions.label_instances` makes of the kept labels (ids by descending
-    size), so that the lesion table need not label the scan a second time."""
+    size), so that the lesion table need not label the scan a second time. ``in_place``: the
+    dropped lesions are cleared in ``labels`` itself (a scan-sized copy saved)."""
     from app.core.lesions import label_instances, lesion_elongation, occupied_box
 
     instances = np.zeros(labels.shape, np.int32)
@@ -569,7 +588,9 @@ def clean_lesions(labels: np.ndarray, foreground: np.ndarray, volume: Volume, ru
     new_id[1:][~unsure] = np.arange(1, int((~unsure).sum()) + 1, dtype=np.int32)
     inner.reshape(-1)[inside] = new_id[in_ids]
     instances[box] = inner
-    out = labels.copy()
+    if not unsure.any():
+        return labels, instances
+    out = labels if in_place else labels.copy()
     kept = out[box].copy()
     kept.reshape(-1)[inside[np.concatenate([[False], unsure])[in_ids]]] = 0
     out[box] = kept

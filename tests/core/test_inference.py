@@ -234,3 +234,19 @@ def test_labels_from_probabilities_is_argmax_with_ties_to_the_lower_channel():
     card = type("Card", (), {"output_activation": "softmax", "labels": labels})()  # all the function reads
     expected = np.array(values, np.uint8)[np.argmax(probabilities, axis=0)]
     assert np.array_equal(labels_from_probabilities(probabilities, card), expected)
+
+
+def test_two_class_fast_path_gives_the_full_softmax_and_its_argmax(tmp_path):
+    """Two-class segmenters keep only the foreground probability per slice: the findings must
+    still be the softmax of both channels and its argmax."""
+    runner = OnnxRunner(open_model(small_unet(tmp_path)), keep_probabilities=True)
+    assert runner._foreground_only
+    volume = chest_phantom(shape=(5, 32, 32), nodules=((2, 16, 16, 6),))
+    findings = run_to_end(runner.run(volume))
+    logits = runner._predict(prepare(volume, runner.card).array[:, None]).astype(np.float64)
+    softmax = np.exp(logits - logits.max(1, keepdims=True))
+    softmax = (softmax / softmax.sum(1, keepdims=True)).transpose(1, 0, 2, 3)
+    assert findings.probabilities.shape == softmax.shape
+    assert np.abs(findings.probabilities.astype(np.float64) - softmax).max() < 1e-3  # float16 storage
+    assert np.array_equal(findings.labels, np.argmax(softmax, axis=0).astype(np.uint8))
+    assert len(np.unique(findings.labels)) > 1  # random weights: both classes appear, the test can fail

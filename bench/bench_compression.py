@@ -14,7 +14,7 @@ For every contender, measured in one run on this machine:
 
 Then the issue's targets for the best recipe, each marked met or not with the real figure.
 
-    python bench/bench_compression.py [--model CARD] [--data DIR] [--threads 1 2] [--rounds 5]
+    python bench/bench_compression.py [--model CARD] [--data DIR] [--threads 1 2] [--rounds 5] [--latency-rounds 30]
                                       [--finetune-steps 30] [--recipe-finetune-steps 600] [--out DIR]
     python bench/bench_compression.py --quick      # the harness on tiny data and an untrained UNet
 
@@ -323,7 +323,7 @@ def latencies(contenders: list[Contender], threads: int, rounds: int) -> dict[st
     live = [c for c in contenders if c.variant is not None]
     predictors = {c.name: predictor(c, threads) for c in live}
     batch = np.random.default_rng(0).random(SLICE, dtype=np.float32)
-    stats = run_to_end(measure_latency(predictors, batch, warmup=1, rounds=rounds))
+    stats = run_to_end(measure_latency(predictors, batch, warmup=3, rounds=rounds))
     return {name: s.median_ms for name, s in stats.items()}
 
 
@@ -466,7 +466,9 @@ def parse(argv=None):
     parser.add_argument("--data-seed", type=int, default=2026)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="end-to-end rounds (whole scans, interleaved)")
+    parser.add_argument("--latency-rounds", type=int, default=30,
+                        help="interleaved one-slice rounds per thread count: five single calls swung a ratio by 10 %%")
     parser.add_argument("--lesion-margin", type=int, default=2,
                         help="eval slices kept above and below each lesion")
     parser.add_argument("--e2e-slices", type=int, default=32, help="slices of the end-to-end scan (a real eval scan cut)")
@@ -482,6 +484,7 @@ def parse(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.cases, args.rounds, args.finetune_steps, args.recipe_finetune_steps = 5, 2, 2, 3
+        args.latency_rounds = 2
     return args
 
 
@@ -503,8 +506,8 @@ def main(argv=None) -> int:
     size = sizes(contenders)
     latency = {}
     for t in args.threads:
-        log(f"latency at {t} thread(s), {args.rounds} interleaved rounds")
-        latency[t] = latencies(contenders, t, args.rounds)
+        log(f"latency at {t} thread(s), {args.latency_rounds} interleaved rounds")
+        latency[t] = latencies(contenders, t, args.latency_rounds)
     log("accuracy on the eval split (every contender on every case)")
     comparison = accuracy(contenders, eval_cases, max(args.threads), args.seed)
     best = choose_best(contenders, size, latency, comparison)

@@ -422,7 +422,8 @@ class _Runner:
             # argmax of (1 − f, f), ties to channel 0: f > 1 − f is f > 0.5, exactly, in float32.
             mask = foreground > 0.5
             first, second = (label.value for label in self.card.labels)
-            labels = mask.view(np.uint8) if (first, second) == (0, 1) else np.where(mask, second, first).astype(np.uint8)
+            labels = (mask.view(np.uint8) if (first, second) == (0, 1)
+                      else np.where(mask, second, first).astype(np.uint8))
             probabilities = np.stack([1.0 - foreground, foreground]) if self.keep_probabilities else None
         else:
             probabilities = restore(prepared, probabilities, order=1, axis_offset=1)

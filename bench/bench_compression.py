@@ -14,8 +14,9 @@ For every contender, measured in one run on this machine:
 
 Then the issue's targets for the best recipe, each marked met or not with the real figure.
 
-    python bench/bench_compression.py [--model CARD] [--data DIR] [--threads 1 2] [--rounds 5] [--latency-rounds 30]
-                                      [--finetune-steps 30] [--recipe-finetune-steps 600] [--out DIR]
+    python bench/bench_compression.py [--model CARD] [--data DIR] [--threads 1 2] [--rounds 5]
+                                      [--latency-rounds 30] [--finetune-steps 30]
+                                      [--recipe-finetune-steps 600] [--out DIR]
     python bench/bench_compression.py --quick      # the harness on tiny data and an untrained UNet
 
 ``--data`` is the demo data the model was trained on (its manifest's train/calib/eval split);

@@ -557,6 +557,8 @@ def remove_unsure_lesions(labels: np.ndarray, foreground: np.ndarray, volume: Vo
     """Drop lesions smaller than ``rule.min_lesion_mm3``, whose peak probability is below
     ``rule.min_lesion_score`` or whose shape is more elongated than ``rule.max_elongation``
     (the card's post-processing; chosen on the calibration split)."""
+    if rule.min_lesion_mm3 <= 0 and rule.min_lesion_score <= 0 and rule.max_elongation is None:
+        return labels  # nothing to drop: no need to label the scan
     return clean_lesions(labels, foreground, volume, rule)[0]
 
 

@@ -85,7 +85,10 @@ def label_instances(labels: np.ndarray, connectivity: int = 26) -> tuple[np.ndar
         comp, n = ndimage.label(inner == value, structure=structure)
         inner_components[comp > 0] = comp[comp > 0] + count
         count += n
-    components[box] = _renumber_by_size(inner_components, count)
+    inner_components = _renumber_by_size(inner_components, count)
+    if inner.shape == labels.shape:  # the map is its own box (the caller cropped it): no second copy
+        return inner_components, count
+    components[box] = inner_components
     return components, count
 
 

@@ -47,3 +47,16 @@ def test_a_patient_in_two_manifests_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="patient P-1 is also in"):
         _tool().main([str(tmp_path / "wide" / "manifest.csv"), str(base), str(extra)])
     assert not (tmp_path / "wide").exists()
+
+
+def test_calib_cases_join_calib_and_a_calib_patient_cannot_be_in_eval(tmp_path):
+    base = _write(tmp_path / "base", [("CASE001", "P5-1", "train"), ("CASE002", "P5-2", "calib")])
+    extra = _write(tmp_path / "s6", [("CASE001", "P6-1", "train")])
+    calib = _write(tmp_path / "s8", [("CASE001", "P8-1", "eval"), ("CASE002", "P8-2", "train")])
+    out = tmp_path / "wide" / "manifest.csv"
+    assert _tool().main([str(out), str(base), str(extra), "--calib", str(calib)]) == 0
+    assert [(c.case, c.split) for c in read_manifest(out).cases] == [
+        ("ACASE001", "train"), ("ACASE002", "calib"), ("BCASE001", "eval"), ("CCASE001", "calib"), ("CCASE002", "calib")]
+    leaked = _write(tmp_path / "s9", [("CASE001", "P6-1", "calib")])  # an eval patient offered as calib
+    with pytest.raises(SystemExit, match="patient P6-1 is also in"):
+        _tool().main([str(tmp_path / "w2" / "manifest.csv"), str(base), str(extra), "--calib", str(leaked)])

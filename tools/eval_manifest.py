@@ -1,9 +1,12 @@
 """Widen a demo data set's eval split with more generated cases, for verdicts with evidence.
 
     python tools/eval_manifest.py OUT/manifest.csv BASE/manifest.csv EXTRA/manifest.csv [...]
+                                  [--calib CALIB/manifest.csv ...]
 
 BASE keeps its train/calib/eval split (what the demo models were trained and calibrated on);
-every case of each EXTRA manifest (e.g. ``main.py demo-data --seed 6``) joins the eval split.
+every case of each EXTRA manifest (e.g. ``main.py demo-data --seed 6``) joins the eval split,
+and every case of each ``--calib`` manifest joins the calib split (more scans to choose the
+lesion clean-up on; no model trains on them).
 Case names get a prefix per manifest (A, B, …) so they stay unique; paths are written relative
 to OUT's folder. A patient in two of the manifests is refused: it would leak training data into
 the evaluation. Nothing is copied or modified; only OUT is written.
@@ -22,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.core.manifest import Manifest, read_manifest, write_manifest  # noqa: E402
 
 
-def widened(out: Path, base: Path, extras: list[Path]) -> Manifest:
+def widened(out: Path, base: Path, extras: list[Path], calib: list[Path] = ()) -> Manifest:
     cases, owner = [], {}
-    for prefix, path in zip(string.ascii_uppercase, [base, *extras]):
+    for prefix, path in zip(string.ascii_uppercase, [base, *extras, *calib]):
         manifest = read_manifest(path)
         for case in manifest.cases:
             if owner.setdefault(case.patient, path) != path:
@@ -35,7 +38,8 @@ def widened(out: Path, base: Path, extras: list[Path]) -> Manifest:
 
             cases.append(replace(case, case=f"{prefix}{case.case}",
                                  series=case.series if case.series_is_uid else moved(case.series),
-                                 labels=moved(case.labels), split=case.split if path == base else "eval"))
+                                 labels=moved(case.labels),
+                                 split=case.split if path == base else "calib" if path in calib else "eval"))
     return Manifest(cases=cases, root=out.parent)
 
 
@@ -43,9 +47,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("base", type=Path)
-    parser.add_argument("extras", type=Path, nargs="+")
+    parser.add_argument("extras", type=Path, nargs="*")
+    parser.add_argument("--calib", type=Path, nargs="+", default=[], help="manifests whose cases join the calib split")
     args = parser.parse_args(argv)
-    manifest = widened(args.out.resolve(), args.base.resolve(), [p.resolve() for p in args.extras])
+    if not args.extras and not args.calib:
+        parser.error("name at least one EXTRA or --calib manifest")
+    manifest = widened(args.out.resolve(), args.base.resolve(), [p.resolve() for p in args.extras],
+                       [p.resolve() for p in args.calib])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_manifest(manifest, args.out)
     counts = {s: len(manifest.cases_in(s)) for s in ("train", "calib", "eval")}

@@ -15,8 +15,8 @@ share the two cores without holding 10 GB each.
 
 No speed figure comes from here: latency and size are ``bench_compression.py``'s job. The
 lesion slices leave out most of the original's false positives, so the lost and gained
-counts here can fall far short of the whole-scan ones: judge a chosen student on whole scans with ``main.py evaluate``
-(for G: 7 lost here, 16 on whole scans, the same 2 nodules among them).
+counts here can fall far short of the whole-scan ones: judge a chosen student on whole
+scans with ``main.py evaluate`` (for G: 7 lost here, 16 on whole scans, the same 2 nodules).
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ def card_html(model: OpenModel) -> str:
         ("Task", card.task), ("Labels", None), ("Format", variant.format),
         ("Size", f"{variant.main_file.stat().st_size / 1e6:.1f} MB runs ({variant.main_file.name}); "
                  f"{variant.size_bytes / 1e6:.1f} MB in all files"),
-        ("Input", f"{card.input.dims}D, axes {card.input.axes}, patch {card.input.patch_size}"),
+        ("Input", input_text(card.input, card.roi)),
         *([("Lesion clean-up", card.postprocessing.describe())] if card.task == "segmentation" else []),
         ("Weights SHA-256", (variant.weights_sha256 or "")[:16] + "…"),
         ("Training data", card.training_data),
@@ -36,6 +36,27 @@ def card_html(model: OpenModel) -> str:
             f"{e(card.intended_use)}</p>"
             f"<table cellspacing=4>{body}</table>"
             + (f"<p><b>Recorded metrics:</b> {metric_text}</p>" if metric_text else ""))
+
+
+_ROI_WORDS = {"lesion_centres": "around each lesion centre", "slice": "from each slice"}
+
+
+def input_text(spec, roi=None) -> str:
+    """What the network sees, in words: "2D whole slices, native spacing, 1 channel (axes NCHW)";
+    a classifier's patches are cut around its ROIs (``roi``), not slid over the scan."""
+    times = "×".join
+    if spec.patch_size:
+        extent = f"{times(str(v) for v in spec.patch_size)} patches"
+        if roi is not None:
+            extent += " " + _ROI_WORDS.get(roi.source, f"from {roi.source}")
+        elif spec.overlap:
+            extent += f" ({spec.overlap:.0%} overlap)"
+    else:
+        extent = "whole slices" if spec.dims == 2 else "whole volumes"
+    spacing = (f"resampled to {times(f'{v:g}' for v in spec.target_spacing)} mm" if spec.target_spacing
+               else "native spacing")
+    channels = f"{spec.channels} channel" + ("s" if spec.channels != 1 else "")
+    return f"{spec.dims}D {extent}, {spacing}, {channels} (axes {spec.axes})"
 
 
 def _number_text(value) -> str:

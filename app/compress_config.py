@@ -146,6 +146,7 @@ class CompressConfig:
     sensitivity_first: bool = False
     max_dice_drop: str = "0.02"  # as typed: "0.02", "2 %"
     lost_lesion_mm: str = "6"    # no lost lesion at or above this size; "" = not checked
+    lost_nodules_only: bool = False  # count only lost lesions on a ground-truth nodule (from 6 mm)
     device: str = "cpu"
     threads: int | None = None
     search_minutes: str = "10"
@@ -196,6 +197,7 @@ def parse_minutes(text: str) -> float:
 class BudgetValues:
     max_dice_drop: float
     lost_lesion_mm: float | None
+    nodules_only: bool = False  # the original's own false positives may go (needs labels)
 
     def as_dict(self) -> dict:
         """The budget as compression.evaluate.Budget's fields (lesions ≥ 6 mm are 'large')."""
@@ -205,6 +207,9 @@ class BudgetValues:
         elif self.lost_lesion_mm <= 0:
             budget["max_lost_lesions"] = 0
             budget["max_lost_lesions_large"] = 0
+        elif self.nodules_only:
+            budget["max_lost_lesions_large"] = None
+            budget["max_lost_nodules_large"] = 0
         else:
             budget["max_lost_lesions_large"] = 0
         return budget
@@ -219,8 +224,18 @@ def parse_lesion_size(text: str) -> float | None:
     return size
 
 
+def parse_lesion_limit(config: CompressConfig) -> float | None:
+    """The lost-lesion size, checked against "only lost nodules" (which needs the 6 mm limit)."""
+    size = parse_lesion_size(config.lost_lesion_mm)
+    if config.lost_nodules_only and size != LARGE_LESION_MM:
+        raise ValueError(f"only lost nodules: the evaluation tells nodules from the original's false positives "
+                         f"for lesions from {LARGE_LESION_MM:g} mm; write {LARGE_LESION_MM:g} in \"no lost lesions from\"")
+    return size
+
+
 def budget_values(config: CompressConfig) -> BudgetValues:
-    return BudgetValues(parse_fraction(config.max_dice_drop, "max Dice drop"), parse_lesion_size(config.lost_lesion_mm))
+    return BudgetValues(parse_fraction(config.max_dice_drop, "max Dice drop"), parse_lesion_limit(config),
+                        config.lost_nodules_only)
 
 
 # ---------------------------------------------------------------- checks per page
@@ -276,7 +291,7 @@ def _technique_problems(config: CompressConfig) -> list[str]:
 def _budget_problems(config: CompressConfig) -> list[str]:
     found = []
     for check in (lambda: parse_fraction(config.max_dice_drop, "max Dice drop"),
-                  lambda: parse_lesion_size(config.lost_lesion_mm),
+                  lambda: parse_lesion_limit(config),
                   lambda: parse_minutes(config.search_minutes)):
         try:
             check()
@@ -362,10 +377,13 @@ def from_recipe(recipe: dict, base: CompressConfig | None = None) -> CompressCon
     budget = recipe.get("budget") or {}
     if "max_dice_drop" in budget and budget["max_dice_drop"] is not None:
         config.max_dice_drop = f"{budget['max_dice_drop']:g}"
+    config.lost_nodules_only = False
     if budget.get("max_lost_lesions") == 0:
         config.lost_lesion_mm = "0"
     elif budget.get("max_lost_lesions_large") == 0:
         config.lost_lesion_mm = "6"
+    elif budget.get("max_lost_nodules_large") == 0:
+        config.lost_lesion_mm, config.lost_nodules_only = "6", True
     else:
         config.lost_lesion_mm = ""   # no lesion limit in the recipe: not checked
     return config

@@ -131,6 +131,9 @@ class Budget:
 
     max_dice_drop: float | None = 0.01
     max_lost_lesions_large: int | None = 0
+    # Of the lost lesions >= 6 mm, those on a ground-truth lesion: the original's own false
+    # positives may go. Without labels nothing tells them apart, so every lost one counts.
+    max_lost_nodules_large: int | None = None
     max_lost_lesions: int | None = None
     min_fidelity_dice: float | None = None
     max_sensitivity_drop: float | None = None
@@ -538,6 +541,14 @@ def budget_failures(result: VariantResult, budget: Budget) -> list[str]:
         ("accuracy_drop", budget.max_accuracy_drop, "accuracy drop {v:.4f} exceeds {limit:g}", 1),
         ("class_flip_rate", budget.max_class_flip_rate, "class flips {v:.4f} exceed {limit:g}", 1),
     )
+    if budget.max_lost_nodules_large is not None:
+        if math.isnan(result.value("lesions_lost_large_true")):  # no labels: every lost lesion counts
+            checks += (("lesions_lost_large", budget.max_lost_nodules_large,
+                        "{v:.0f} lost lesion(s) ≥ 6 mm, counted as nodules: no labels tell the "
+                        "original's false positives apart (allowed {limit:g})", 1),)
+        else:
+            checks += (("lesions_lost_large_true", budget.max_lost_nodules_large,
+                        "{v:.0f} lost nodule(s) ≥ 6 mm on the ground truth (allowed {limit:g})", 1),)
     failures = []
     for metric, limit, message, sign in checks:
         value = result.value(metric)

@@ -520,7 +520,9 @@ BUDGET_HINT = (
     "A Dice drop of 0.02 (2 %) lets a variant's overlap with the ground truth be 2 points below the "
     "original's on the eval scans (without labels: its disagreement with the original). \"No lost "
     "lesions from 6 mm\" refuses any variant that misses a lesion of 6 mm or more (Lung-RADS mean "
-    "diameter) that the original found; 0 means any size, empty means not checked. The time limit "
+    "diameter) that the original found; 0 means any size, empty means not checked. \"Only lost "
+    "nodules\" lets the original's own false positives go: with labels, only lost lesions on a "
+    "ground-truth nodule count; without labels every lost lesion still counts. The time limit "
     "stops a search preset after the candidate running when it comes.")
 
 
@@ -533,6 +535,7 @@ class BudgetPage(ConfigPage):
         self.dice_drop, self.lesion_mm, self.minutes = QLineEdit(), QLineEdit(), QLineEdit()
         self.dice_drop.setPlaceholderText("e.g. 0.02 or 2 %")
         self.lesion_mm.setPlaceholderText("e.g. 6 (mm); empty = not checked")
+        self.nodules_only = QCheckBox("Only lost nodules count (labels tell them from the original's false positives)")
         self.device = QComboBox()
         self.threads = QSpinBox()
         self.threads.setRange(0, 256)
@@ -548,6 +551,7 @@ class BudgetPage(ConfigPage):
         outer.addLayout(form)
         form.addRow("Max Dice drop vs the original", self.dice_drop)
         form.addRow("No lost lesions from (mm)", self.lesion_mm)
+        form.addRow("", self.nodules_only)
         form.addRow("Target device", self.device)
         form.addRow("Threads", self.threads)
         form.addRow("Search time limit (minutes)", self.minutes)
@@ -564,6 +568,7 @@ class BudgetPage(ConfigPage):
         m = self.config_model
         self.dice_drop.textChanged.connect(lambda text: m.set("max_dice_drop", text))
         self.lesion_mm.textChanged.connect(lambda text: m.set("lost_lesion_mm", text))
+        self.nodules_only.toggled.connect(lambda on: m.set("lost_nodules_only", bool(on)))
         self.minutes.textChanged.connect(lambda text: m.set("search_minutes", text))
         self.device.currentIndexChanged.connect(lambda _i: m.set("device", self.device.currentData() or "cpu"))
         self.threads.valueChanged.connect(lambda n: m.set("threads", int(n) or None))
@@ -583,6 +588,7 @@ class BudgetPage(ConfigPage):
         for edit, text in ((self.dice_drop, c.max_dice_drop), (self.lesion_mm, c.lost_lesion_mm),
                            (self.minutes, c.search_minutes), (self.output, c.output), (self.run_name, c.name)):
             edit.setText(text)
+        self.nodules_only.setChecked(c.lost_nodules_only)
         self.threads.setValue(c.threads or 0)
 
     def page_problems(self) -> list[str]:
@@ -687,6 +693,7 @@ class CompressWizard(QWizard):
 # ---------------------------------------------------------------- remembered choices
 
 _REMEMBERED = ("data.manifest", "data.folder", "data.seed", "preset", "max_dice_drop", "lost_lesion_mm",
+               "lost_nodules_only",
                "device", "search_minutes", "output", "sensitivity_first")
 
 

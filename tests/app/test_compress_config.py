@@ -145,3 +145,17 @@ def test_a_lesion_size_the_evaluation_cannot_count_is_refused():
     assert problems(CompressConfig(lost_lesion_mm="0"), "budget") == []
     found = problems(CompressConfig(lost_lesion_mm="4"), "budget")
     assert len(found) == 1 and "any size (write 0) or from 6 mm" in found[0]
+
+
+def test_only_lost_nodules_round_trips_and_needs_the_6_mm_limit(tmp_path):
+    config = CompressConfig(preset="safe-int8", lost_lesion_mm="6", lost_nodules_only=True)
+    assert problems(config, "budget") == []
+    recipe = to_recipe(config)
+    assert recipe["budget"] == {"max_dice_drop": 0.02, "max_lost_nodules_large": 0}
+    save_recipe(config, tmp_path / "r.yaml")
+    back = load_recipe(tmp_path / "r.yaml")
+    assert (back.lost_lesion_mm, back.lost_nodules_only) == ("6", True)
+    assert from_recipe(to_recipe(CompressConfig()), back).lost_nodules_only is False  # a plain recipe clears it
+    for size in ("0", ""):
+        found = problems(CompressConfig(lost_lesion_mm=size, lost_nodules_only=True), "budget")
+        assert len(found) == 1 and "only lost nodules" in found[0]

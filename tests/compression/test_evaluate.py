@@ -87,6 +87,25 @@ def test_losing_a_large_lesion_breaks_the_budget_and_says_why():
     assert ev.budget_failures(comparison.reference, ev.Budget()) == []
 
 
+def test_a_nodule_budget_lets_the_originals_false_positives_go_but_not_its_nodules():
+    original = FixedFindings(labels_with(SHAPE, (LARGE, ELSEWHERE)))  # ELSEWHERE: the original's false positive
+
+    def judged(case, variant):
+        rows = ev.segmentation_rows(case, [original, variant], ["original", "student"])
+        return ev.summarise({"original": [rows[0]], "student": [rows[1]]}, "original").variant("student")
+
+    nodules_only = ev.Budget(max_dice_drop=None, max_lost_lesions_large=None, max_lost_nodules_large=0)
+    keeps_the_nodule = judged(_case(truth=(LARGE,)), FixedFindings(labels_with(SHAPE, (LARGE,))))
+    assert keeps_the_nodule.value("lesions_lost_large") == 1  # fidelity still counts the false positive
+    assert ev.budget_failures(keeps_the_nodule, nodules_only) == []
+    assert ev.budget_failures(keeps_the_nodule, ev.Budget(max_dice_drop=None)) != []  # the default counts every one
+    loses_the_nodule = judged(_case(truth=(LARGE,)), FixedFindings(labels_with(SHAPE, (ELSEWHERE,))))
+    assert ev.budget_failures(loses_the_nodule, nodules_only) == ["1 lost nodule(s) ≥ 6 mm on the ground truth (allowed 0)"]
+    unlabelled = judged(Case("c2", "p2", volume(SHAPE), None), FixedFindings(labels_with(SHAPE, (LARGE,))))
+    [failure] = ev.budget_failures(unlabelled, nodules_only)  # no labels: the false positive counts as a nodule
+    assert failure.startswith("1 lost lesion(s) ≥ 6 mm, counted as nodules")
+
+
 def _rows(n_cases, dice_ref, dice_var, large_per_case=2, lost_large=0):
     rows = {"original": [], "variant": []}
     for i in range(n_cases):

@@ -42,6 +42,14 @@ def test_a_limit_left_out_is_not_checked(tmp_path):
     assert recipe.budget.max_lost_lesions_large is None and recipe.budget.max_dice_drop == 0.02
 
 
+def test_a_nodule_budget_reads_and_saves_back(tmp_path):
+    text = GOOD.replace("  max_lost_lesions_large: 0\n", "  max_lost_lesions_large: null\n  max_lost_nodules_large: 0\n")
+    recipe = rc.load_recipe(_write(tmp_path, text))
+    assert recipe.budget == Budget(max_dice_drop=0.02, max_lost_lesions_large=None, max_lost_nodules_large=0)
+    rc.save_recipe(recipe, tmp_path / "saved.yaml")
+    assert rc.load_recipe(tmp_path / "saved.yaml").budget == recipe.budget
+
+
 @pytest.mark.parametrize("bad, field, words", [
     ("  max_dice_drop: lots\n", "budget.max_dice_drop", "not of type"),
     ("  max_dice_drop: -0.1\n", "budget.max_dice_drop", "less than the minimum"),

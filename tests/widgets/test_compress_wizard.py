@@ -289,6 +289,10 @@ def test_invalid_input_is_refused_on_each_page_with_a_message(qtbot, make_wizard
     assert "cannot read 'large'" in page.problem_label.text()
     shoot(wizard, "4_budget_problem")
     page.dice_drop.setText("2 %")
+    page.lesion_mm.setText("0")
+    page.nodules_only.setChecked(True)  # nodules are told apart from 6 mm only
+    assert wizard.config.lost_nodules_only and not page.validatePage()
+    assert "only lost nodules" in page.problem_label.text()
     page.lesion_mm.setText("6")
     assert wizard.config.max_dice_drop == "2 %" and page.validatePage()
 

@@ -327,7 +327,7 @@ def assemble(variants: Sequence, cases: Sequence[CaseData], cache: FindingsCache
             rows[row.variant].append(row)
         reference = findings[reference_index]
         disagreements = {name: findings_disagreements(reference, found, case.volume,
-                                                      volume_change_pct=volume_change_pct)
+                                                      volume_change_pct=volume_change_pct, truth_labels=case.labels)
                          for i, (name, found) in enumerate(zip(names, findings)) if i != reference_index}
         if classifiers:
             disagreements.update(_type_flips(cache, classifiers, classifier_names, variants[reference_index],

@@ -26,7 +26,8 @@ VARIANT_COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52")
 AI_NOTICE = "AI findings — research use only"
 # Field of view (mm) a jump to a disagreement zooms to: a nodule of a few mm must be visible at once.
 JUMP_FIELD_MM = 70.0
-# Rows: true misses strongest; lesions merged into or split from another one paler.
+# Rows: true misses strongest; lesions merged into or split from another one paler, and those the
+# ground truth sides with the compared variant on (a dropped false positive, a found nodule).
 KIND_COLOURS = {"missed": "#ffc9c9", "missed-merged": "#ffeded", "added": "#ffe2b8", "added-merged": "#fff4e4"}
 
 

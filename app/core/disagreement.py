@@ -16,7 +16,10 @@ can move a nodule across a management threshold):
 4. ``class_flip`` — a classifier's most likely type differs on the same reference lesion.
 
 Within a kind, larger lesions (and larger changes) come first; a volume change that moves a
-nodule into another Lung-RADS size band comes before one that does not.
+nodule into another Lung-RADS size band comes before one that does not. When the scan has
+ground truth, each missed or added lesion says whether it lies on a true lesion: a missed
+nodule comes before the reference's own false positive the other no longer reports, and an
+added false positive before an added true nodule.
 """
 from __future__ import annotations
 
@@ -60,6 +63,8 @@ class Disagreement:
     # a lesion paired elsewhere (merged or split). 0 = nothing there at all: a true miss.
     covered_fraction: float = 0.0
     other_diameter_mm: float | None = None  # volume changes: the other's size of the paired lesion
+    # Missed / added, with ground truth: does the lesion overlap a true lesion? None: no labels.
+    on_truth: bool | None = None
 
     @property
     def size_band(self) -> str:
@@ -87,14 +92,29 @@ class Disagreement:
         """Most of the lesion lies inside another lesion of the other side (merged or split)."""
         return self.covered_fraction >= MERGED_FRACTION
 
+    @property
+    def truth_text(self) -> str:
+        """"", or what the ground truth says of a missed / added lesion."""
+        if self.on_truth is None:
+            return ""
+        if self.kind == MISSED:
+            return "; a ground-truth lesion" if self.on_truth else "; the reference's false positive"
+        return "; a ground-truth lesion the reference missed" if self.on_truth else "; not in the ground truth"
+
+    @property
+    def reassuring(self) -> bool:
+        """A difference the ground truth sides with the other on: listed after the worrying ones."""
+        return (self.kind == MISSED and self.on_truth is False) or (self.kind == ADDED and self.on_truth is True)
+
     def detail(self) -> str:
         """The specifics in a few words, for a table whose other columns say kind, size and variant."""
         inside = f"{self.covered_fraction:.0%} inside another lesion"
         if self.kind == MISSED:
             return f"reference lesion {self.reference_id} " + (f"not found on its own ({inside})" if self.covered_fraction
-                                                                else "not found")
+                                                                else "not found") + self.truth_text
         if self.kind == ADDED:
-            return f"not on its own in the reference ({inside})" if self.covered_fraction else "not in the reference"
+            return (f"not on its own in the reference ({inside})" if self.covered_fraction
+                    else "not in the reference") + self.truth_text
         if self.kind == VOLUME_CHANGE:
             band = f", now {lung_rads_size_band(self.other_diameter_mm)}" if self.crosses_size_band else ""
             return (f"lesion {self.reference_id}: {self.reference_volume_ml:.3f} → {self.other_volume_ml:.3f} mL "
@@ -105,9 +125,9 @@ class Disagreement:
         """One plain sentence for the list and the report."""
         size = f"{self.mean_diameter_mm:.1f} mm ({self.size_band})"
         if self.kind == MISSED:
-            return f"Lesion {self.reference_id}, {size}, not found by {other}"
+            return f"Lesion {self.reference_id}, {size}, not found by {other}{self.truth_text}"
         if self.kind == ADDED:
-            return f"{other} adds a lesion of {size} the reference does not report"
+            return f"{other} adds a lesion of {size} the reference does not report{self.truth_text}"
         if self.kind == VOLUME_CHANGE:
             return (f"Lesion {self.reference_id}, {size}: volume {self.reference_volume_ml:.3f} → "
                     f"{self.other_volume_ml:.3f} mL ({self.volume_change_pct:+.0f} %)")
@@ -136,8 +156,11 @@ def find_disagreements(reference_labels: np.ndarray, other_labels: np.ndarray, v
                        volume_change_pct: float = DEFAULT_VOLUME_CHANGE_PCT,
                        reference_types: Mapping[int, Mapping[str, float]] | None = None,
                        other_types: Mapping[int, Mapping[str, float]] | None = None,
-                       min_voxels: int = 1) -> list[Disagreement]:
+                       min_voxels: int = 1, truth_labels: np.ndarray | None = None) -> list[Disagreement]:
     """Every lesion-level disagreement between two label maps on ``volume``, most serious first.
+
+    With ``truth_labels`` (the scan's ground truth), each missed or added lesion records
+    whether it overlaps a true lesion.
 
     ``reference_types`` / ``other_types`` are classifier scores ({type: probability}) per
     *reference* lesion id — both classifiers look at the reference's lesion centres, so a type
@@ -149,8 +172,14 @@ def find_disagreements(reference_labels: np.ndarray, other_labels: np.ndarray, v
     other_lesions = _by_id(lesion_table(other_labels, volume, instances=other_instances, min_voxels=min_voxels))
     match = match_lesions(ref_instances, other_instances)
     other_mask, ref_mask = np.asarray(other_labels) > 0, np.asarray(reference_labels) > 0
-    found = [_missed(ref_lesions[i], _covered(ref_instances, i, other_mask)) for i in match.missed if i in ref_lesions]
-    found += [_added(other_lesions[i], _covered(other_instances, i, ref_mask))
+    truth = None if truth_labels is None else np.asarray(truth_labels) > 0
+
+    def on_truth(instances, lesion_id):
+        return None if truth is None else bool(truth[instances == lesion_id].any())
+
+    found = [_missed(ref_lesions[i], _covered(ref_instances, i, other_mask), on_truth(ref_instances, i))
+             for i in match.missed if i in ref_lesions]
+    found += [_added(other_lesions[i], _covered(other_instances, i, ref_mask), on_truth(other_instances, i))
               for i in match.added if i in other_lesions]
     found += _volume_changes(match.matched, ref_lesions, other_lesions, volume_change_pct)
     found += class_flips(list(ref_lesions.values()), reference_types or {}, other_types or {})
@@ -158,14 +187,16 @@ def find_disagreements(reference_labels: np.ndarray, other_labels: np.ndarray, v
 
 
 def findings_disagreements(reference, other, volume: Volume, *, reference_types=None, other_types=None,
-                           volume_change_pct: float = DEFAULT_VOLUME_CHANGE_PCT) -> list[Disagreement]:
+                           volume_change_pct: float = DEFAULT_VOLUME_CHANGE_PCT,
+                           truth_labels: np.ndarray | None = None) -> list[Disagreement]:
     """:func:`find_disagreements` on two :class:`~app.core.findings.Findings`; the optional
     ``*_types`` are classifier Findings run on the reference's lesions (their lesion_scores)."""
     if reference.labels is None or other.labels is None:
         raise ValueError("both findings need a label map (segmentation models)")
     return find_disagreements(
         reference.labels, other.labels, volume, volume_change_pct=volume_change_pct,
-        reference_types=_type_scores(reference_types), other_types=_type_scores(other_types))
+        reference_types=_type_scores(reference_types), other_types=_type_scores(other_types),
+        truth_labels=truth_labels)
 
 
 def _type_scores(findings) -> dict[int, dict[str, float]]:
@@ -184,14 +215,14 @@ def _covered(instances: np.ndarray, lesion_id: int, other_mask: np.ndarray) -> f
     return float(other_mask[inside].mean()) if inside.any() else 0.0
 
 
-def _missed(lesion: Lesion, covered: float = 0.0) -> Disagreement:
+def _missed(lesion: Lesion, covered: float = 0.0, on_truth: bool | None = None) -> Disagreement:
     return Disagreement(MISSED, lesion.centre_index, lesion.mean_diameter_mm, reference_id=lesion.lesion_id,
-                        reference_volume_ml=lesion.volume_ml, covered_fraction=covered)
+                        reference_volume_ml=lesion.volume_ml, covered_fraction=covered, on_truth=on_truth)
 
 
-def _added(lesion: Lesion, covered: float = 0.0) -> Disagreement:
+def _added(lesion: Lesion, covered: float = 0.0, on_truth: bool | None = None) -> Disagreement:
     return Disagreement(ADDED, lesion.centre_index, lesion.mean_diameter_mm, other_id=lesion.lesion_id,
-                        other_volume_ml=lesion.volume_ml, covered_fraction=covered)
+                        other_volume_ml=lesion.volume_ml, covered_fraction=covered, on_truth=on_truth)
 
 
 def _volume_changes(pairs, ref_lesions: dict, other_lesions: dict, threshold_pct: float) -> list[Disagreement]:
@@ -230,11 +261,12 @@ def class_flips(reference_lesions: Sequence[Lesion], reference_types: Mapping[in
 
 def seriousness_key(item: Disagreement) -> tuple:
     """Kind first (missed > added > volume > type); within missed and added, lesions the other
-    side has nothing of before those it merged or split; volume changes that move a lesion into
-    another Lung-RADS size band before those that do not; then the bigger change or lesion."""
+    side has nothing of before those it merged or split, then those the ground truth sides with
+    the reference on (see :attr:`Disagreement.reassuring`); volume changes that move a lesion
+    into another Lung-RADS size band before those that do not; then the bigger change or lesion."""
     change = abs(item.volume_change_pct or 0.0) if item.kind == VOLUME_CHANGE else 0.0
-    return (KINDS.index(item.kind), item.merged, not item.crosses_size_band, -change, -item.mean_diameter_mm,
-            item.reference_id or 0, item.other_id or 0)
+    return (KINDS.index(item.kind), item.merged, item.reassuring, not item.crosses_size_band, -change,
+            -item.mean_diameter_mm, item.reference_id or 0, item.other_id or 0)
 
 
 def sort_by_seriousness(items: Sequence[Disagreement]) -> list[Disagreement]:

@@ -132,3 +132,23 @@ def test_a_lesion_merged_into_its_neighbour_is_listed_after_a_true_miss():
     assert [d.merged for d in missed] == [False, True]
     assert missed[0].centre_index == pytest.approx((14, 48, 48)) and missed[0].covered_fraction == 0.0
     assert missed[1].covered_fraction == 1.0 and "inside another lesion" in missed[1].detail()
+
+
+def test_ground_truth_tells_a_missed_nodule_from_the_references_false_positive():
+    volume = _volume((20, 96, 96))
+    nodule, false_positive = _ball(volume.shape, (6, 16, 16), 3), _ball(volume.shape, (6, 16, 60), 4)
+    found_nodule, new_false_positive = _ball(volume.shape, (14, 70, 20), 3), _ball(volume.shape, (14, 70, 70), 4)
+    reference = (nodule | false_positive).astype(np.uint8)
+    other = (found_nodule | new_false_positive).astype(np.uint8)
+    truth = (nodule | found_nodule).astype(np.uint8)
+    items = find_disagreements(reference, other, volume, truth_labels=truth)
+    # The bigger false positives would come first by size; the truth puts the worrying ones first.
+    assert [(item.kind, item.on_truth) for item in items] == [(MISSED, True), (MISSED, False), (ADDED, False), (ADDED, True)]
+    assert items[0].detail().endswith("not found; a ground-truth lesion")
+    assert items[1].detail().endswith("; the reference's false positive") and items[1].reassuring
+    assert "not in the ground truth" in items[2].describe("int8")
+    assert items[3].detail().endswith("a ground-truth lesion the reference missed")
+    unlabelled = find_disagreements(reference, other, volume)
+    assert {item.on_truth for item in unlabelled} == {None} and [i.kind for i in unlabelled][:2] == [MISSED, MISSED]
+    assert unlabelled[0].mean_diameter_mm > unlabelled[1].mean_diameter_mm  # without truth: by size
+    assert "ground" not in unlabelled[0].detail()

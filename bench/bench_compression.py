@@ -367,13 +367,7 @@ def accuracy(contenders: list[Contender], eval_cases: list, threads: int, seed: 
 def whole_scan_accuracy(original: Contender, best: Contender, data_dir: Path, args):
     """The original (ORT fp32 when built: the same weights as eager, judged faster) and the best
     recipe on the whole eval scans, read one more time (the lesion-slice copies replaced them)."""
-    from app.core.progress import run_to_end
-    from compression.evaluate import evaluate
-
-    cases = load_split(data_dir, "eval", args.eval_cases)
-    live = [original, best]
-    return run_to_end(evaluate([c.variant for c in live], cases, names=[c.name for c in live],
-                               threads=max(args.threads), seed=args.seed))
+    return accuracy([original, best], load_split(data_dir, "eval", args.eval_cases), max(args.threads), args.seed)
 
 
 def end_to_end(original, best, case, threads: int, rounds: int = 2) -> dict[str, float]:

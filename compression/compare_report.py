@@ -285,8 +285,8 @@ class ViewSummary:
     charts: list[ChartSeries]
     disagreements: object  # app.core.report.Table, most serious first
     locations: list[tuple[int, tuple[float, float, float]]]
-    # app.core.disagreement kind of each row, "-merged" added (a paler row) for a merged/split
-    # lesion or one the ground truth sides with the other variant on (the reference's false positive)
+    # app.core.disagreement kind of each row, "-pale" added for a merged/split lesion or one the
+    # ground truth sides with the other variant on (the reference's false positive): a paler row
     kinds: list[str]
     evidence: str
 
@@ -297,7 +297,7 @@ def view_summary(run: ComparisonRun, identify: bool = False) -> ViewSummary:
         tables=[verdict_table(run), per_case_table(run, labels), cost_table(run)],
         charts=chart_series(run, labels), disagreements=disagreement_table(run, labels),
         locations=[(ci, d.centre_index) for ci, _name, d in run.all_disagreements()],
-        kinds=[d.kind + ("-merged" if d.merged or d.reassuring else "")
+        kinds=[d.kind + ("-pale" if d.merged or d.reassuring else "")
                for _ci, _name, d in run.all_disagreements()],
         evidence=run.evaluation.evidence)
 

@@ -28,7 +28,7 @@ AI_NOTICE = "AI findings — research use only"
 JUMP_FIELD_MM = 70.0
 # Rows: true misses strongest; lesions merged into or split from another one paler, and those the
 # ground truth sides with the compared variant on (a dropped false positive, a found nodule).
-KIND_COLOURS = {"missed": "#ffc9c9", "missed-merged": "#ffeded", "added": "#ffe2b8", "added-merged": "#fff4e4"}
+KIND_COLOURS = {"missed": "#ffc9c9", "missed-pale": "#ffeded", "added": "#ffe2b8", "added-pale": "#fff4e4"}
 
 
 # ---------------------------------------------------------------- linking the panels

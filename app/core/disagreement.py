@@ -175,7 +175,7 @@ def find_disagreements(reference_labels: np.ndarray, other_labels: np.ndarray, v
     truth = None if truth_labels is None else np.asarray(truth_labels) > 0
 
     def on_truth(instances, lesion_id):
-        return None if truth is None else bool(truth[instances == lesion_id].any())
+        return None if truth is None else _covered(instances, lesion_id, truth) > 0
 
     found = [_missed(ref_lesions[i], _covered(ref_instances, i, other_mask), on_truth(ref_instances, i))
              for i in match.missed if i in ref_lesions]

@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Generator
+from typing import Generator, Iterable, Iterator
 
 import numpy as np
 
@@ -64,6 +64,9 @@ DENSENET_ARGS = {"spatial_dims": 2, "in_channels": CLASSIFIER_SLICES, "out_chann
                  "growth_rate": 16, "block_config": [6, 12, 24, 16], "dropout_prob": 0.0}
 # A part-solid training slice must show its core: ground glass is −650…−450 HU, solid 0…60 HU.
 SOLID_CORE_HU = -300.0
+# A nodule whose mean density is above this (windowed 0..1) is solid or mostly solid core: the
+# kind a 2-D slice confuses with vessel cross-sections, drawn more often when asked.
+SOLID_MEAN_WINDOWED = (-130.0 - LUNG_WINDOW[0]) / (LUNG_WINDOW[1] - LUNG_WINDOW[0])
 ONNX_TOLERANCE = 1e-4  # max |logit difference| torch vs ONNX Runtime, fp32, same input
 
 
@@ -120,11 +123,15 @@ def find_lesion_csv(case_folder: Path) -> Path | None:
 
 
 def read_demo_cases(data_dir: Path, splits: tuple[str, ...]) -> list[DemoCase]:
+    return list(iter_demo_cases(data_dir, splits))
+
+
+def iter_demo_cases(data_dir: Path, splits: tuple[str, ...]) -> Iterator[DemoCase]:
+    """The manifest's cases in ``splits``, read one at a time."""
     from app.core.lesions import read_lesion_csv
     from app.core.manifest import read_manifest
 
     manifest = read_manifest(_manifest_path(data_dir))
-    cases = []
     for case in manifest.cases:
         if case.split not in splits:
             continue
@@ -132,8 +139,27 @@ def read_demo_cases(data_dir: Path, splits: tuple[str, ...]) -> list[DemoCase]:
         labels = read_labels(manifest.labels_path(case), volume.shape)
         csv_path = find_lesion_csv(manifest.labels_path(case).parent)
         rows = read_lesion_csv(csv_path) if csv_path else []
-        cases.append(DemoCase(case.case, case.split, volume, labels, rows))
-    return cases
+        yield DemoCase(case.case, case.split, volume, labels, rows)
+
+
+def extra_training_cases(data_dir: Path, extra: tuple[Path, ...]) -> tuple[list[str], Iterator[DemoCase]]:
+    """Every case of the ``extra`` demo data folders, whatever its split there, as UNet training
+    cases: (their names, a generator reading them). Refuses a patient who is also in
+    ``data_dir``'s calib or eval split, so that verdicts stay on unseen patients."""
+    import itertools
+
+    from app.core.manifest import read_manifest
+
+    held_out = {c.patient for c in read_manifest(_manifest_path(data_dir)).cases if c.split in ("calib", "eval")}
+    names = []
+    for folder in extra:
+        manifest = read_manifest(_manifest_path(folder))
+        shared = sorted(held_out & {c.patient for c in manifest.cases})
+        if shared:
+            raise ValueError(f"{folder}: patients {', '.join(shared[:5])} are also in {data_dir}'s calib/eval split")
+        names += [f"{folder.name}/{c.case}" for c in manifest.cases]
+    every = ("train", "calib", "eval")
+    return names, itertools.chain.from_iterable(iter_demo_cases(folder, every) for folder in extra)
 
 
 def _manifest_path(data_dir: Path) -> Path:
@@ -177,9 +203,21 @@ class SlicePool:
     masks: np.ndarray  # (n, H, W) uint8
     nodules: list[np.ndarray]  # per 3-D nodule: (m, 3) int32 rows (pool slice, y, x)
 
+    def solid(self) -> np.ndarray:
+        """Per nodule: is its mean density soft tissue (a solid nodule, or mostly solid core)?"""
+        return np.array([self.images[tuple(n.T)].mean() > SOLID_MEAN_WINDOWED for n in self.nodules], bool)
 
-def slice_pool(cases: list[DemoCase], rng: np.random.Generator, background_per_case: int) -> SlicePool:
-    """Every slice with nodule plus some without."""
+    def nodule_odds(self, solid_weight: float) -> np.ndarray | None:
+        """Chance of drawing each nodule: solid ones ``solid_weight`` times as often (None: all equal)."""
+        if solid_weight == 1.0 or not self.nodules:
+            return None
+        weights = np.where(self.solid(), solid_weight, 1.0)
+        return weights / weights.sum()
+
+
+def slice_pool(cases: Iterable[DemoCase], rng: np.random.Generator, background_per_case: int) -> SlicePool:
+    """Every slice with nodule plus some without. ``cases`` is read once, so a generator of
+    cases (:func:`iter_demo_cases`) keeps only one volume in memory at a time."""
     from app.core.lesions import label_instances
 
     images, masks, nodules, first = [], [], [], 0
@@ -200,15 +238,18 @@ def slice_pool(cases: list[DemoCase], rng: np.random.Generator, background_per_c
     return SlicePool(np.concatenate(images), np.concatenate(masks), nodules)
 
 
-def sample_crops(pool: SlicePool, rng, batch: int, crop: int, nodule_fraction: float = 0.7):
+def sample_crops(pool: SlicePool, rng, batch: int, crop: int, nodule_fraction: float = 0.7,
+                 nodule_odds: np.ndarray | None = None):
     """Crops on a nodule (each nodule equally likely, whatever its size: small solid nodules
-    are the hard ones) or anywhere, with flips."""
+    are the hard ones; or drawn with ``nodule_odds``) or anywhere, with flips."""
     images, masks = pool.images, pool.masks
     crop = min(crop, images.shape[1], images.shape[2])  # tiny test series are smaller than a crop
     xs, ys = [], []
     for _ in range(batch):
         if pool.nodules and rng.random() < nodule_fraction:
-            pixels = pool.nodules[int(rng.integers(len(pool.nodules)))]
+            pick = int(rng.integers(len(pool.nodules))) if nodule_odds is None else int(rng.choice(len(pool.nodules),
+                                                                                                   p=nodule_odds))
+            pixels = pool.nodules[pick]
             k, cy, cx = (int(v) for v in pixels[rng.integers(len(pixels))])
             jitter = rng.integers(-crop // 3, crop // 3 + 1, size=2)
             cy, cx = cy + int(jitter[0]), cx + int(jitter[1])
@@ -225,15 +266,18 @@ def sample_crops(pool: SlicePool, rng, batch: int, crop: int, nodule_fraction: f
     return np.stack(xs)[:, None].copy(), np.stack(ys).astype(np.int64)
 
 
-def train_unet(cases: list[DemoCase], seed: int, steps: int, crop: int = 224, batch: int = 8,
+def train_unet(cases: Iterable[DemoCase], seed: int, steps: int, crop: int = 224, batch: int = 8,
                threads: int = 2, lr: float = 2e-3, polish_steps: int = 0, polish_lr: float = 5e-4,
-               polish_foreground_weight: float = 10.0, init: Path | None = None) -> Generator[Progress, None, object]:
+               polish_foreground_weight: float = 10.0, init: Path | None = None,
+               solid_weight: float = 1.0) -> Generator[Progress, None, object]:
     """Dice + cross-entropy, Adam with a one-cycle schedule; returns the trained network (eval mode).
 
     ``polish_steps`` more steps follow with a second, lower one-cycle and nodule pixels weighted
     ``polish_foreground_weight`` in the cross-entropy: it trades a few more vessel-like
-    candidates (which the 3-D shape clean-up removes) for fewer missed nodules. ``init``: start
+    candidates (which the 3-D shape clean-up removes) for fewer missed nodules; during those
+    steps solid nodules are drawn ``solid_weight`` times as often as the others. ``init``: start
     from these weights (a state dict) instead of random ones, e.g. to polish a trained model.
+    ``cases`` may be a generator: it is read once, into the slice pool.
     """
     import torch
     from monai.losses import DiceLoss
@@ -250,10 +294,10 @@ def train_unet(cases: list[DemoCase], seed: int, steps: int, crop: int = 224, ba
     # drops the background channel from the CE too, and CE over one channel is always zero.
     dice = DiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
     total = steps + polish_steps
-    phases = [(steps, lr, 1.0), (polish_steps, polish_lr, polish_foreground_weight)]
+    phases = [(steps, lr, 1.0, None), (polish_steps, polish_lr, polish_foreground_weight, pool.nodule_odds(solid_weight))]
     done = 0
     net.train()
-    for phase_steps, phase_lr, weight in phases:
+    for phase_steps, phase_lr, weight, odds in phases:
         if phase_steps <= 0:
             continue
         cross_entropy = torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, weight]) if weight != 1.0 else None)
@@ -261,7 +305,7 @@ def train_unet(cases: list[DemoCase], seed: int, steps: int, crop: int = 224, ba
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=phase_lr, total_steps=phase_steps,
                                                        pct_start=0.1)
         for _ in range(phase_steps):
-            x, y = sample_crops(pool, rng, batch, crop)
+            x, y = sample_crops(pool, rng, batch, crop, nodule_odds=odds)
             target = torch.from_numpy(y)
             logits = net(torch.from_numpy(x))
             loss = dice(logits, target[:, None]) + cross_entropy(logits, target)
@@ -652,38 +696,67 @@ def _lineage(seed: int, threads: int, recipe: dict, seconds: float, metrics: dic
 
 def train_demo(data_dir: Path, out_dir: Path, seed: int = 0, unet_steps: int = 4000, densenet_epochs: int = 12,
                threads: int = 2, which: tuple[str, ...] = ("unet", "densenet"),
-               polish_steps: int = 1500, init: Path | None = None) -> Generator[Progress, None, dict]:
-    """Train, evaluate, export and write the demo models; returns {name: metrics}."""
+               polish_steps: int = 1500, init: Path | None = None, polish_lr: float = 5e-4,
+               solid_weight: float = 1.0, extra_train: tuple[Path, ...] = ()) -> Generator[Progress, None, dict]:
+    """Train, evaluate, export and write the demo models; returns {name: metrics}.
+
+    ``extra_train``: more demo data folders whose every case also trains the UNet (read one
+    case at a time; a patient also in ``data_dir``'s calib or eval split is refused)."""
     train = read_demo_cases(data_dir, ("train",))
     evaluation = read_demo_cases(data_dir, ("eval",))
-    yield Progress(0.02, f"read {len(train)} train and {len(evaluation)} eval cases")
+    extra_names, extra_cases = extra_training_cases(data_dir, tuple(extra_train))
+    yield Progress(0.02, f"read {len(train)} train and {len(evaluation)} eval cases"
+                         + (f"; {len(extra_names)} more UNet train cases" if extra_names else ""))
     results = {}
     if "unet" in which:
-        results["lung-nodule-unet2d"] = yield from _train_unet_folder(train, evaluation, data_dir, out_dir,
-                                                                      seed, unet_steps, threads, polish_steps, init)
+        unet = UnetRecipe(seed, unet_steps, polish_steps, polish_lr, solid_weight, init)
+        results["lung-nodule-unet2d"] = yield from _train_unet_folder(train, extra_names, extra_cases, evaluation,
+                                                                      data_dir, out_dir, unet, threads)
     if "densenet" in which:
         results["nodule-type-densenet"] = yield from _train_densenet_folder(train, evaluation, data_dir, out_dir,
                                                                             seed, densenet_epochs, threads)
     return results
 
 
-def _train_unet_folder(train, evaluation, data_dir, out_dir, seed, steps, threads, polish_steps, init):
+@dataclass(frozen=True)
+class UnetRecipe:
+    seed: int
+    steps: int
+    polish_steps: int
+    polish_lr: float = 5e-4
+    solid_weight: float = 1.0
+    init: Path | None = None
+
+    def describe(self) -> dict:
+        solid = f", solid nodules drawn ×{self.solid_weight:g}" if self.solid_weight != 1.0 else ""
+        recipe = {"steps": self.steps, "crop": 224, "batch": 8, "loss": "batch Dice (nodule) + CE",
+                  "optimiser": "Adam+OneCycle(2e-3)",
+                  "polish": f"{self.polish_steps} steps, Adam+OneCycle({self.polish_lr:g}), CE nodule weight 10{solid}",
+                  "sampling": "70% crops on a nodule (each nodule equally likely), flips",
+                  "postprocessing": "size, score and 3-D elongation limits chosen on the calib split"}
+        if self.init is not None:
+            recipe["init"] = f"{Path(self.init).name} (SHA-256 in parent_sha256)"
+        return recipe
+
+
+def _train_unet_folder(train, extra_names, extra_cases, evaluation, data_dir, out_dir, unet: UnetRecipe, threads):
+    import itertools
+
     from app.core.models import sha256_file
     from app.core.progress import scaled
 
     start = time.perf_counter()
-    net = yield from scaled(train_unet(train, seed, steps, threads=threads, polish_steps=polish_steps, init=init),
+    net = yield from scaled(train_unet(itertools.chain(train, extra_cases), unet.seed, unet.steps, threads=threads,
+                                       polish_steps=unet.polish_steps, polish_lr=unet.polish_lr, init=unet.init,
+                                       solid_weight=unet.solid_weight),
                             0.05, 0.6, "")
     seconds = time.perf_counter() - start
-    recipe = {"steps": steps, "crop": 224, "batch": 8, "loss": "batch Dice (nodule) + CE", "optimiser": "Adam+OneCycle(2e-3)",
-              "polish": f"{polish_steps} steps, Adam+OneCycle(5e-4), CE nodule weight 10",
-              "sampling": "70% crops on a nodule (each nodule equally likely), flips",
-              "postprocessing": "size, score and 3-D elongation limits chosen on the calib split"}
-    if init is not None:
-        recipe["init"] = f"{Path(init).name} (SHA-256 in parent_sha256)"
-    card = unet_card(_lineage(seed, threads, recipe, seconds, {}), _training_data_text(data_dir, train))
-    if init is not None:
-        card = card.with_lineage(parent_sha256=sha256_file(Path(init)))
+    text = _training_data_text(data_dir, train)
+    if extra_names:
+        text += f", plus {len(extra_names)} cases of other demo data, every split ({', '.join(extra_names)})"
+    card = unet_card(_lineage(unet.seed, threads, unet.describe(), seconds, {}), text)
+    if unet.init is not None:
+        card = card.with_lineage(parent_sha256=sha256_file(Path(unet.init)))
     write_model_folder(net, card, out_dir / card.name, (1, 1, 64, 64), dynamic_spatial=True)
     return (yield from calibrate_and_evaluate_unet(out_dir / card.name, data_dir, evaluation, threads))
 
@@ -748,6 +821,12 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--polish-steps", type=int, default=1500,
                         help="UNet steps after those with nodule pixels weighted ×10 (fewer missed nodules)")
     parser.add_argument("--init", help="start the UNet from these weights (model.pt), e.g. to polish it")
+    parser.add_argument("--polish-lr", type=float, default=5e-4, help="peak learning rate of the polish steps")
+    parser.add_argument("--solid-weight", type=float, default=1.0,
+                        help="during the polish steps, draw solid nodules this many times as often as the others")
+    parser.add_argument("--extra-train", action="append", default=[], metavar="DIR",
+                        help="another demo data folder whose every case also trains the UNet (repeatable); "
+                             "a patient also in --data's calib or eval split is refused")
     parser.add_argument("--epochs", type=int, default=12, help="DenseNet epochs")
     parser.add_argument("--only", choices=("unet", "densenet"), help="train just one of the two")
     parser.add_argument("--evaluate-only", action="store_true",
@@ -764,7 +843,8 @@ def _run_cli(args) -> int:
                                           args.threads)
     else:
         job = train_demo(Path(args.data), Path(args.out), args.seed, args.steps, args.epochs, args.threads, which,
-                         args.polish_steps, Path(args.init) if args.init else None)
+                         args.polish_steps, Path(args.init) if args.init else None, args.polish_lr,
+                         args.solid_weight, tuple(Path(p) for p in args.extra_train))
     while True:
         try:
             progress = next(job)

@@ -114,3 +114,48 @@ def test_part_solid_training_slices_show_their_core_and_ground_glass_keeps_every
     ground_glass = DemoCase("G", "train", volume, glass.astype(np.uint8), [{**row, "type": "ground-glass"}])
     patches, targets = lesion_patches(ground_glass, offsets=offsets, require_core=True)
     assert targets == [2] * len(offsets) and max(p.max() for p in patches) < 0.4
+
+
+def test_solid_nodules_are_told_apart_and_drawn_as_often_as_asked():
+    from app.core.demo_models import SlicePool, _window01
+
+    images = np.full((2, 64, 64), -900, np.int16)
+    solid, glass = _ball((1, 64, 64), (1.0, 1.0, 1.0), (0, 20, 20), (1, 5, 5))[0], \
+        _ball((1, 64, 64), (1.0, 1.0, 1.0), (0, 40, 40), (1, 6, 6))[0]
+    images[0][solid] = 30  # soft tissue
+    images[1][glass] = -550  # ground glass
+    masks = np.stack([solid, glass]).astype(np.uint8)
+    nodules = [np.argwhere(solid).astype(np.int32), np.argwhere(glass).astype(np.int32)]
+    nodules = [np.column_stack([np.full(len(n), k, np.int32), n]) for k, n in enumerate(nodules)]
+    pool = SlicePool(_window01(images), masks, nodules)
+    assert pool.solid().tolist() == [True, False]
+    assert pool.nodule_odds(1.0) is None
+    odds = pool.nodule_odds(3.0)
+    assert odds.tolist() == pytest.approx([0.75, 0.25])
+    rng = np.random.default_rng(0)
+    crops = [sample_crops(pool, rng, batch=1, crop=32, nodule_fraction=1.0, nodule_odds=odds)[0] for _ in range(400)]
+    drawn_solid = np.mean([x.max() > 0.7 for x in crops])  # the solid nodule is on slice 0, the glass on 1
+    assert 0.68 < drawn_solid < 0.82
+
+
+def test_extra_training_data_must_not_hold_a_held_out_patient(demo_tiny, tmp_path):
+    import csv
+
+    from app.core.demo_models import extra_training_cases
+
+    with pytest.raises(ValueError, match="also in"):
+        extra_training_cases(demo_tiny, (demo_tiny,))
+    # The same scans listed under other patients' names: accepted, every split read.
+    rows = list(csv.DictReader(open(demo_tiny / "manifest.csv", encoding="utf-8")))
+    other = tmp_path / "other"
+    other.mkdir()
+    with open(other / "manifest.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "patient": "OTHER-" + row["patient"],
+                             "series": str((demo_tiny / row["series"]).resolve()),
+                             "labels": str((demo_tiny / row["labels"]).resolve())})
+    names, cases = extra_training_cases(demo_tiny, (other,))
+    assert len(names) == len(rows) and names[0].startswith("other/")
+    assert [c.name for c in cases] == [row["case"] for row in rows]

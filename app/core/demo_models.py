@@ -200,7 +200,7 @@ class SlicePool:
     """Training slices (lung-windowed) with their nodule masks, and per nodule the pixels
     where it lies, so that crops can be drawn nodule by nodule."""
 
-    images: np.ndarray  # (n, H, W) float32
+    images: np.ndarray  # (n, H, W) float16: half the memory (184 full cases ≈ 4 GB), error ≤ 0.4 HU
     masks: np.ndarray  # (n, H, W) uint8
     nodules: list[np.ndarray]  # per 3-D nodule: (m, 3) int32 rows (pool slice, y, x)
 
@@ -226,7 +226,7 @@ def slice_pool(cases: Iterable[DemoCase], rng: np.random.Generator, background_p
         fg = np.flatnonzero(case.labels.reshape(len(case.labels), -1).any(axis=1))
         bg = np.setdiff1d(np.arange(len(case.labels)), fg)
         chosen = np.sort(np.concatenate([fg, rng.choice(bg, min(len(bg), background_per_case), replace=False)]))
-        images.append(_window01(case.volume.voxels[chosen]))
+        images.append(_window01(case.volume.voxels[chosen]).astype(np.float16))
         masks.append((case.labels[chosen] > 0).astype(np.uint8))
         instances = label_instances((case.labels > 0).astype(np.uint8))[0][chosen]
         points = np.argwhere(instances)
@@ -264,7 +264,7 @@ def sample_crops(pool: SlicePool, rng, batch: int, crop: int, nodule_fraction: f
             img, msk = img[:, ::-1], msk[:, ::-1]
         xs.append(img)
         ys.append(msk)
-    return np.stack(xs)[:, None].copy(), np.stack(ys).astype(np.int64)
+    return np.stack(xs)[:, None].astype(np.float32), np.stack(ys).astype(np.int64)
 
 
 def train_unet(cases: Iterable[DemoCase], seed: int, steps: int, crop: int = 224, batch: int = 8,

@@ -34,6 +34,7 @@ def test_slice_pool_lists_every_nodule_with_pixels_inside_its_mask(demo_tiny):
     assert len(pool.nodules) == sum(label_instances((c.labels > 0).astype(np.uint8))[1] for c in cases)
     for pixels in pool.nodules:
         assert pool.masks[tuple(pixels.T)].all()
+    assert pool.images.dtype == np.float16  # half the memory; the windowed values lose < 0.4 HU
     x, y = sample_crops(pool, np.random.default_rng(1), batch=6, crop=96)
     assert x.shape == (6, 1, 96, 96) and x.dtype == np.float32 and y.shape == (6, 96, 96)
     assert y.sum() > 0  # 70 % of crops are drawn on a nodule

@@ -69,13 +69,15 @@ class Cost:
 
 
 def deployed_files(variant) -> list[Path]:
-    """The files a stock runtime reads to run this variant as its format says."""
+    """The files a stock runtime reads to run this variant as its format says (with the
+    candidate filter of its lesion clean-up, when it has one: findings need it too)."""
     main = Path(variant.main_file)
+    extra = [Path(variant.files["candidate_filter"])] if "candidate_filter" in variant.files else []
     if variant.format == "onnx":
-        return [main, *onnx_external_files(main)]
+        return [main, *onnx_external_files(main), *extra]
     if variant.format == "bundle":
         return sorted(p for p in main.rglob("*") if p.is_file())
-    return [main]
+    return [main, *extra]
 
 
 def onnx_external_files(path: Path) -> list[Path]:

@@ -159,6 +159,8 @@ def working_copy(parent: ModelVariant, work_dir: Path) -> WorkingModel:
     from app.core.models import load_torch_module
 
     model = WorkingModel(card=parent.card, work_dir=work_dir)
+    if "candidate_filter" in parent.files:  # the lesion clean-up's second network goes along unchanged
+        model.extra_files["candidate_filter"] = parent.files["candidate_filter"]
     if "weights" in parent.files and parent.card.architecture is not None:
         model.module = load_torch_module(parent.as_format("state_dict"))
         model.original = load_torch_module(parent.as_format("state_dict"))

@@ -497,6 +497,13 @@ class _Candidates:
     truth_sizes: dict[int, int]
     truth_voxels: int
     big_ids: list[int]
+    patches: np.ndarray | None = None  # candidate-filter inputs (float16), when asked for
+
+    def on_truth(self) -> np.ndarray:
+        """Per candidate: does it overlap a truth lesion (what a candidate filter learns)."""
+        hit = np.zeros(len(self.voxels), bool)
+        hit[[t - 1 for _, t, _ in self.pairs]] = True
+        return hit
 
     def outcome(self, keep: np.ndarray) -> tuple[float, int, int, int]:
         """(Dice, big nodules found, big nodules, false-positive lesions) keeping ``keep`` (bool per candidate)."""
@@ -510,30 +517,39 @@ class _Candidates:
         return dice, sum(1 for b in self.big_ids if b in found), len(self.big_ids), int(keep.sum()) - len(found)
 
 
-def lesion_candidates(runner, cases: Iterable[DemoCase], min_diameter_mm: float = 6.0) -> list[_Candidates]:
-    """Run the network on each case and keep only its candidates' measurements."""
+def lesion_candidates(runner, cases: Iterable[DemoCase], min_diameter_mm: float = 6.0,
+                      patches=None) -> Iterator[_Candidates]:
+    """Run the network on each case and keep only its candidates' measurements (and, given a
+    :class:`~app.core.model_card.CandidateFilter` as ``patches``, their filter inputs)."""
     runner.keep_probabilities = True
     try:
-        return [candidates_from_foreground(run_to_end(runner.run(case.volume)).probabilities[1], case, min_diameter_mm)
-                for case in cases]
+        for case in cases:
+            foreground = run_to_end(runner.run(case.volume)).probabilities[1]
+            yield candidates_from_foreground(foreground, case, min_diameter_mm, patches=patches)
     finally:
         runner.keep_probabilities = False
 
 
 def candidates_from_foreground(foreground: np.ndarray, case: DemoCase, min_diameter_mm: float = 6.0,
-                               threshold: float = 0.5) -> _Candidates:
+                               threshold: float = 0.5, patches=None) -> _Candidates:
     from app.core.inference import lesion_peaks
     from app.core.lesions import _overlaps, _sizes, label_instances, lesion_elongation
 
     instances, count = label_instances((foreground >= threshold).astype(np.uint8))
     voxels = np.bincount(instances.ravel(), minlength=count + 1)[1:]
     truth = _truth(case, min_diameter_mm)
+    inputs = None
+    if patches is not None:
+        from app.core.candidate_filter import candidate_centres, candidate_patches
+
+        inputs = candidate_patches(case.volume.voxels, foreground, candidate_centres(instances, count),
+                                   case.volume.spacing, patches).astype(np.float16)
     return _Candidates(
         voxels=voxels, mm3=voxels * case.volume.voxel_volume_ml * 1000.0,
         peaks=lesion_peaks(foreground, instances, count),
         elongation=lesion_elongation(instances, count, case.volume.spacing),
         pairs=_overlaps(truth.instances, instances), truth_sizes=_sizes(truth.instances),
-        truth_voxels=int(truth.mask.sum()), big_ids=truth.big_ids)
+        truth_voxels=int(truth.mask.sum()), big_ids=truth.big_ids, patches=inputs)
 
 
 RULE_GRID = tuple(Postprocessing(min_lesion_mm3=mm3, min_lesion_score=score, max_elongation=elongation)
@@ -773,7 +789,7 @@ def calibrate_and_evaluate_unet(folder: Path, data_dir: Path, evaluation: Iterab
 
     yield Progress(0.65, "choosing the lesion clean-up on the calib split")
     calib = iter_demo_cases(data_dir, ("calib",))
-    rule, table = choose_postprocessing(lesion_candidates(_onnx_runner(folder, threads), calib))
+    rule, table = choose_postprocessing(list(lesion_candidates(_onnx_runner(folder, threads), calib)))
     del calib
     card = replace(load_card(folder / "card.json"), postprocessing=rule)
     save_card(card, folder / "card.json")
@@ -838,13 +854,43 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--only", choices=("unet", "densenet"), help="train just one of the two")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="keep the UNet weights already in --out; redo its calibration and evaluation")
+    parser.add_argument("--filter-only", action="store_true",
+                        help="keep the UNet weights already in --out; train its candidate filter on the UNet's "
+                             "candidates in the train split (and --extra-train), choose its threshold on calib, "
+                             "then evaluate")
+    parser.add_argument("--filter-epochs", type=int, default=30, help="candidate-filter epochs per seed")
+    parser.add_argument("--card-version", help="version to write into the UNet's card (e.g. 1.3.0)")
     parser.set_defaults(handler=_run_cli)
+
+
+def _filter_only(data_dir: Path, folder: Path, extra_train: tuple[Path, ...], threads: int, epochs: int,
+                 version: str | None):
+    import itertools
+
+    from app.core.demo_filter import fit_candidate_filter
+    from app.core.model_card import load_card
+
+    from app.core.manifest import read_manifest
+
+    train_names = [c.case for c in read_manifest(_manifest_path(data_dir)).cases_in("train")]
+    extra_names, extra_cases = extra_training_cases(data_dir, extra_train)
+    if not (folder / "card.json").exists():
+        raise FileNotFoundError(f"{folder / 'card.json'}: no UNet to fit a candidate filter to")
+    if version:
+        save_card(replace(load_card(folder / "card.json"), version=version), folder / "card.json")
+    yield Progress(0.01, f"candidate filter from {len(train_names) + len(extra_names)} train scans")
+    cases = itertools.chain(iter_demo_cases(data_dir, ("train",)), extra_cases)
+    return (yield from fit_candidate_filter(folder, data_dir, cases, train_names + extra_names, threads, epochs))
 
 
 def _run_cli(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     which = (args.only,) if args.only else ("unet", "densenet")
-    if args.evaluate_only:
+    if args.filter_only:
+        job = _filter_only(Path(args.data), Path(args.out) / "lung-nodule-unet2d",
+                           tuple(Path(p) for p in args.extra_train), args.threads, args.filter_epochs,
+                           args.card_version)
+    elif args.evaluate_only:
         evaluation = iter_demo_cases(Path(args.data), ("eval",))
         job = calibrate_and_evaluate_unet(Path(args.out) / "lung-nodule-unet2d", Path(args.data), evaluation,
                                           args.threads)

@@ -264,6 +264,7 @@ class _Runner:
         self.provider = ""
         self._cancel = threading.Event()
         self._load_s = 0.0
+        self._filter = None  # app.core.candidate_filter.FilterSession, opened on first use
 
     # Back ends implement these two.
     def _predict(self, batch: np.ndarray) -> np.ndarray:
@@ -429,12 +430,29 @@ class _Runner:
             probabilities = restore(prepared, probabilities, order=1, axis_offset=1)
             labels = labels_from_probabilities(probabilities, self.card)
             foreground = 1.0 - probabilities[0] if self.card.output_activation == "softmax" else probabilities.max(0)
-        labels, instances = clean_lesions(labels, foreground, volume, self.card.postprocessing, in_place=True)
+        labels, instances = clean_lesions(labels, foreground, volume, self.card.postprocessing, in_place=True,
+                                          scorer=self._candidate_scorer(volume, foreground))
         lesions = lesion_table(labels, volume, instances=instances)
         scores = {lesion.lesion_id: _lesion_score(foreground, lesion) for lesion in lesions}
         keep = probabilities.astype(np.float16) if self.keep_probabilities else None
         return Findings.for_volume(volume, self._identity(), labels=labels, probabilities=keep,
                                    lesions=lesions, lesion_scores=scores, timing=timing)
+
+    def _candidate_scorer(self, volume: Volume, foreground: np.ndarray):
+        """The card's candidate filter as ``clean_lesions`` calls it, or None without one."""
+        spec = self.card.postprocessing.candidate_filter
+        if spec is None:
+            return None
+        if self._filter is None:  # opened once per runner, like the network
+            from app.core.candidate_filter import FilterSession, filter_file
+
+            self._filter = FilterSession(filter_file(self.variant.files, self.variant.card_path or self.card.name),
+                                         spec, self.threads)
+
+        def scorer(instances: np.ndarray, count: int, offset) -> np.ndarray:
+            return self._filter.score_lesions(volume.voxels, foreground, instances, count, volume.spacing, offset)
+
+        return scorer
 
     def _identity(self) -> dict:
         return {"model_name": self.card.name, "model_version": self.card.version,
@@ -557,17 +575,18 @@ def remove_unsure_lesions(labels: np.ndarray, foreground: np.ndarray, volume: Vo
     """Drop lesions smaller than ``rule.min_lesion_mm3``, whose peak probability is below
     ``rule.min_lesion_score`` or whose shape is more elongated than ``rule.max_elongation``
     (the card's post-processing; chosen on the calibration split)."""
-    if rule.min_lesion_mm3 <= 0 and rule.min_lesion_score <= 0 and rule.max_elongation is None:
+    if rule.is_empty:
         return labels  # nothing to drop: no need to label the scan
     return clean_lesions(labels, foreground, volume, rule)[0]
 
 
 def clean_lesions(labels: np.ndarray, foreground: np.ndarray, volume: Volume, rule,
-                  in_place: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  in_place: bool = False, scorer=None) -> tuple[np.ndarray, np.ndarray]:
     """:func:`remove_unsure_lesions`, also returning the kept lesions' instance map: exactly
     what :func:`~app.core.lesions.label_instances` makes of the kept labels (ids by descending
     size), so that the lesion table need not label the scan a second time. ``in_place``: the
-    dropped lesions are cleared in ``labels`` itself (a scan-sized copy saved)."""
+    dropped lesions are cleared in ``labels`` itself (a scan-sized copy saved). ``scorer``
+    (instances, count, box corner) → per-lesion scores: the rule's candidate filter."""
     from app.core.lesions import label_instances, lesion_elongation, occupied_box
 
     instances = np.zeros(labels.shape, np.int32)
@@ -579,12 +598,17 @@ def clean_lesions(labels: np.ndarray, foreground: np.ndarray, volume: Volume, ru
     inner, count = label_instances(labels[box])
     inside = np.flatnonzero(inner.reshape(-1))  # only lesion voxels are read and written
     in_ids = inner.reshape(-1)[inside]
-    if rule.min_lesion_mm3 <= 0 and rule.min_lesion_score <= 0 and rule.max_elongation is None:
+    if rule.is_empty:
         instances[box] = inner
         return labels, instances
     volume_mm3 = np.bincount(in_ids, minlength=count + 1)[1:] * volume.voxel_volume_ml * 1000.0
     elongation = lesion_elongation(inner, count, volume.spacing) if rule.max_elongation is not None else None
-    unsure = rule.drops(volume_mm3, lesion_peaks(foreground[box], inner, count), elongation)
+    scores = None
+    if rule.candidate_filter is not None:
+        if scorer is None:
+            raise ModelError("this lesion clean-up has a candidate filter but no scorer was given")
+        scores = scorer(inner, count, tuple(s.start for s in box))
+    unsure = rule.drops(volume_mm3, lesion_peaks(foreground[box], inner, count), elongation, scores)
     # Ids are in descending size, ties in raster order of first voxel: dropping some and closing
     # the gaps gives the kept lesions the ids a fresh labelling of the kept mask would.
     new_id = np.zeros(count + 1, np.int32)

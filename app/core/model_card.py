@@ -60,20 +60,49 @@ class Preprocessing:
 
 
 @dataclass(frozen=True)
+class CandidateFilter:
+    """A second network that scores each lesion candidate of the segmentation (nodule or not),
+    as the false-positive reduction stage of LUNA16-style nodule detectors does. It reads
+    ``patch_px``² patches sampled at ``pixel_mm`` around the candidate's centre, one per slice
+    offset (mm, through-plane) of the windowed scan, plus the segmentation's foreground
+    probability on the centre slice; its ONNX file is the card's ``candidate_filter`` file."""
+
+    threshold: float  # candidates scoring below it are dropped
+    patch_px: int = 32
+    pixel_mm: float = 0.7
+    slice_offsets_mm: tuple[float, ...] = (-6.0, -3.0, 0.0, 3.0, 6.0)
+    hu_window: tuple[float, float] = (-1000.0, 400.0)  # scan channels are clipped to it and scaled to 0..1
+
+    @property
+    def channels(self) -> int:
+        return len(self.slice_offsets_mm) + 1
+
+
+@dataclass(frozen=True)
 class Postprocessing:
-    """Lesion clean-up after the label map: drop components too small, too unsure, or shaped
-    like a vessel or a plate rather than a nodule."""
+    """Lesion clean-up after the label map: drop components too small, too unsure, shaped
+    like a vessel or a plate rather than a nodule, or judged no nodule by a candidate filter."""
 
     min_lesion_mm3: float = 0.0
     min_lesion_score: float = 0.0  # the lesion's peak foreground probability
     max_elongation: float | None = None  # app.core.lesions.lesion_elongation; None keeps every shape
+    candidate_filter: CandidateFilter | None = None
 
-    def drops(self, volume_mm3: np.ndarray, peak: np.ndarray, elongation: np.ndarray | None) -> np.ndarray:
-        """Which lesions the rule removes, from their volumes, peak probabilities and elongations
-        (``elongation`` may be None when ``max_elongation`` is None)."""
+    @property
+    def is_empty(self) -> bool:
+        return (self.min_lesion_mm3 <= 0 and self.min_lesion_score <= 0 and self.max_elongation is None
+                and self.candidate_filter is None)
+
+    def drops(self, volume_mm3: np.ndarray, peak: np.ndarray, elongation: np.ndarray | None,
+              filter_scores: np.ndarray | None = None) -> np.ndarray:
+        """Which lesions the rule removes, from their volumes, peak probabilities, elongations
+        and candidate-filter scores (``elongation`` / ``filter_scores`` may be None when the
+        rule does not use them)."""
         drop = (np.asarray(volume_mm3) < self.min_lesion_mm3) | (np.asarray(peak) < self.min_lesion_score)
         if self.max_elongation is not None:
             drop |= np.asarray(elongation) > self.max_elongation
+        if self.candidate_filter is not None:
+            drop |= np.asarray(filter_scores) < self.candidate_filter.threshold
         return drop
 
     def describe(self) -> str:
@@ -85,6 +114,8 @@ class Postprocessing:
             parts.append(f"peak probability < {self.min_lesion_score:g}")
         if self.max_elongation is not None:
             parts.append(f"elongation > {self.max_elongation:g} (vessel- or plate-shaped)")
+        if self.candidate_filter is not None:
+            parts.append(f"candidate-filter score < {self.candidate_filter.threshold:g}")
         return "drops lesions " + " or ".join(parts) if parts else "none"
 
 
@@ -200,10 +231,19 @@ def _build_card(data: dict) -> ModelCard:
         files=dict(data.get("files") or {}),
         architecture=Architecture(**arch) if arch else None,
         roi=roi,
-        postprocessing=Postprocessing(**(data.get("postprocessing") or {})),
+        postprocessing=_postprocessing(data.get("postprocessing") or {}),
         lineage=Lineage(**(data.get("lineage") or {})),
         description=data.get("description", ""),
     )
+
+
+def _postprocessing(data: dict) -> Postprocessing:
+    data = dict(data)
+    found = data.pop("candidate_filter", None)
+    if found is not None:
+        found = CandidateFilter(**{**found, **{key: tuple(found[key]) for key in ("slice_offsets_mm", "hu_window")
+                                               if key in found}})
+    return Postprocessing(**data, candidate_filter=found)
 
 
 def card_to_dict(card: ModelCard) -> dict:
@@ -212,6 +252,8 @@ def card_to_dict(card: ModelCard) -> dict:
     for optional in ("architecture", "roi"):
         if data.get(optional) is None:
             data.pop(optional, None)
+    if data["postprocessing"].get("candidate_filter") is None:
+        data["postprocessing"].pop("candidate_filter", None)
     return data
 
 

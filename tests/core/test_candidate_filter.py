@@ -1,0 +1,215 @@
+"""The candidate filter: patches placed in millimetres, a card that names it, the runner that
+applies it after the segmentation, train-demo fitting it, and compression carrying it along."""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from app.core.candidate_filter import candidate_centres, candidate_patches
+from app.core.model_card import CandidateFilter, ModelError, Postprocessing, card_from_dict, card_to_dict, load_card
+from app.core.volume import Volume
+from tests.core.model_fixtures import DEMO_MODELS
+
+SPEC = CandidateFilter(threshold=0.5, patch_px=16, pixel_mm=1.0, slice_offsets_mm=(-3.0, 0.0, 3.0))
+
+
+def _ball(shape, spacing, centre_mm, radius_mm):
+    axes = [np.arange(n) * s - c for n, s, c in zip(shape, spacing, centre_mm)]
+    z, y, x = np.meshgrid(*axes, indexing="ij")
+    return z ** 2 + y ** 2 + x ** 2 <= radius_mm ** 2
+
+
+def test_centres_are_the_centres_of_mass_shifted_by_the_box_corner():
+    rng = np.random.default_rng(0)
+    instances = (rng.random((6, 20, 20)) < 0.05) * rng.integers(1, 4, (6, 20, 20))
+    count = int(instances.max())
+    expected = np.asarray(ndimage.center_of_mass(np.ones_like(instances), instances, range(1, count + 1)))
+    assert np.allclose(candidate_centres(instances, count, (5, 7, 9)), expected + [5, 7, 9])
+    assert candidate_centres(instances, 0).shape == (0, 3)
+
+
+@pytest.mark.parametrize("pixel", [0.5, 0.8])
+def test_patches_show_the_same_anatomy_at_any_pixel_spacing(pixel):
+    # A 4 mm-radius nodule (40 HU) in lung (−850 HU), 1 mm slices: whatever the scan's pixels,
+    # the patch is sampled at 1 mm, so the nodule always spans the same ~8 patch pixels.
+    spacing = (1.0, pixel, pixel)
+    shape = (20, int(40 / pixel), int(40 / pixel))
+    nodule = _ball(shape, spacing, (10.0, 20.0, 20.0), 4.0)
+    voxels = np.where(nodule, 40, -850).astype(np.int16)
+    foreground = nodule.astype(np.float16)  # kept probabilities are float16
+    centres = candidate_centres(nodule.astype(np.int32), 1)
+    patches = candidate_patches(voxels, foreground, centres, spacing, SPEC)
+    assert patches.shape == (1, 4, 16, 16) and patches.dtype == np.float32
+    centre_slice, probability = patches[0, 1], patches[0, 3]
+    lung = (-850 + 1000) / 1400
+    assert centre_slice[7:9, 7:9].min() == pytest.approx((40 + 1000) / 1400, abs=1e-3)  # nodule density, windowed
+    assert centre_slice[0, 0] == pytest.approx(lung, abs=1e-3)
+    width = (centre_slice[7:9].mean(axis=0) > (lung + 0.74) / 2).sum()
+    assert 7 <= width <= 9  # ~8 mm across at 1 mm per patch pixel
+    assert probability[7:9, 7:9].min() == pytest.approx(1.0) and probability[0, 0] == 0.0
+    # ±3 mm slices cut the ball smaller (radius √7 mm): fewer dense pixels than the centre slice
+    assert (patches[0, 0] > 0.5).sum() < (centre_slice > 0.5).sum()
+
+
+def test_outside_the_scan_reads_as_air():
+    voxels = np.full((4, 10, 10), 40, np.int16)
+    patches = candidate_patches(voxels, np.ones((4, 10, 10), np.float32), np.array([[0.0, 0.0, 0.0]]),
+                                (1.0, 1.0, 1.0), SPEC)
+    assert patches[0, :3, 0, 0].max() == 0.0 and patches[0, 3, 0, 0] == 0.0  # corner beyond the scan
+    assert patches[0, 1, 8, 8] > 0.7  # inside: soft tissue
+
+
+def _demo_card_dict():
+    return json.loads((DEMO_MODELS / "lung-nodule-unet2d" / "card.json").read_text())
+
+
+def test_the_card_round_trips_the_filter_and_the_schema_checks_it():
+    data = _demo_card_dict()
+    data["postprocessing"] = {"min_lesion_mm3": 10.0, "candidate_filter": {"threshold": 0.4, "patch_px": 16}}
+    card = card_from_dict(data)
+    spec = card.postprocessing.candidate_filter
+    assert spec.threshold == 0.4 and spec.patch_px == 16 and spec.slice_offsets_mm == (-6.0, -3.0, 0.0, 3.0, 6.0)
+    assert spec.channels == 6
+    assert card_from_dict(card_to_dict(card)) == card
+    assert "candidate-filter score < 0.4" in card.postprocessing.describe()
+    assert "candidate_filter" not in card_to_dict(replace(card, postprocessing=Postprocessing()))["postprocessing"]
+    data["postprocessing"]["candidate_filter"]["threshold"] = 1.5
+    with pytest.raises(ModelError, match="candidate_filter/threshold"):
+        card_from_dict(data, "c.json")
+
+
+def test_a_card_with_a_filter_but_no_filter_file_is_refused_naming_the_card(tmp_path):
+    from app.core.models import open_model
+
+    folder = tmp_path / "m"
+    shutil.copytree(DEMO_MODELS / "lung-nodule-unet2d", folder)
+    data = json.loads((folder / "card.json").read_text())
+    data["postprocessing"]["candidate_filter"] = {"threshold": 0.5}
+    (folder / "card.json").write_text(json.dumps(data))
+    with pytest.raises(ModelError, match=r"card\.json.*candidate_filter"):
+        open_model(folder / "card.json")
+
+
+def test_clean_lesions_drops_exactly_the_candidates_the_scorer_rejects():
+    from app.core.inference import clean_lesions
+
+    spacing, shape = (1.0, 1.0, 1.0), (24, 48, 48)
+    big = _ball(shape, spacing, (12.0, 14.0, 14.0), 5.0)
+    small = _ball(shape, spacing, (12.0, 34.0, 34.0), 3.0)
+    labels = (big | small).astype(np.uint8)
+    volume = Volume(voxels=np.zeros(shape, np.int16), spacing=spacing)
+    seen = {}
+
+    def scorer(instances, count, offset):  # ids by descending size: 1 is the big ball
+        seen["centres"] = candidate_centres(instances, count, offset)
+        return np.array([0.2, 0.9])
+
+    rule = Postprocessing(candidate_filter=CandidateFilter(threshold=0.5))
+    kept, instances = clean_lesions(labels, labels.astype(np.float32), volume, rule, scorer=scorer)
+    assert np.array_equal(kept > 0, small) and np.array_equal(instances > 0, small)
+    assert np.allclose(seen["centres"], [[12, 14, 14], [12, 34, 34]], atol=0.01)  # whole-scan voxel coordinates
+    with pytest.raises(ModelError, match="scorer"):
+        clean_lesions(labels, labels.astype(np.float32), volume, rule)
+
+
+@pytest.fixture(scope="module")
+def filtered_unet(demo_tiny, tmp_path_factory):
+    """The demo UNet with a candidate filter fitted by train-demo on the tiny demo data."""
+    from app.core.demo_models import _filter_only
+    from app.core.progress import run_to_end
+
+    out = tmp_path_factory.mktemp("filtered")
+    shutil.copytree(DEMO_MODELS / "lung-nodule-unet2d", out / "lung-nodule-unet2d")
+    folder = out / "lung-nodule-unet2d"
+    before = (folder / "model.onnx").read_bytes()
+    ticks = []
+
+    def job():
+        metrics = yield from _filter_only(demo_tiny, folder, (), threads=1, epochs=1, version="9.0.0")
+        return metrics
+
+    gen = job()
+    try:
+        while True:
+            ticks.append(next(gen))
+    except StopIteration as done:
+        metrics = done.value
+    assert (folder / "model.onnx").read_bytes() == before  # the segmentation's weights are untouched
+    fractions = [t.fraction for t in ticks]
+    assert fractions and all(0 <= f <= 1 for f in fractions)
+    return folder, metrics
+
+
+def test_train_demo_fits_the_filter_and_writes_it_into_the_card(filtered_unet):
+    from app.core.models import sha256_file
+
+    folder, metrics = filtered_unet
+    card = load_card(folder / "card.json")
+    assert card.version == "9.0.0"
+    assert card.files["candidate_filter"] == "candidate_filter.onnx"
+    spec = card.postprocessing.candidate_filter
+    assert spec is not None and 0 < spec.threshold < 1
+    assert card.lineage.metrics["filter_sha256"] == sha256_file(folder / "candidate_filter.onnx")
+    assert card.lineage.metrics["filter_train_candidates"] > 0 and metrics["filter_onnx_max_abs_diff"] <= 1e-4
+    assert card.lineage.metrics["eval_cases"] == 1  # the eval split measured through the runner, filter included
+    assert "candidate filter" in card.lineage.recipe["postprocessing"]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_the_runner_keeps_exactly_the_candidates_the_filter_scores_above_its_threshold(filtered_unet, demo_tiny,
+                                                                                        backend):
+    from app.core.candidate_filter import FilterSession
+    from app.core.demo_models import read_demo_cases
+    from app.core.inference import make_runner
+    from app.core.lesions import label_instances
+    from app.core.models import open_model
+    from app.core.progress import run_to_end
+
+    folder, _ = filtered_unet
+    variant = open_model(folder / "card.json")
+    spec = variant.card.postprocessing.candidate_filter
+    case = next(c for c in read_demo_cases(demo_tiny, ("train", "calib", "eval")) if c.labels.any())
+    runner = make_runner(variant, backend=backend, threads=1, keep_probabilities=True)
+    findings = run_to_end(runner.run(case.volume))
+    foreground = findings.probabilities[1].astype(np.float32)
+    raw, count = label_instances((foreground > 0.5).astype(np.uint8))
+    assert count > 0
+    scores = FilterSession(variant.files["candidate_filter"], spec).score_lesions(
+        case.volume.voxels, foreground, raw, count, case.volume.spacing)
+    mm3 = np.bincount(raw.ravel(), minlength=count + 1)[1:] * case.volume.voxel_volume_ml * 1000
+    keep = (scores >= spec.threshold) & (mm3 >= variant.card.postprocessing.min_lesion_mm3)
+    assert np.array_equal(findings.labels > 0, np.isin(raw, np.flatnonzero(keep) + 1))
+    assert len(findings.lesions) == int(keep.sum())
+
+
+def test_a_filter_that_does_not_fit_its_card_is_a_clear_error(filtered_unet, tmp_path):
+    from app.core.candidate_filter import FilterSession
+
+    folder, _ = filtered_unet
+    spec = load_card(folder / "card.json").postprocessing.candidate_filter
+    with pytest.raises(ModelError, match=r"candidate_filter\.onnx.*takes input"):
+        FilterSession(folder / "candidate_filter.onnx", replace(spec, patch_px=24))
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes((folder / "candidate_filter.onnx").read_bytes()[:500])
+    with pytest.raises(ModelError, match=r"broken\.onnx.*cannot load"):
+        FilterSession(broken, spec)
+
+
+def test_compression_carries_the_filter_into_every_variant(filtered_unet, tmp_path):
+    from app.core.models import open_model, sha256_file
+    from app.core.progress import run_to_end
+    from compression.cost import deployed_files
+    from compression.pipeline import StepData, run_steps
+
+    folder, _ = filtered_unet
+    parent = open_model(folder / "card.json")
+    variant = run_to_end(run_steps(parent, [{"step": "half_precision", "precision": "fp16", "measure": False}],
+                                   StepData(train=[], calib=[], threads=1), tmp_path, name="fp16"))
+    assert sha256_file(variant.files["candidate_filter"]) == sha256_file(folder / "candidate_filter.onnx")
+    assert variant.card.postprocessing == parent.card.postprocessing
+    assert variant.files["candidate_filter"] in deployed_files(variant)

@@ -90,6 +90,7 @@ def test_a_card_with_a_filter_but_no_filter_file_is_refused_naming_the_card(tmp_
     shutil.copytree(DEMO_MODELS / "lung-nodule-unet2d", folder)
     data = json.loads((folder / "card.json").read_text())
     data["postprocessing"]["candidate_filter"] = {"threshold": 0.5}
+    data["files"].pop("candidate_filter", None)
     (folder / "card.json").write_text(json.dumps(data))
     with pytest.raises(ModelError, match=r"card\.json.*candidate_filter"):
         open_model(folder / "card.json")

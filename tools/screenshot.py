@@ -55,6 +55,13 @@ def main() -> int:
         for model in sorted(session.models, key=lambda m: m.task != "segmentation"):
             session.run_model(model)
             wait(app, lambda: window.jobs.active_count() == 0, args.timeout)
+    if args.run_models:  # show the segmentation's card and its first lesion, as a reader would look
+        panel, viewer = window.workspace.models, window.workspace.viewer
+        for row in range(panel.chooser.count()):
+            if "unet" in panel.chooser.itemText(row):
+                panel.chooser.setCurrentIndex(row)
+        if viewer.lesion_list.model.lesions:
+            viewer._on_lesion(viewer.lesion_list.model.lesions[0])
     wait(app, lambda: False, 1.0)   # let the last repaints land
     for rec in window.jobs.records():
         print(f"job {rec.name!r}: {rec.state.value} {rec.error}")

@@ -17,9 +17,10 @@ def card_html(model: OpenModel) -> str:
     labels = ", ".join(f"<span style='color:{e(str(l.colour))}'>■</span> {e(l.name)}"
                        for l in card.labels if l.value != 0 or card.task == "classification") or "—"
     lineage = card.lineage
+    runs = [variant.main_file, *([variant.files["candidate_filter"]] if "candidate_filter" in variant.files else [])]
     rows = [
         ("Task", card.task), ("Labels", None), ("Format", variant.format),
-        ("Size", f"{variant.main_file.stat().st_size / 1e6:.1f} MB runs ({variant.main_file.name}); "
+        ("Size", f"{sum(p.stat().st_size for p in runs) / 1e6:.1f} MB runs ({' + '.join(p.name for p in runs)}); "
                  f"{variant.size_bytes / 1e6:.1f} MB in all files"),
         ("Input", input_text(card.input, card.roi)),
         *([("Lesion clean-up", card.postprocessing.describe())] if card.task == "segmentation" else []),

@@ -41,3 +41,17 @@ def test_input_is_described_in_words_for_slices_and_patches():
     assert input_text(patches) == "3D 96×96×96 patches (50% overlap), resampled to 1.5×1×1 mm, 2 channels (axes NCDHW)"
     around = input_text(InputSpec("NCHW", 2, 1, patch_size=(64, 64)), RoiSpec("lesion_centres", (64, 64)))
     assert around == "2D 64×64 patches around each lesion centre, native spacing, 1 channel (axes NCHW)"
+
+
+def test_a_segmentation_with_a_candidate_filter_shows_it_in_its_size_and_clean_up(qtbot):
+    from tests.core.model_fixtures import DEMO_MODELS
+
+    variant = open_model(DEMO_MODELS / "lung-nodule-unet2d" / "card.json")
+    assert variant.card.postprocessing.candidate_filter is not None
+    panel = ModelPanel()
+    qtbot.addWidget(panel)
+    panel.add_model(OpenModel(variant))
+    text = panel.card_view.toPlainText()
+    both = (variant.main_file.stat().st_size + variant.files["candidate_filter"].stat().st_size) / 1e6
+    assert f"{both:.1f} MB runs (model.onnx + candidate_filter.onnx)" in text
+    assert f"candidate-filter score < {variant.card.postprocessing.candidate_filter.threshold:g}" in text

@@ -120,6 +120,7 @@ def _compress(args, bar: ProgressBar, out: TextIO) -> int:
     from app.core.models import open_model
     from compression.evaluate import check_eval_split
     from compression.pipeline import StepData, run_steps
+    from compression.data import LazyCases
     from compression.recipe import check_steps, resolve_recipe
 
     parent = open_model(args.model)
@@ -127,7 +128,8 @@ def _compress(args, bar: ProgressBar, out: TextIO) -> int:
     check_steps(recipe)
     manifest = data_manifest(args.data, args.seed, bar)
     check_eval_split(manifest)  # before anything is compressed, not after
-    splits = {s: load_split(manifest, s, bar) for s in ("train", "calib", "eval")}
+    splits = {s: load_split(manifest, s, bar) for s in ("train", "calib")}
+    splits["eval"] = LazyCases(manifest, "eval")  # read one at a time as the verdict reaches them
     data = StepData(train=splits["train"], calib=splits["calib"], teacher=None, device=args.device,
                     threads=args.threads, seed=args.seed)
     if getattr(args, "search", None):
@@ -214,11 +216,12 @@ def _evaluate(args, bar: ProgressBar, out: TextIO) -> int:
     from app.core.audit import append_audit
     from app.core.models import open_model
     from compression import evaluate as ev
+    from compression.data import LazyCases
 
     variants = [open_model(m) for m in args.models]
     manifest = data_manifest(args.data, args.seed, bar)
     ev.check_eval_split(manifest)
-    cases = load_split(manifest, "eval", bar)
+    cases = LazyCases(manifest, "eval")  # one scan in memory at a time
     if not cases:
         raise ValueError(f"{args.data}: the eval split is empty; nothing to judge the models on")
     comparison = run_with_bar(ev.evaluate(variants, cases, manifest=manifest, device=args.device,

@@ -47,6 +47,33 @@ def load_cases(manifest: Manifest, split: str | Sequence[str]) -> Generator[Prog
     return out
 
 
+class LazyCases(Sequence):
+    """The cases of a split, each read from disk when it is reached and then let go.
+
+    Evaluation runs every variant on one case before the next, so it needs one scan at a
+    time: the 40 whole eval scans of the demo data hold about 6 GB as volumes and labels,
+    which beside the train and calib scans a compression step keeps did not fit in 23 GB.
+    Indexing reads the scan again each time; iterate once where it matters."""
+
+    def __init__(self, manifest: Manifest, split: str):
+        self.manifest = manifest
+        self.cases = list(manifest.cases_in(split))
+        for case in self.cases:  # what can be checked without reading: before hours of compression, not after
+            path = manifest.series_path(case)
+            if path is None or not path.exists():
+                raise DataError(f"case {case.case}: series {case.series} is named by UID; give its folder in the "
+                                "manifest to use it for compression" if path is None
+                                else f"case {case.case}: series not found: {path}")
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return load_case(self.manifest, self.cases[index])
+
+
 def load_case(manifest: Manifest, case: Case) -> CaseData:
     path = manifest.series_path(case)
     if path is None:

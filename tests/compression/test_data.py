@@ -10,7 +10,7 @@ from app.core.inference import prepare
 from app.core.manifest import Case, Manifest, read_manifest
 from app.core.progress import run_to_end
 
-from compression.data import DataError, load_cases, slice_tensors
+from compression.data import DataError, LazyCases, load_cases, slice_tensors
 from tests.compression.tiny import phantom_case, tiny_card
 
 
@@ -35,6 +35,21 @@ def test_a_missing_series_is_a_clear_per_case_error(tmp_path):
     manifest = Manifest([Case("c1", "p1", "nowhere", "", "train")], root=tmp_path)
     with pytest.raises(DataError, match="case c1: series not found"):
         run_to_end(load_cases(manifest, "train"))
+
+
+def test_lazy_cases_read_each_scan_when_reached_and_check_every_series_up_front(demo_tiny, tmp_path):
+    manifest = read_manifest(demo_tiny / "manifest.csv")
+    lazy = LazyCases(manifest, "eval")
+    assert len(lazy) == len(manifest.cases_in("eval")) > 0
+    first, again = lazy[0], lazy[0]
+    assert first is not again  # read anew, not held: evaluation keeps one scan at a time
+    assert np.array_equal(first.volume.voxels, again.volume.voxels)
+    eager = run_to_end(load_cases(manifest, "eval"))
+    assert [c.case for c in lazy] == [c.case for c in eager] and len(lazy[0:1]) == 1
+    assert np.array_equal(lazy[0].labels, eager[0].labels)
+    broken = Manifest([*manifest.cases, Case("c9", "p9", "nowhere", "", "eval")], root=manifest.root)
+    with pytest.raises(DataError, match="case c9: series not found"):
+        LazyCases(broken, "eval")  # at once, before any compression runs
 
 
 def test_a_file_that_is_no_scan_is_a_clear_per_case_error(tmp_path):

@@ -687,14 +687,21 @@ def comparison_table(comparison: Comparison, extra: dict[str, dict[str, str]] | 
     return "\n".join(lines)
 
 
+PER_CASE_FIELDS = ("dice", "fidelity_dice", "false_positives", "true_lesions_large", "detected_large",
+                   "lesions_lost_large", "lesions_lost_large_true", "lesions_gained_large")
+
+
 def comparison_record(comparison: Comparison) -> dict[str, Any]:
-    """JSON-ready summary (for cards' lineage metrics, reports and the audit log)."""
+    """JSON-ready summary (for reports and the audit log), with each variant's per-case rows so
+    that a drop can be traced to the scans it came from (case names only, no patient IDs)."""
     return {
         "cases": len(comparison.cases), "large_lesions": comparison.large_lesions,
         "evidence": comparison.evidence, "seed": comparison.seed,
         "variants": {v.name: {m: {"point": _json_float(d.point), "low": _json_float(d.low),
                                    "high": _json_float(d.high), "note": d.note}
                               for m, d in v.verdicts.items()} for v in comparison.variants},
+        "per_case": {v.name: [{"case": row.case, **{f: _json_float(getattr(row, f)) for f in PER_CASE_FIELDS}}
+                              for row in v.rows] for v in comparison.variants},
     }
 
 

@@ -1,6 +1,7 @@
 """Evaluation: metrics against ground truth, fidelity against the original, paired intervals."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -208,3 +209,7 @@ def test_evaluate_runs_real_runners_and_torch_agrees_with_onnx(tmp_path):
     assert not math.isnan(onnx.value("dice")) and onnx.rows[0].network_s > 0
     record = ev.comparison_record(comparison)
     assert record["variants"]["onnx"]["fidelity_dice"]["low"] is None  # 2 cases: no interval
+    rows = record["per_case"]["onnx"]
+    assert [r["case"] for r in rows] == [row.case for row in onnx.rows]
+    assert rows[0]["dice"] == pytest.approx(onnx.rows[0].dice) and rows[0]["lesions_lost_large"] == 0
+    json.dumps(record)  # plain JSON: the audit log and the .evaluation.json files take it as it is

@@ -868,9 +868,8 @@ def _filter_only(data_dir: Path, folder: Path, extra_train: tuple[Path, ...], th
     import itertools
 
     from app.core.demo_filter import fit_candidate_filter
-    from app.core.model_card import load_card
-
     from app.core.manifest import read_manifest
+    from app.core.model_card import load_card
 
     train_names = [c.case for c in read_manifest(_manifest_path(data_dir)).cases_in("train")]
     extra_names, extra_cases = extra_training_cases(data_dir, extra_train)

@@ -236,17 +236,21 @@ def _evaluate(args, bar: ProgressBar, out: TextIO) -> int:
 
 
 def _cost_columns(variants: Sequence, comparison) -> dict[str, dict[str, str]]:
-    """Deployed size (and ratio to the first variant) and median network time per case."""
+    """Deployed size (and ratio to the first variant) and median network time per case; with a
+    candidate filter, the network's own size ratio too (the filter is the same on every side)."""
     import statistics
 
-    from compression.cost import deployed_size, size_text
+    from compression.cost import deployed_size, network_size, size_text
 
     sizes = [deployed_size(v) for v in variants]
+    networks = [network_size(v) for v in variants]
+    filtered = any(n != s for n, s in zip(networks, sizes))
     columns = {}
-    for result, size in zip(comparison.variants, sizes):
+    for result, size, network in zip(comparison.variants, sizes, networks):
         seconds = [r.network_s for r in result.rows if r.network_s == r.network_s]
         columns[result.name] = {
             "deployed": size_text(size), "smaller": f"{sizes[0] / size:.1f}x",
+            **({"network smaller": f"{networks[0] / network:.1f}x"} if filtered else {}),
             "network s/case": f"{statistics.median(seconds):.3f}" if seconds else "",
         }
     return columns

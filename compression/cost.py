@@ -107,6 +107,13 @@ def deployed_size(variant) -> int:
     return sum(p.stat().st_size for p in deployed_files(variant))
 
 
+def network_size(variant) -> int:
+    """The deployed bytes of the network itself: without the candidate filter its findings also
+    need, which every variant of one model carries unchanged (so it dilutes the size ratio)."""
+    extra = Path(variant.files["candidate_filter"]) if "candidate_filter" in variant.files else None
+    return sum(p.stat().st_size for p in deployed_files(variant) if p != extra)
+
+
 def archive_size(variant) -> tuple[int, str]:
     """(bytes, what they are): the variant's codebook archive, else its deployed files deflated."""
     archive = variant.files.get("archive")

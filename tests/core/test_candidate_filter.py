@@ -214,3 +214,17 @@ def test_compression_carries_the_filter_into_every_variant(filtered_unet, tmp_pa
     assert sha256_file(variant.files["candidate_filter"]) == sha256_file(folder / "candidate_filter.onnx")
     assert variant.card.postprocessing == parent.card.postprocessing
     assert variant.files["candidate_filter"] in deployed_files(variant)
+    from compression.cost import deployed_size, network_size
+
+    filter_bytes = (folder / "candidate_filter.onnx").stat().st_size
+    assert network_size(variant) == deployed_size(variant) - filter_bytes == variant.main_file.stat().st_size
+
+    from types import SimpleNamespace
+
+    from compression.cli import _cost_columns
+
+    results = SimpleNamespace(variants=[SimpleNamespace(name="original", rows=[]), SimpleNamespace(name="fp16", rows=[])])
+    columns = _cost_columns([parent, variant], results)
+    ratio = network_size(parent) / network_size(variant)
+    assert columns["fp16"]["network smaller"] == f"{ratio:.1f}x" and ratio > 1.5  # fp16 halves the network...
+    assert float(columns["fp16"]["smaller"][:-1]) < ratio  # ...while the shared filter dilutes the whole

@@ -71,15 +71,12 @@ class FilterSession:
     def __init__(self, path: Path, spec: CandidateFilter, threads: int | None = None):
         import onnxruntime as ort
 
+        from app.core.inference import _first_line, session_options
+
         self.path, self.spec = Path(path), spec
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.inter_op_num_threads = 1
-        if threads:
-            options.intra_op_num_threads = int(threads)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), session_options(ort, threads),
+                                                providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise ModelError(f"{path}: ONNX Runtime cannot load the candidate filter ({_first_line(exc)})") from exc
         inputs = self.session.get_inputs()
@@ -110,13 +107,9 @@ class FilterSession:
 
 
 def filter_file(files: dict, card_path) -> Path:
-    """The card's candidate_filter file, or a ModelError naming the card."""
+    """The card's candidate_filter file, or a ModelError naming the card (``open_model`` checks
+    every card that names a filter here, and the runner finds the file through it)."""
     if FILE_ROLE not in files:
         raise ModelError(f"{card_path}: postprocessing names a candidate_filter but 'files' has no "
                          f"{FILE_ROLE!r} entry")
     return Path(files[FILE_ROLE])
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -737,6 +737,19 @@ def device_providers(device: str) -> tuple[str, ...]:
     return DEFAULT_PROVIDER_ORDER if device.startswith("cuda") else ("cpu",)
 
 
+def session_options(ort, threads: int | None = None):
+    """Quiet ONNX Runtime options with thread spinning off: spinning threads would steal the
+    UI's core while idle between batches."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.inter_op_num_threads = 1
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    return options
+
+
 class OnnxRunner(_Runner):
     backend = "onnxruntime"
 
@@ -779,15 +792,7 @@ class OnnxRunner(_Runner):
         return session
 
     def _session_options(self, ort):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        # Spinning threads would steal the UI's core while idle between batches.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        options.inter_op_num_threads = 1
-        if self.threads:
-            options.intra_op_num_threads = int(self.threads)
-        return options
+        return session_options(ort, self.threads)
 
     def cancel(self) -> None:
         super().cancel()

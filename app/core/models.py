@@ -150,9 +150,10 @@ def _variant_from_card(card_path: Path, trust: bool, prefer: str | None) -> Mode
     for role, file in files.items():
         if not file.exists():
             raise ModelError(f"{card_path}: the {role} file {file.name} it names does not exist")
-    if card.postprocessing.candidate_filter is not None and "candidate_filter" not in files:
-        raise ModelError(f"{card_path}: postprocessing names a candidate_filter but 'files' has no "
-                         "'candidate_filter' entry")
+    if card.postprocessing.candidate_filter is not None:
+        from app.core.candidate_filter import filter_file
+
+        filter_file(files, card_path)
     fmt = _choose_format(files, prefer, card_path)
     if fmt == "state_dict" and card.architecture is None:
         raise ModelError(f"{card_path}: state_dict weights need an 'architecture' block in the card")

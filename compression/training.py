@@ -364,21 +364,15 @@ def ort_session(path, threads: int | None = None, optimized_path=None, level: st
     """An ONNX Runtime session with spinning off (two cores are shared with the UI)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    options.inter_op_num_threads = 1
-    if threads:
-        options.intra_op_num_threads = int(threads)
+    from app.core.inference import apply_weights_only_int8, session_options
+
+    options = session_options(ort, threads)
     levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
     options.graph_optimization_level = levels[level]
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
-    from app.core.inference import apply_weights_only_int8
-
     apply_weights_only_int8(options, path)
     return ort.InferenceSession(str(path), options, providers=list(providers))
 

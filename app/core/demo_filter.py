@@ -1,4 +1,4 @@
-"""The demo segmentation's candidate filter, trained here (``train-demo --filter``).
+"""The demo segmentation's candidate filter, trained here (``train-demo --filter-only``).
 
 The demo UNet marks nearly every nodule somewhere (0.93 of those ≥ 6 mm before any clean-up)
 but also about fifty vessel and pleura pieces per scan; the shape rule it shipped with drops
@@ -104,52 +104,17 @@ def train_filter_net(x: np.ndarray, y: np.ndarray, seed: int, epochs: int = 30, 
     return net.eval()
 
 
-def export_filter(module, path: Path, channels: int, size: int) -> float:
-    """ONNX (opset 17, dynamic batch) checked against torch; returns max |difference|."""
-    import warnings
-
-    import onnxruntime as ort
-    import torch
-
-    from app.core.atomic import atomic_output
-
-    example = torch.from_numpy(np.random.default_rng(0).random((5, channels, size, size), dtype=np.float32))
-    with atomic_output(path) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, example, str(tmp), input_names=["patches"], output_names=["score"],
-                          dynamic_axes={"patches": {0: "candidates"}, "score": {0: "candidates"}},
-                          opset_version=17, dynamo=False)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    with torch.inference_mode():
-        expected = module(example).numpy()
-    diff = float(np.abs(expected - session.run(None, {"patches": example.numpy()})[0]).max())
-    if diff > 1e-4:
-        raise RuntimeError(f"{path}: ONNX Runtime differs from torch by {diff:.2e}")
-    return diff
-
-
-def score(module, patches: np.ndarray) -> np.ndarray:
-    import torch
-
-    if len(patches) == 0:
-        return np.zeros(0, np.float32)
-    with torch.inference_mode():
-        return torch.cat([module(torch.from_numpy(patches[i:i + 256].astype(np.float32)))[:, 0]
-                          for i in range(0, len(patches), 256)]).numpy()
-
-
 def choose_filter_rule(candidates, scores, spec: CandidateFilter, top: int = 10):
     """Threshold and minimum size on the calib candidates, by sensitivity − 0.05 × FP per case
     then Dice (the shape rule's criterion); returns (Postprocessing, table of the best rows)."""
+    from app.core.demo_models import rank_clean_up
+
     rows = []
     for mm3 in MIN_MM3:
         for threshold in THRESHOLDS:
-            outcomes = [case.outcome((case.mm3 >= mm3) & (s >= threshold)) for case, s in zip(candidates, scores)]
-            dice, hits, big, fp = (np.asarray(v, float) for v in zip(*outcomes))
-            sensitivity, fp_rate = hits.sum() / max(1.0, big.sum()), fp.mean()
-            key = (round(float(sensitivity - 0.05 * fp_rate), 4), float(dice.mean()))
-            rows.append((key, mm3, threshold,
-                         [round(float(sensitivity), 3), round(float(fp_rate), 2), round(float(dice.mean()), 3)]))
+            key, row = rank_clean_up(candidates, [(case.mm3 >= mm3) & (s >= threshold)
+                                                  for case, s in zip(candidates, scores)])
+            rows.append((key, mm3, threshold, row))
     rows.sort(key=lambda r: r[0], reverse=True)
     _, mm3, threshold, _ = rows[0]
     rule = Postprocessing(min_lesion_mm3=mm3, candidate_filter=replace(spec, threshold=float(threshold)))
@@ -161,9 +126,11 @@ def fit_candidate_filter(folder: Path, data_dir: Path, train_cases: Iterable, tr
     """Train the filter on the UNet in ``folder``'s candidates on ``train_cases``, choose its
     rule on ``data_dir``'s calib split, write it into the folder and its card, then measure the
     eval split through the runner. A generator of Progress; returns the eval metrics."""
+    from app.core.candidate_filter import FilterSession
     from app.core.demo_models import (
         _onnx_runner,
         evaluate_segmentation,
+        export_onnx,
         iter_demo_cases,
         lesion_candidates,
     )
@@ -194,9 +161,11 @@ def fit_candidate_filter(folder: Path, data_dir: Path, train_cases: Iterable, tr
     module = ensemble(nets)
     training_s = time.perf_counter() - start
     yield Progress(0.62, "choosing the filter threshold on the calib split")
+    diff = export_onnx(module, folder / FILTER_FILE, (5, spec.channels, spec.patch_px, spec.patch_px),
+                       dynamic_spatial=False)
     calib = list(lesion_candidates(runner, iter_demo_cases(data_dir, ("calib",)), patches=spec))
-    rule, table = choose_filter_rule(calib, [score(module, c.patches) for c in calib], spec)
-    diff = export_filter(module, folder / FILTER_FILE, spec.channels, spec.patch_px)
+    exported = FilterSession(folder / FILTER_FILE, spec, threads)  # calib scores what the runner will run
+    rule, table = choose_filter_rule(calib, [exported.scores(c.patches) for c in calib], spec)
     recipe = dict(card.lineage.recipe or {})
     recipe["postprocessing"] = (f"candidate filter: {len(seeds)} CNNs {list(FILTER_WIDTHS)} (seeds {list(seeds)}), "
                                 f"{epochs} epochs on {len(y)} UNet candidates ({int(y.sum())} on a nodule) of "

@@ -558,19 +558,25 @@ RULE_GRID = tuple(Postprocessing(min_lesion_mm3=mm3, min_lesion_score=score, max
                   for elongation in (None, 1.6, 1.8, 2.0, 2.2, 2.5, 3.0, 4.0))
 
 
+def rank_clean_up(candidates: list[_Candidates], keeps: list[np.ndarray]) -> tuple[tuple, list[float]]:
+    """How calib ranks a clean-up that keeps ``keeps`` (bool per candidate, per case): the key
+    (sensitivity − 0.05 × FP per case, then Dice; higher is better) and the row (sensitivity,
+    FP per case, Dice) its table shows."""
+    outcomes = [case.outcome(keep) for case, keep in zip(candidates, keeps)]
+    dice, hits, big, fp = (np.asarray(v, float) for v in zip(*outcomes))
+    sensitivity, fp_rate = hits.sum() / max(1.0, big.sum()), fp.mean()
+    key = (round(float(sensitivity - 0.05 * fp_rate), 4), float(dice.mean()))
+    return key, [round(float(sensitivity), 3), round(float(fp_rate), 2), round(float(dice.mean()), 3)]
+
+
 def choose_postprocessing(candidates: list[_Candidates], top: int = 10) -> tuple[Postprocessing, dict]:
     """Pick the lesion clean-up on the calibration split, trading sensitivity against false
     positives (sensitivity − 0.05 × FP per case, then Dice); never looks at the eval split.
     Returns the rule and the ``top`` rules' (sensitivity, FP per case, Dice), best first."""
     scored = []
     for rule in RULE_GRID:
-        outcomes = []
-        for case in candidates:
-            outcomes.append(case.outcome(~rule.drops(case.mm3, case.peaks, case.elongation)))
-        dice, hits, big, fp = (np.asarray(v, float) for v in zip(*outcomes))
-        sensitivity, fp_rate = hits.sum() / max(1.0, big.sum()), fp.mean()
-        key = (round(float(sensitivity - 0.05 * fp_rate), 4), float(dice.mean()))
-        scored.append((key, rule, [round(float(sensitivity), 3), round(float(fp_rate), 2), round(float(dice.mean()), 3)]))
+        key, row = rank_clean_up(candidates, [~rule.drops(case.mm3, case.peaks, case.elongation) for case in candidates])
+        scored.append((key, rule, row))
     scored.sort(key=lambda item: item[0], reverse=True)  # stable: ties keep the grid order
     best = scored[0][1]
     table = {f"{rule.min_lesion_mm3:g}mm3/{rule.min_lesion_score:g}/{rule.max_elongation or 'any'}": row

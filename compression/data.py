@@ -59,11 +59,7 @@ class LazyCases(Sequence):
         self.manifest = manifest
         self.cases = list(manifest.cases_in(split))
         for case in self.cases:  # what can be checked without reading: before hours of compression, not after
-            path = manifest.series_path(case)
-            if path is None or not path.exists():
-                raise DataError(f"case {case.case}: series {case.series} is named by UID; give its folder in the "
-                                "manifest to use it for compression" if path is None
-                                else f"case {case.case}: series not found: {path}")
+            _series_folder(manifest, case)
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -75,11 +71,7 @@ class LazyCases(Sequence):
 
 
 def load_case(manifest: Manifest, case: Case) -> CaseData:
-    path = manifest.series_path(case)
-    if path is None:
-        raise DataError(f"case {case.case}: series {case.series} is named by UID; "
-                        "give its folder in the manifest to use it for compression")
-    volume = _read_volume(path, case)
+    volume = _read_volume(_series_folder(manifest, case), case)
     labels_path = manifest.labels_path(case)
     labels = None if labels_path is None else _read_labels(labels_path, volume, case)
     return CaseData(case.case, case.patient, case.series, volume, labels)
@@ -93,9 +85,18 @@ def _optional(module: str, name: str):
         return None
 
 
-def _read_volume(path: Path, case: Case) -> Volume:
+def _series_folder(manifest: Manifest, case: Case) -> Path:
+    """The case's series path, or a DataError: named only by UID, or not there."""
+    path = manifest.series_path(case)
+    if path is None:
+        raise DataError(f"case {case.case}: series {case.series} is named by UID; "
+                        "give its folder in the manifest to use it for compression")
     if not path.exists():
         raise DataError(f"case {case.case}: series not found: {path}")
+    return path
+
+
+def _read_volume(path: Path, case: Case) -> Volume:
     try:
         volume = _read_dicom_series(path, case)
         return volume if volume is not None else _read_with_sitk(path)

@@ -119,8 +119,8 @@ def _compress(args, bar: ProgressBar, out: TextIO) -> int:
     from app.core.audit import append_audit
     from app.core.models import open_model
     from compression.evaluate import check_eval_split
-    from compression.pipeline import StepData, run_steps
     from compression.data import LazyCases
+    from compression.pipeline import StepData, run_steps
     from compression.recipe import check_steps, resolve_recipe
 
     parent = open_model(args.model)

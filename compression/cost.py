@@ -68,11 +68,13 @@ class Cost:
 # ---------------------------------------------------------------- size
 
 
-def deployed_files(variant) -> list[Path]:
+def deployed_files(variant, with_filter: bool = True) -> list[Path]:
     """The files a stock runtime reads to run this variant as its format says (with the
-    candidate filter of its lesion clean-up, when it has one: findings need it too)."""
+    candidate filter of its lesion clean-up, when it has one and ``with_filter``: findings
+    need it too)."""
     main = Path(variant.main_file)
-    extra = [Path(variant.files["candidate_filter"])] if "candidate_filter" in variant.files else []
+    extra = ([Path(variant.files["candidate_filter"])] if with_filter and "candidate_filter" in variant.files
+             else [])
     if variant.format == "onnx":
         return [main, *onnx_external_files(main), *extra]
     if variant.format == "bundle":
@@ -110,8 +112,7 @@ def deployed_size(variant) -> int:
 def network_size(variant) -> int:
     """The deployed bytes of the network itself: without the candidate filter its findings also
     need, which every variant of one model carries unchanged (so it dilutes the size ratio)."""
-    extra = Path(variant.files["candidate_filter"]) if "candidate_filter" in variant.files else None
-    return sum(p.stat().st_size for p in deployed_files(variant) if p != extra)
+    return sum(p.stat().st_size for p in deployed_files(variant, with_filter=False))
 
 
 def archive_size(variant) -> tuple[int, str]:

@@ -128,8 +128,9 @@ def _compress(args, bar: ProgressBar, out: TextIO) -> int:
     check_steps(recipe)
     manifest = data_manifest(args.data, args.seed, bar)
     check_eval_split(manifest)  # before anything is compressed, not after
-    splits = {s: load_split(manifest, s, bar) for s in ("train", "calib")}
-    splits["eval"] = LazyCases(manifest, "eval")  # read one at a time as the verdict reaches them
+    splits = {"calib": load_split(manifest, "calib", bar),
+              # read one at a time as a step cuts their slices, or as the verdict reaches them
+              "train": LazyCases(manifest, "train"), "eval": LazyCases(manifest, "eval")}
     data = StepData(train=splits["train"], calib=splits["calib"], teacher=None, device=args.device,
                     threads=args.threads, seed=args.seed)
     if getattr(args, "search", None):

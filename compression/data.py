@@ -53,13 +53,22 @@ class LazyCases(Sequence):
     Evaluation runs every variant on one case before the next, so it needs one scan at a
     time: the 40 whole eval scans of the demo data hold about 6 GB as volumes and labels,
     which beside the train and calib scans a compression step keeps did not fit in 23 GB.
-    Indexing reads the scan again each time; iterate once where it matters."""
+    Train scans come this way too: distilling on 184 of them needs each one only while its
+    slices are cut (:func:`slice_tensors` streams). Indexing reads the scan again each time;
+    iterate once where it matters."""
 
-    def __init__(self, manifest: Manifest, split: str):
+    def __init__(self, manifest: Manifest, split: str | None = None, cases: Sequence[Case] | None = None):
         self.manifest = manifest
-        self.cases = list(manifest.cases_in(split))
+        self.cases = list(manifest.cases_in(split) if cases is None else cases)
         for case in self.cases:  # what can be checked without reading: before hours of compression, not after
             _series_folder(manifest, case)
+
+    def labelled(self) -> list[bool]:
+        """Which cases have a label map, from the manifest alone (reading is left to each case)."""
+        return [self.manifest.labels_path(case) is not None for case in self.cases]
+
+    def subset(self, indices: Sequence[int]) -> "LazyCases":
+        return LazyCases(self.manifest, cases=[self.cases[i] for i in indices])
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -68,6 +77,15 @@ class LazyCases(Sequence):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         return load_case(self.manifest, self.cases[index])
+
+
+def split_by_labels(cases: Sequence[CaseData]) -> tuple[Sequence[CaseData], Sequence[CaseData]]:
+    """(cases with labels, cases without), without reading a lazy split's scans."""
+    if isinstance(cases, LazyCases):
+        flags = cases.labelled()
+        return (cases.subset([i for i, f in enumerate(flags) if f]),
+                cases.subset([i for i, f in enumerate(flags) if not f]))
+    return [c for c in cases if c.labels is not None], [c for c in cases if c.labels is None]
 
 
 def load_case(manifest: Manifest, case: Case) -> CaseData:
@@ -163,37 +181,55 @@ def _first_line(exc: BaseException) -> str:
 # ---------------------------------------------------------------- slices for the network
 
 
-def slice_tensors(cases: list[CaseData], card: ModelCard, *, with_labels: bool, max_slices: int | None = None,
+def slice_tensors(cases: Sequence[CaseData], card: ModelCard, *, with_labels: bool, max_slices: int | None = None,
                   foreground_fraction: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
     """Axial slices pre-processed exactly as inference does: x (N, C, H, W) float32, y (N, H, W) uint8.
 
     ``max_slices`` keeps a seeded sample in which about ``foreground_fraction`` of the slices
-    contain a labelled nodule (when labels exist), so a small budget still sees lesions.
+    contain a labelled nodule (when labels exist), so a small budget still sees lesions. The
+    cases are read one after another and only the kept slices stay in memory: each case's share
+    is what is left of the budget over the cases left, so a short case hands its share on.
     With ``with_labels`` every case must be labelled; ``y`` is None otherwise.
     """
     if card.input.dims != 2:
         raise ValueError(f"{card.name}: compression data are axial slices; this card is {card.input.dims}D")
-    if with_labels and any(c.labels is None for c in cases):
-        missing = ", ".join(c.case for c in cases if c.labels is None)
-        raise DataError(f"labels are needed but these cases have none: {missing}")
-    images, labels = _prepared_slices(cases, card)
-    keep = _choose_slices(labels, max_slices, foreground_fraction, seed)
-    x = _pad_to_divisor(images[keep], card.input.size_divisor)[:, None]
+    if with_labels:
+        _, missing = split_by_labels(cases)
+        if len(missing):
+            names = ", ".join(c.case for c in (missing.cases if isinstance(missing, LazyCases) else missing))
+            raise DataError(f"labels are needed but these cases have none: {names}")
+    images, labels = _prepared_slices(cases, card, max_slices, foreground_fraction, seed)
+    x = _pad_to_divisor(images, card.input.size_divisor)[:, None]
+    del images
     x = np.repeat(x, card.input.channels, axis=1) if card.input.channels > 1 else x
-    y = _pad_to_divisor(labels[keep], card.input.size_divisor) if with_labels else None
+    y = _pad_to_divisor(labels, card.input.size_divisor) if with_labels else None
     return np.ascontiguousarray(x, np.float32), y
 
 
-def _prepared_slices(cases: list[CaseData], card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
+def _prepared_slices(cases: Sequence[CaseData], card: ModelCard, max_slices: int | None,
+                     foreground_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     from app.core.inference import prepare
 
+    rng = np.random.default_rng(seed)
+    want_fg = want_bg = None
+    if max_slices is not None:
+        want_fg = int(round(max_slices * foreground_fraction))
+        want_bg = max_slices - want_fg
     images, labels = [], []
-    shapes = set()
-    for case in cases:
+    for number, case in enumerate(cases):  # one case in memory at a time (a lazy split reads it here)
         prepared = prepare(case.volume, card)
-        images.append(prepared.array)
-        labels.append(_labels_on_grid(case, prepared, card))
-        shapes.add(prepared.array.shape[1:])
+        grid_labels = _labels_on_grid(case, prepared, card)
+        keep = np.arange(len(grid_labels))
+        if max_slices is not None:
+            left = len(cases) - number
+            keep = _choose_slices(grid_labels, -(-want_fg // left), -(-want_bg // left), rng, substitute=left == 1)
+            has_fg = grid_labels[keep].reshape(len(keep), -1).any(axis=1)
+            want_fg -= int(has_fg.sum())
+            want_bg -= int((~has_fg).sum())
+        images.append(np.ascontiguousarray(prepared.array[keep], np.float32))
+        labels.append(grid_labels[keep])
+        del prepared, grid_labels, case
+    shapes = {a.shape[1:] for a in images}
     if len(shapes) > 1:  # slices of different sizes cannot share a batch: centre-crop to the smallest
         size = tuple(min(s[i] for s in shapes) for i in (0, 1))
         images, labels = [_crop(a, size) for a in images], [_crop(a, size) for a in labels]
@@ -218,17 +254,19 @@ def _crop(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return array[:, y0:y0 + size[0], x0:x0 + size[1]]
 
 
-def _choose_slices(labels: np.ndarray, max_slices: int | None, foreground_fraction: float, seed: int) -> np.ndarray:
+def _choose_slices(labels: np.ndarray, n_fg: int, n_bg: int, rng, substitute: bool = True) -> np.ndarray:
+    """Up to ``n_fg`` slices with a nodule and ``n_bg`` without, drawn at random. With
+    ``substitute`` (the last case of a budget), a kind that runs short is made up by the other;
+    before that, the shortfall is left to the cases still to come."""
     everything = np.arange(len(labels))
-    if max_slices is None or max_slices >= len(labels):
-        return everything
-    rng = np.random.default_rng(seed)
     has_fg = labels.reshape(len(labels), -1).any(axis=1)
     fg, bg = everything[has_fg], everything[~has_fg]
-    n_fg = min(len(fg), int(round(max_slices * foreground_fraction)))
-    n_bg = min(len(bg), max_slices - n_fg)
-    n_fg = min(len(fg), max_slices - n_bg)  # too few background slices: take more nodule slices
-    chosen = np.concatenate([rng.choice(fg, n_fg, replace=False), rng.choice(bg, n_bg, replace=False)])
+    n_fg, n_bg = max(0, n_fg), max(0, n_bg)
+    take_fg, take_bg = min(len(fg), n_fg), min(len(bg), n_bg)
+    if substitute:
+        take_bg = min(len(bg), n_fg + n_bg - take_fg)
+        take_fg = min(len(fg), n_fg + n_bg - take_bg)  # too few background slices: take more nodule slices
+    chosen = np.concatenate([rng.choice(fg, take_fg, replace=False), rng.choice(bg, take_bg, replace=False)])
     return np.sort(chosen.astype(int))
 
 

@@ -28,7 +28,7 @@ from app.core.model_card import Lineage, ModelCard, save_card
 from app.core.models import ModelVariant, open_model, sha256_file
 from app.core.progress import Progress, scaled
 
-from compression.data import CaseData, slice_tensors
+from compression.data import CaseData, slice_tensors, split_by_labels
 
 
 @dataclass
@@ -81,7 +81,7 @@ class StepData:
 
     def has_labels(self, split: str = "train") -> bool:
         cases = getattr(self, split)
-        return bool(cases) and all(c.labels is not None for c in cases)
+        return bool(len(cases)) and not len(split_by_labels(cases)[1])
 
     def slices(self, split: str, card: ModelCard, *, with_labels: bool, max_slices: int | None = None):
         """Pre-processed (x, y) of ``train`` or ``calib``, cached per request."""

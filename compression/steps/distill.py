@@ -20,6 +20,7 @@ import numpy as np
 from app.core.model_card import Architecture
 from app.core.progress import Progress, scaled
 
+from compression.data import split_by_labels
 from compression.pipeline import StepData, WorkingModel
 from compression.training import TrainConfig, make_distillation_loss, make_labels_loss, train_loop
 
@@ -65,7 +66,7 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
     from compression.training import DisagreementSampler, seed_all
 
     arch = student_architecture(model.card.architecture, width, student)
-    labelled = any(c.labels is not None for c in data.train)
+    labelled = bool(len(split_by_labels(data.train)[0]))
     use = ("both" if labelled else "teacher") if use == "auto" else use
     if use in ("labels", "both") and not labelled:
         raise ValueError(f"distillation with {use!r} needs labels on at least one train case")
@@ -104,12 +105,11 @@ def _training_arrays(model: WorkingModel, data: StepData, use: str, max_slices: 
     from compression.training import IGNORE
 
     card = model.card
-    with_labels = [c for c in data.train if c.labels is not None]
-    without = [c for c in data.train if c.labels is None]
+    with_labels, without = split_by_labels(data.train)
     if use == "teacher":
         return {"x": slice_tensors(data.train, card, with_labels=False, max_slices=max_slices, seed=data.seed)[0]}
     x, y = slice_tensors(with_labels, card, with_labels=True, max_slices=max_slices, seed=data.seed)
-    if use == "labels" or not without:
+    if use == "labels" or not len(without):
         return {"x": x, "y": y}  # uint8; batches turn it into int64
     xu, _ = slice_tensors(without, card, with_labels=False, max_slices=max_slices, seed=data.seed)
     if xu.shape[1:] != x.shape[1:]:

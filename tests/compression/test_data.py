@@ -10,7 +10,7 @@ from app.core.inference import prepare
 from app.core.manifest import Case, Manifest, read_manifest
 from app.core.progress import run_to_end
 
-from compression.data import DataError, LazyCases, load_cases, slice_tensors
+from compression.data import DataError, LazyCases, load_cases, slice_tensors, split_by_labels
 from tests.compression.tiny import phantom_case, tiny_card
 
 
@@ -68,12 +68,30 @@ def test_slices_are_preprocessed_exactly_as_inference_prepares_them():
 
 
 def test_a_seeded_sample_keeps_lesion_slices_in_the_asked_proportion():
-    cases = [phantom_case(s, slices=8) for s in range(3)]
+    # phantom 2 has no slice without a nodule: its share of background passes to the next cases
+    cases = [phantom_case(s, slices=8) for s in (2, 0, 1)]
+    assert not (~cases[0].labels.reshape(8, -1).any(axis=1)).any()
     x, y = slice_tensors(cases, tiny_card(), with_labels=True, max_slices=8, foreground_fraction=0.5, seed=1)
     assert len(x) == 8
     assert y.reshape(8, -1).any(axis=1).sum() == 4
     again, _ = slice_tensors(cases, tiny_card(), with_labels=True, max_slices=8, foreground_fraction=0.5, seed=1)
     assert np.array_equal(x, again)
+
+
+def test_slices_of_a_lazy_split_match_the_loaded_split_and_labels_are_known_without_reading(demo_tiny):
+    cases = read_manifest(demo_tiny / "manifest.csv").cases  # all three as train, the last without labels
+    manifest = Manifest([dataclasses.replace(c, split="train") for c in cases[:-1]]
+                        + [dataclasses.replace(cases[-1], split="train", labels="")], root=demo_tiny)
+    lazy = LazyCases(manifest, "train")
+    with_labels, without = split_by_labels(lazy)
+    assert isinstance(with_labels, LazyCases) and (len(with_labels), len(without)) == (2, 1)
+    assert [c.labels is not None for c in lazy] == lazy.labelled()
+    eager = run_to_end(load_cases(manifest, "train"))
+    for budget in (None, 6):
+        x_lazy, _ = slice_tensors(lazy, tiny_card(), with_labels=False, max_slices=budget, seed=3)
+        x_eager, _ = slice_tensors(eager, tiny_card(), with_labels=False, max_slices=budget, seed=3)
+        assert np.array_equal(x_lazy, x_eager)
+    assert len(x_lazy) == 6
 
 
 def test_labels_are_demanded_only_when_asked_for():

@@ -183,7 +183,16 @@ def _first_line(exc: BaseException) -> str:
 
 def slice_tensors(cases: Sequence[CaseData], card: ModelCard, *, with_labels: bool, max_slices: int | None = None,
                   foreground_fraction: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
-    """Axial slices pre-processed exactly as inference does: x (N, C, H, W) float32, y (N, H, W) uint8.
+    """:func:`cut_slices` without its progress."""
+    return run_to_end(cut_slices(cases, card, with_labels=with_labels, max_slices=max_slices,
+                                 foreground_fraction=foreground_fraction, seed=seed))
+
+
+def cut_slices(cases: Sequence[CaseData], card: ModelCard, *, with_labels: bool, max_slices: int | None = None,
+               foreground_fraction: float = 0.5,
+               seed: int = 0) -> Generator[Progress, None, tuple[np.ndarray, np.ndarray | None]]:
+    """Axial slices pre-processed exactly as inference does: x (N, C, H, W) float32, y (N, H, W) uint8;
+    one progress tick per case (reading a lazy split's 184 scans takes minutes).
 
     ``max_slices`` keeps a seeded sample in which about ``foreground_fraction`` of the slices
     contain a labelled nodule (when labels exist), so a small budget still sees lesions. The
@@ -198,7 +207,7 @@ def slice_tensors(cases: Sequence[CaseData], card: ModelCard, *, with_labels: bo
         if len(missing):
             names = ", ".join(c.case for c in (missing.cases if isinstance(missing, LazyCases) else missing))
             raise DataError(f"labels are needed but these cases have none: {names}")
-    images, labels = _prepared_slices(cases, card, max_slices, foreground_fraction, seed)
+    images, labels = yield from _prepared_slices(cases, card, max_slices, foreground_fraction, seed)
     x = _pad_to_divisor(images, card.input.size_divisor)[:, None]
     del images
     x = np.repeat(x, card.input.channels, axis=1) if card.input.channels > 1 else x
@@ -206,8 +215,8 @@ def slice_tensors(cases: Sequence[CaseData], card: ModelCard, *, with_labels: bo
     return np.ascontiguousarray(x, np.float32), y
 
 
-def _prepared_slices(cases: Sequence[CaseData], card: ModelCard, max_slices: int | None,
-                     foreground_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _prepared_slices(cases: Sequence[CaseData], card: ModelCard, max_slices: int | None, foreground_fraction: float,
+                     seed: int) -> Generator[Progress, None, tuple[np.ndarray, np.ndarray]]:
     from app.core.inference import prepare
 
     rng = np.random.default_rng(seed)
@@ -228,6 +237,7 @@ def _prepared_slices(cases: Sequence[CaseData], card: ModelCard, max_slices: int
             want_bg -= int((~has_fg).sum())
         images.append(np.ascontiguousarray(prepared.array[keep], np.float32))
         labels.append(grid_labels[keep])
+        yield Progress((number + 1) / len(cases), f"slices of case {case.case} ({number + 1}/{len(cases)})")
         del prepared, grid_labels, case
     shapes = {a.shape[1:] for a in images}
     if len(shapes) > 1:  # slices of different sizes cannot share a batch: centre-crop to the smallest

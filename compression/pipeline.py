@@ -111,6 +111,7 @@ _STEP_MODULES = {
     "qat_finetune": ("compression.steps.qat", "qat_finetune"),
     "half_precision": ("compression.steps.half_precision", "half_precision"),
     "distill": ("compression.steps.distill", "distill"),
+    "quantize_filter": ("compression.steps.quantize_filter", "quantize_filter"),
 }
 
 

@@ -70,7 +70,7 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
     use = ("both" if labelled else "teacher") if use == "auto" else use
     if use in ("labels", "both") and not labelled:
         raise ValueError(f"distillation with {use!r} needs labels on at least one train case")
-    arrays = _training_arrays(model, data, use, max_slices)
+    arrays = yield from scaled(_training_arrays(model, data, use, max_slices), 0.0, 0.02, "reading train slices: ")
     if use != "labels":
         yield Progress(0.02, "teacher outputs on the train slices")
         arrays["teacher"] = _teacher(model, data, arrays["x"])
@@ -99,19 +99,23 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
     return model
 
 
-def _training_arrays(model: WorkingModel, data: StepData, use: str, max_slices: int | None) -> dict:
+def _training_arrays(model: WorkingModel, data: StepData, use: str, max_slices: int | None):
     """x for every train case; y with the labels where a case has them and IGNORE elsewhere."""
-    from compression.data import slice_tensors
+    from compression.data import cut_slices
     from compression.training import IGNORE
 
     card = model.card
     with_labels, without = split_by_labels(data.train)
     if use == "teacher":
-        return {"x": slice_tensors(data.train, card, with_labels=False, max_slices=max_slices, seed=data.seed)[0]}
-    x, y = slice_tensors(with_labels, card, with_labels=True, max_slices=max_slices, seed=data.seed)
+        x, _ = yield from cut_slices(data.train, card, with_labels=False, max_slices=max_slices, seed=data.seed)
+        return {"x": x}
+    share = len(with_labels) / max(1, len(data.train)) if use == "both" else 1.0
+    x, y = yield from scaled(cut_slices(with_labels, card, with_labels=True, max_slices=max_slices, seed=data.seed),
+                             0.0, share)
     if use == "labels" or not len(without):
         return {"x": x, "y": y}  # uint8; batches turn it into int64
-    xu, _ = slice_tensors(without, card, with_labels=False, max_slices=max_slices, seed=data.seed)
+    xu, _ = yield from scaled(cut_slices(without, card, with_labels=False, max_slices=max_slices, seed=data.seed),
+                              share, 1.0)
     if xu.shape[1:] != x.shape[1:]:
         raise ValueError(f"labelled slices are {x.shape[2:]}, unlabelled {xu.shape[2:]}: they cannot share batches")
     return {"x": np.concatenate([x, xu]),

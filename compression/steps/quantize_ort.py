@@ -199,7 +199,8 @@ def int8_weights_only(source: Path, target: Path, exclude=(), op_types=("Conv", 
     """Rewrite ``source`` so that each weight of ``op_types`` is an int8 initializer (symmetric,
     one scale per output channel) feeding a DequantizeLinear; returns how many were rewritten.
     Conv weights are (out, in/groups, ...) — channel axis 0; ConvTranspose weights are
-    (in, out/groups, ...) — axis 1."""
+    (in, out/groups, ...) — axis 1. A weight several nodes share (the candidate filter runs one
+    net on four flipped views) is dequantized once, when all its users are of one such type."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -209,15 +210,18 @@ def int8_weights_only(source: Path, target: Path, exclude=(), op_types=("Conv", 
     graph = graph_model.graph
     graph_inputs = {i.name for i in graph.input}
     initializers = {init.name: init for init in graph.initializer if init.name not in graph_inputs}
-    users: dict[str, int] = {}
+    _fold_weight_identities(graph, initializers)
+    users: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
-            users[name] = users.get(name, 0) + 1
-    new_nodes, count = [], 0
+            users.setdefault(name, []).append(node)
+    new_nodes, count, done = [], 0, set()
     for node in graph.node:
         weight = node.input[1] if len(node.input) > 1 else None
-        if (node.op_type in op_types and node.name not in exclude and weight in initializers
-                and users.get(weight) == 1):
+        if (node.op_type in op_types and weight in initializers and weight not in done
+                and all(u.op_type == node.op_type and u.name not in exclude and list(u.input).index(weight) == 1
+                        for u in users[weight])):
+            done.add(weight)
             w = numpy_helper.to_array(initializers[weight]).astype(np.float32)
             axis = 1 if node.op_type == "ConvTranspose" else 0
             reduce = tuple(i for i in range(w.ndim) if i != axis)
@@ -238,6 +242,23 @@ def int8_weights_only(source: Path, target: Path, exclude=(), op_types=("Conv", 
     with atomic_output(target) as tmp:
         onnx.save(graph_model, str(tmp))
     return count
+
+
+def _fold_weight_identities(graph, initializers: dict) -> None:
+    """Let nodes read an initializer directly where the torch exporter put an Identity between
+    (it does for weights one module shares across calls, e.g. the filter's four views)."""
+    graph_outputs = {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input[0] in initializers and n.output[0] not in graph_outputs}
+    if not alias:
+        return
+    kept = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def _fidelity(model, data, source, target) -> float:

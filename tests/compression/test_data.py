@@ -100,3 +100,14 @@ def test_labels_are_demanded_only_when_asked_for():
     assert y is None and len(x) == 8
     with pytest.raises(DataError, match="case6"):
         slice_tensors([unlabelled], tiny_card(), with_labels=True)
+
+
+def test_cutting_slices_reports_each_case_so_a_long_read_shows_progress_and_can_stop():
+    from compression.data import cut_slices
+
+    cases = [phantom_case(s, slices=4) for s in range(3)]
+    job = cut_slices(cases, tiny_card(), with_labels=True)
+    ticks = [next(job) for _ in range(3)]
+    assert [t.fraction for t in ticks] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert "case2" in ticks[-1].message
+    job.close()  # a cancelled job stops between cases

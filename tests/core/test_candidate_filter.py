@@ -228,3 +228,57 @@ def test_compression_carries_the_filter_into_every_variant(filtered_unet, tmp_pa
     ratio = network_size(parent) / network_size(variant)
     assert columns["fp16"]["network smaller"] == f"{ratio:.1f}x" and ratio > 1.5  # fp16 halves the network...
     assert float(columns["fp16"]["smaller"][:-1]) < ratio  # ...while the shared filter dilutes the whole
+
+
+def test_quantize_filter_stores_the_filters_convs_in_int8_and_keeps_its_decisions(filtered_unet, demo_tiny, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from app.core.candidate_filter import FilterSession
+    from app.core.demo_models import read_demo_cases
+    from app.core.manifest import read_manifest
+    from app.core.models import open_model, sha256_file
+    from app.core.progress import run_to_end
+    from compression.data import load_cases
+    from compression.pipeline import StepData, run_steps
+
+    folder, _ = filtered_unet
+    source = folder / "candidate_filter.onnx"
+    before_hash = sha256_file(source)
+    parent = open_model(folder / "card.json")
+    calib = run_to_end(load_cases(read_manifest(demo_tiny / "manifest.csv"), ("train", "calib")))
+    variant = run_to_end(run_steps(parent, [{"step": "quantize_filter"}], StepData(train=[], calib=calib, threads=1),
+                                   tmp_path, name="filter-int8"))
+    assert sha256_file(source) == before_hash  # the parent's filter is never touched
+    quantized = variant.files["candidate_filter"]
+    assert quantized.stat().st_size < source.stat().st_size / 3
+    graph = onnx.load(str(quantized)).graph
+    int8 = {i.name for i in graph.initializer if numpy_helper.to_array(i).dtype == np.int8}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8}
+    assert convs and all(n.input[1] in dequantized for n in convs)  # every Conv reads int8 weights
+    check = variant.card.lineage.metrics["compression"]["candidate_filter_int8"]
+    assert check["patches"] > 10 and check["decisions_flipped"] <= 0.02 * check["patches"]
+    spec = parent.card.postprocessing.candidate_filter
+    case = next(c for c in read_demo_cases(demo_tiny, ("train", "calib", "eval")) if c.labels.any())
+    from app.core.candidate_filter import candidate_patches
+
+    centres = np.argwhere(case.labels > 0)[::50].astype(float)
+    patches = candidate_patches(case.volume.voxels, case.labels.astype(np.float32), centres, case.volume.spacing, spec)
+    float_scores = FilterSession(source, spec).scores(patches)
+    int8_scores = FilterSession(quantized, spec).scores(patches)
+    assert np.abs(float_scores - int8_scores).max() < 0.05
+    assert not np.array_equal(float_scores, int8_scores)  # the weights really changed
+
+
+def test_quantize_filter_skips_a_model_without_a_filter_and_says_so(tmp_path):
+    from app.core.models import open_model
+    from app.core.progress import run_to_end
+    from compression.pipeline import StepData, run_steps
+
+    parent = open_model(DEMO_MODELS / "nodule-type-densenet" / "card.json")
+    variant = run_to_end(run_steps(parent, [{"step": "quantize_filter"}], StepData(train=[], calib=[], threads=1),
+                                   tmp_path, name="no-filter"))
+    assert "candidate_filter" not in variant.files
+    record = variant.card.lineage.metrics["compression"]
+    assert ["candidate_filter", "the model has no candidate filter; nothing to quantize"] in record["skipped"]

@@ -49,6 +49,7 @@ class WorkingModel:
     storage: str = "dense"  # "sparse": write ONNX sparse initializers where they pay (unstructured pruning)
     original: Any = None  # the parent's float module, frozen: the reference for label-free recovery
     deploy: str = "onnx"  # what a stock runtime loads: "onnx", or "torch" (state_dict; e.g. bf16 weights)
+    parent: Any = None  # the ModelVariant being compressed (read-only: steps may run it as the reference)
 
     def require_module(self, step: str):
         if self.module is None:
@@ -111,7 +112,7 @@ _STEP_MODULES = {
     "qat_finetune": ("compression.steps.qat", "qat_finetune"),
     "half_precision": ("compression.steps.half_precision", "half_precision"),
     "distill": ("compression.steps.distill", "distill"),
-    "quantize_filter": ("compression.steps.quantize_filter", "quantize_filter"),
+    "compress_filter": ("compression.steps.compress_filter", "compress_filter"),
 }
 
 
@@ -159,7 +160,7 @@ def working_copy(parent: ModelVariant, work_dir: Path) -> WorkingModel:
     """A private copy: the torch model freshly loaded from the parent's files, its ONNX copied."""
     from app.core.models import load_torch_module
 
-    model = WorkingModel(card=parent.card, work_dir=work_dir)
+    model = WorkingModel(card=parent.card, work_dir=work_dir, parent=parent)
     if "candidate_filter" in parent.files:  # the lesion clean-up's second network goes along unchanged
         model.extra_files["candidate_filter"] = parent.files["candidate_filter"]
     if "weights" in parent.files and parent.card.architecture is not None:

@@ -230,25 +230,40 @@ def test_compression_carries_the_filter_into_every_variant(filtered_unet, tmp_pa
     assert float(columns["fp16"]["smaller"][:-1]) < ratio  # ...while the shared filter dilutes the whole
 
 
-def test_quantize_filter_stores_the_filters_convs_in_int8_and_keeps_its_decisions(filtered_unet, demo_tiny, tmp_path):
-    import onnx
-    from onnx import numpy_helper
-
-    from app.core.candidate_filter import FilterSession
-    from app.core.demo_models import read_demo_cases
+def _reduced_filter(filtered_unet, demo_tiny, tmp_path, **params):
     from app.core.manifest import read_manifest
-    from app.core.models import open_model, sha256_file
+    from app.core.models import open_model
     from app.core.progress import run_to_end
     from compression.data import load_cases
     from compression.pipeline import StepData, run_steps
 
     folder, _ = filtered_unet
+    parent = open_model(folder / "card.json")
+    calib = run_to_end(load_cases(read_manifest(demo_tiny / "manifest.csv"), ("train", "calib", "eval")))
+    return parent, run_to_end(run_steps(parent, [{"step": "compress_filter", **params}],
+                                        StepData(train=[], calib=calib, threads=1), tmp_path, name="filter"))
+
+
+def _filter_scores(path, spec, demo_tiny):
+    from app.core.candidate_filter import FilterSession
+    from app.core.demo_models import read_demo_cases
+
+    case = next(c for c in read_demo_cases(demo_tiny, ("train", "calib", "eval")) if c.labels.any())
+    centres = np.argwhere(case.labels > 0)[::50].astype(float)
+    patches = candidate_patches(case.volume.voxels, case.labels.astype(np.float32), centres, case.volume.spacing, spec)
+    return FilterSession(path, spec).scores(patches)
+
+
+def test_compress_filter_stores_the_filters_convs_in_int8_and_keeps_its_decisions(filtered_unet, demo_tiny, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from app.core.models import sha256_file
+
+    folder, _ = filtered_unet
     source = folder / "candidate_filter.onnx"
     before_hash = sha256_file(source)
-    parent = open_model(folder / "card.json")
-    calib = run_to_end(load_cases(read_manifest(demo_tiny / "manifest.csv"), ("train", "calib")))
-    variant = run_to_end(run_steps(parent, [{"step": "quantize_filter"}], StepData(train=[], calib=calib, threads=1),
-                                   tmp_path, name="filter-int8"))
+    parent, variant = _reduced_filter(filtered_unet, demo_tiny, tmp_path)
     assert sha256_file(source) == before_hash  # the parent's filter is never touched
     quantized = variant.files["candidate_filter"]
     assert quantized.stat().st_size < source.stat().st_size / 3
@@ -257,28 +272,41 @@ def test_quantize_filter_stores_the_filters_convs_in_int8_and_keeps_its_decision
     convs = [n for n in graph.node if n.op_type == "Conv"]
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8}
     assert convs and all(n.input[1] in dequantized for n in convs)  # every Conv reads int8 weights
-    check = variant.card.lineage.metrics["compression"]["candidate_filter_int8"]
-    assert check["patches"] > 10 and check["decisions_flipped"] <= 0.02 * check["patches"]
+    check = variant.card.lineage.metrics["compression"]["candidate_filter_compression"]
+    assert check["check_candidates"] > 0 and check["decisions_flipped"] <= 0.02 * check["check_candidates"]
     spec = parent.card.postprocessing.candidate_filter
-    case = next(c for c in read_demo_cases(demo_tiny, ("train", "calib", "eval")) if c.labels.any())
-    from app.core.candidate_filter import candidate_patches
-
-    centres = np.argwhere(case.labels > 0)[::50].astype(float)
-    patches = candidate_patches(case.volume.voxels, case.labels.astype(np.float32), centres, case.volume.spacing, spec)
-    float_scores = FilterSession(source, spec).scores(patches)
-    int8_scores = FilterSession(quantized, spec).scores(patches)
+    float_scores, int8_scores = _filter_scores(source, spec, demo_tiny), _filter_scores(quantized, spec, demo_tiny)
     assert np.abs(float_scores - int8_scores).max() < 0.05
     assert not np.array_equal(float_scores, int8_scores)  # the weights really changed
 
 
-def test_quantize_filter_skips_a_model_without_a_filter_and_says_so(tmp_path):
+def test_compress_filter_keeps_the_ensemble_member_that_best_reproduces_the_whole(filtered_unet, demo_tiny,
+                                                                                   tmp_path):
+    import onnx
+
+    folder, _ = filtered_unet
+    source = folder / "candidate_filter.onnx"
+    parent, variant = _reduced_filter(filtered_unet, demo_tiny, tmp_path, members=1, int8=False,
+                                      max_flip_share=1.0)
+    reduced = variant.files["candidate_filter"]
+    check = variant.card.lineage.metrics["compression"]["candidate_filter_compression"]
+    assert len(check["members_kept"]) == 1
+    convs = lambda path: sum(n.op_type == "Conv" for n in onnx.load(str(path)).graph.node)  # noqa: E731
+    assert convs(reduced) * 3 == convs(source)  # one network of three, still over its four views
+    assert reduced.stat().st_size < source.stat().st_size / 2.5
+    spec = parent.card.postprocessing.candidate_filter
+    scores = _filter_scores(reduced, spec, demo_tiny)
+    assert scores.shape == _filter_scores(source, spec, demo_tiny).shape and np.all((scores >= 0) & (scores <= 1))
+
+
+def test_compress_filter_skips_a_model_without_a_filter_and_says_so(tmp_path):
     from app.core.models import open_model
     from app.core.progress import run_to_end
     from compression.pipeline import StepData, run_steps
 
     parent = open_model(DEMO_MODELS / "nodule-type-densenet" / "card.json")
-    variant = run_to_end(run_steps(parent, [{"step": "quantize_filter"}], StepData(train=[], calib=[], threads=1),
+    variant = run_to_end(run_steps(parent, [{"step": "compress_filter"}], StepData(train=[], calib=[], threads=1),
                                    tmp_path, name="no-filter"))
     assert "candidate_filter" not in variant.files
     record = variant.card.lineage.metrics["compression"]
-    assert ["candidate_filter", "the model has no candidate filter; nothing to quantize"] in record["skipped"]
+    assert ["candidate_filter", "the model has no candidate filter; nothing to compress"] in record["skipped"]

@@ -123,10 +123,12 @@ def plan_phases(plan: dict) -> tuple[list[str], list[float]]:
 
 def search_recipes(plan: dict, sensitivity=None) -> list[dict]:
     """A search preset's candidates (compression.search), cheapest and safest first."""
+    from app.core.models import open_model
     from compression.search import candidate_recipes
 
     found = candidate_recipes(plan["search"]["objectives"], sensitivity,
-                              finetune_steps=int(plan["search"].get("finetune_steps", 200)))
+                              finetune_steps=int(plan["search"].get("finetune_steps", 200)),
+                              candidate_filter="candidate_filter" in open_model(plan["model"]).files)
     return [{"name": c.name, "steps": c.steps, "why": c.why} for c in found]
 
 

@@ -180,7 +180,8 @@ def _search(args, parent, recipe, data, eval_cases, bar: ProgressBar, out: TextI
     if not eval_cases:
         raise ValueError(f"{args.data}: the eval split is empty; a search needs eval scans to judge candidates on")
     candidates = [Candidate(recipe.name, recipe.steps, "the recipe as given")]
-    candidates += candidate_recipes(args.search, None, args.finetune_steps)
+    candidates += candidate_recipes(args.search, None, args.finetune_steps,
+                                    candidate_filter="candidate_filter" in parent.files)
     candidates = candidates[: args.candidates] if args.candidates else candidates
     folder = Path(args.out) / _free_name(Path(args.out), f"{parent.card.name}-search")
     runner = pipeline_runner(parent, data, eval_cases, folder, recipe.budget, device=args.device,

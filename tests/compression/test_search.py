@@ -185,3 +185,13 @@ def test_candidates_read_the_sensitivity_module_s_own_table():
     names = [c.name for c in se.candidate_recipes(("latency",), sensitivity=table)]
     assert "int8-keep1-float" in names and "int8-keep3-float" not in names  # only 2 layers to keep
     assert se.most_sensitive_layers(SensitivityTable("quantize")) == []
+
+
+def test_a_model_with_a_candidate_filter_gets_it_in_int8_in_every_size_candidate():
+    plain = se.candidate_recipes(("size",))
+    with_filter = se.candidate_recipes(("size",), candidate_filter=True)
+    assert [c.name + "+filter-int8" for c in plain] == [c.name for c in with_filter]
+    assert all(c.steps[-1] == {"step": "compress_filter"} and c.steps[:-1] == p.steps
+               for c, p in zip(with_filter, plain))
+    latency_only = se.candidate_recipes(("latency",), candidate_filter=True)
+    assert not any(s["step"] == "compress_filter" for c in latency_only for s in c.steps)  # speed: the filter is ms

@@ -119,6 +119,12 @@ TECHNIQUES = (
               (Parameter("mode", "mode", "static", choices=("static", "dynamic", "weights")),
                Parameter("per_channel", "per channel", True, choices=(True, False)),
                Parameter("calibrate", "calibration", "percentile", choices=("percentile", "minmax", "entropy")))),
+    Technique("compress_filter", "Candidate-filter compression",
+              "Shrinks the second network that drops false candidates, in models that have one: fewer of "
+              "its ensemble members and int8 weights. A coarser filter may drop a faint nodule or keep "
+              "a vessel; models without a filter are left as they are.",
+              (Parameter("members", "ensemble members kept (0: all)", 0, minimum=0, maximum=16),
+               Parameter("int8", "int8 weights", True, choices=(True, False)))),
 )
 
 

@@ -5,8 +5,9 @@ unchanged into every variant, so it bounds every size ratio: the 240 kB distille
 deploys at 987 kB, 7.2× instead of 27×. Two reductions, each optional:
 
 - ``members``: keep that many networks of an averaged ensemble (the filter's output is the mean
-  of its members' sigmoids; ensemble pruning). Which ones is chosen by how well their average
-  reproduces the whole ensemble's keep/drop decisions on the check candidates below.
+  of its members' sigmoids; ensemble pruning; None or 0 keeps them all). Which ones is chosen by
+  how well their average reproduces the whole ensemble's keep/drop decisions on the check
+  candidates below.
 - ``int8``: the convolution weights stored in int8 behind a DequantizeLinear (per output
   channel, symmetric; the rewrite of ``quantize_int8_ort(mode="weights")``). A stock ONNX
   Runtime loads it and computes in float; the weights take a quarter of the bytes.
@@ -51,7 +52,7 @@ def compress_filter(model: WorkingModel, data: StepData, *, members: int | None 
     reference = FilterSession(source, spec, data.threads).scores(patches)
     kept = None
     current = source
-    if members is not None:
+    if members:  # None or 0: every member
         current, kept, total = _fewer_members(source, model.scratch("filter_members.onnx"), members, patches,
                                               reference, spec, data.threads)
         yield Progress(0.7, f"kept ensemble member(s) {kept} of {total}")

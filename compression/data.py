@@ -232,7 +232,7 @@ def _prepared_slices(cases: Sequence[CaseData], card: ModelCard, max_slices: int
         if max_slices is not None:
             left = len(cases) - number
             keep = _choose_slices(grid_labels, -(-want_fg // left), -(-want_bg // left), rng, substitute=left == 1)
-            has_fg = grid_labels[keep].reshape(len(keep), -1).any(axis=1)
+            has_fg = _has_lesion(grid_labels[keep])
             want_fg -= int(has_fg.sum())
             want_bg -= int((~has_fg).sum())
         images.append(np.ascontiguousarray(prepared.array[keep], np.float32))
@@ -269,7 +269,7 @@ def _choose_slices(labels: np.ndarray, n_fg: int, n_bg: int, rng, substitute: bo
     ``substitute`` (the last case of a budget), a kind that runs short is made up by the other;
     before that, the shortfall is left to the cases still to come."""
     everything = np.arange(len(labels))
-    has_fg = labels.reshape(len(labels), -1).any(axis=1)
+    has_fg = _has_lesion(labels)
     fg, bg = everything[has_fg], everything[~has_fg]
     n_fg, n_bg = max(0, n_fg), max(0, n_bg)
     take_fg, take_bg = min(len(fg), n_fg), min(len(bg), n_bg)
@@ -278,6 +278,11 @@ def _choose_slices(labels: np.ndarray, n_fg: int, n_bg: int, rng, substitute: bo
         take_fg = min(len(fg), n_fg + n_bg - take_bg)  # too few background slices: take more nodule slices
     chosen = np.concatenate([rng.choice(fg, take_fg, replace=False), rng.choice(bg, take_bg, replace=False)])
     return np.sort(chosen.astype(int))
+
+
+def _has_lesion(labels: np.ndarray) -> np.ndarray:
+    """Per slice of (N, y, x) labels: does it hold any lesion voxel (N may be 0)."""
+    return labels.any(axis=(1, 2)) if len(labels) else np.zeros(0, bool)
 
 
 def _pad_to_divisor(array: np.ndarray, divisor: int) -> np.ndarray:

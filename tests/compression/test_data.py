@@ -111,3 +111,10 @@ def test_cutting_slices_reports_each_case_so_a_long_read_shows_progress_and_can_
     assert [t.fraction for t in ticks] == pytest.approx([1 / 3, 2 / 3, 1.0])
     assert "case2" in ticks[-1].message
     job.close()  # a cancelled job stops between cases
+
+
+def test_a_budget_smaller_than_the_number_of_cases_takes_what_it_asks_and_no_more():
+    cases = [phantom_case(s, slices=4) for s in range(5)]  # the budget runs out before the last cases
+    for budget in (1, 2, 3):
+        x, y = slice_tensors(cases, tiny_card(), with_labels=True, max_slices=budget, seed=0)
+        assert len(x) == len(y) == budget

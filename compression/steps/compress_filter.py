@@ -49,6 +49,13 @@ def compress_filter(model: WorkingModel, data: StepData, *, members: int | None 
         return model
     source = Path(source)
     patches = yield from _check_candidates(model, data, spec, max_cases)
+    if not len(patches):  # nothing to judge a reduced filter by: it stays as it is, after hours of earlier steps
+        model.skipped.append((FILTER_ROLE, "the parent marks no candidate on the calib scans to check a reduced "
+                                           "filter on; kept as it was"))
+        model.notes.append("compress_filter: no candidate on the calib scans to check the reduced filter on; "
+                           "the filter is kept unchanged.")
+        yield Progress(1.0, "candidate filter kept")
+        return model
     reference = FilterSession(source, spec, data.threads).scores(patches)
     kept = None
     current = source
@@ -110,9 +117,7 @@ def _check_candidates(model: WorkingModel, data: StepData, spec, max_cases: int)
             stacks.append(candidate_patches(case.volume.voxels, foreground, candidate_centres(instances, count),
                                             case.volume.spacing, spec))
         yield Progress(0.6 * (index + 1) / n, f"candidates of calib case {case.case} ({index + 1}/{n})")
-    if not stacks:
-        raise StepError("the parent model marks no candidate on the calib scans: nothing to check the filter on")
-    return np.concatenate(stacks)
+    return np.concatenate(stacks) if stacks else np.zeros((0, spec.channels, spec.patch_px, spec.patch_px), np.float32)
 
 
 def _fewer_members(source: Path, target: Path, members: int, patches, reference, spec, threads):

@@ -310,3 +310,19 @@ def test_compress_filter_skips_a_model_without_a_filter_and_says_so(tmp_path):
     assert "candidate_filter" not in variant.files
     record = variant.card.lineage.metrics["compression"]
     assert ["candidate_filter", "the model has no candidate filter; nothing to compress"] in record["skipped"]
+
+
+def test_compress_filter_keeps_the_filter_when_the_calib_scans_give_no_candidate_to_check_on(filtered_unet, tmp_path):
+    from app.core.models import open_model, sha256_file
+    from app.core.progress import run_to_end
+    from compression.data import cases_from_arrays
+    from compression.pipeline import StepData, run_steps
+
+    folder, _ = filtered_unet
+    air = Volume(voxels=np.full((6, 64, 64), -1000, np.int16), spacing=(2.0, 0.8, 0.8))  # nothing to segment
+    calib = cases_from_arrays([air], [None])
+    variant = run_to_end(run_steps(open_model(folder / "card.json"), [{"step": "compress_filter", "members": 1}],
+                                   StepData(train=[], calib=calib, threads=1), tmp_path, name="kept"))
+    assert sha256_file(variant.files["candidate_filter"]) == sha256_file(folder / "candidate_filter.onnx")
+    reasons = [reason for _, reason in variant.card.lineage.metrics["compression"]["skipped"]]
+    assert any("no candidate" in r for r in reasons)

@@ -1,9 +1,11 @@
 """The scans compression learns from: manifest cases loaded as volumes, cut into network-ready slices.
 
 Calibration, fine-tuning and distillation read the manifest's ``calib`` / ``train`` cases through
-:func:`load_cases`; :func:`slice_tensors` turns them into the exact arrays the network sees at
-inference (same orientation, HU window and normalisation as ``app.core.inference.prepare``), so
-a model is never tuned on data pre-processed differently from how it will run.
+:func:`load_cases` (all at once) or :class:`LazyCases` (one scan at a time: ``compress`` reads
+train and eval this way); :func:`cut_slices` / :func:`slice_tensors` turn them into the exact
+arrays the network sees at inference (same orientation, HU window and normalisation as
+``app.core.inference.prepare``), so a model is never tuned on data pre-processed differently
+from how it will run.
 """
 from __future__ import annotations
 

@@ -102,8 +102,14 @@ class FilterSession:
 
     def score_lesions(self, voxels, foreground, instances, count, spacing, offset=(0, 0, 0)) -> np.ndarray:
         """Scores of lesions 1..count of ``instances`` (cut from the scan at ``offset``)."""
-        centres = candidate_centres(instances, count, offset)
-        return self.scores(candidate_patches(voxels, foreground, centres, spacing, self.spec))
+        return self.scores(lesion_patches(voxels, foreground, instances, count, spacing, self.spec, offset))
+
+
+def lesion_patches(voxels, foreground, instances, count, spacing, spec: CandidateFilter,
+                   offset=(0, 0, 0)) -> np.ndarray:
+    """The filter's inputs for lesions 1..count of ``instances`` (cut from the scan at ``offset``):
+    patches at their centres of mass; (0, channels, patch_px, patch_px) when there are none."""
+    return candidate_patches(voxels, foreground, candidate_centres(instances, count, offset), spacing, spec)
 
 
 def filter_file(files: dict, card_path) -> Path:

@@ -540,10 +540,10 @@ def candidates_from_foreground(foreground: np.ndarray, case: DemoCase, min_diame
     truth = _truth(case, min_diameter_mm)
     inputs = None
     if patches is not None:
-        from app.core.candidate_filter import candidate_centres, candidate_patches
+        from app.core.candidate_filter import lesion_patches
 
-        inputs = candidate_patches(case.volume.voxels, foreground, candidate_centres(instances, count),
-                                   case.volume.spacing, patches).astype(np.float16)
+        inputs = lesion_patches(case.volume.voxels, foreground, instances, count, case.volume.spacing,
+                                patches).astype(np.float16)
     return _Candidates(
         voxels=voxels, mm3=voxels * case.volume.voxel_volume_ml * 1000.0,
         peaks=lesion_peaks(foreground, instances, count),

@@ -72,7 +72,7 @@ def compress_filter(model: WorkingModel, data: StepData, *, members: int | None 
     scores = FilterSession(current, spec, data.threads).scores(patches)
     flips = _flips(reference, scores, spec.threshold)
     check = {"members_kept": kept, "weight_tensors_int8": count, "check_candidates": int(len(patches)),
-             "max_score_change": float(np.abs(scores - reference).max()) if len(patches) else 0.0,
+             "max_score_change": float(np.abs(scores - reference).max()),  # patches: at least one
              "decisions_flipped": flips, "threshold": spec.threshold,
              "file_bytes": {"before": source.stat().st_size, "after": current.stat().st_size}}
     model.metrics["candidate_filter_compression"] = check
@@ -97,7 +97,7 @@ def _flips(reference: np.ndarray, scores: np.ndarray, threshold: float) -> int:
 
 def _check_candidates(model: WorkingModel, data: StepData, spec, max_cases: int):
     """Filter inputs for the parent's candidates (foreground ≥ 0.5) on the calib (else train) scans."""
-    from app.core.candidate_filter import candidate_centres, candidate_patches
+    from app.core.candidate_filter import lesion_patches
     from app.core.inference import make_runner
     from app.core.lesions import label_instances
     from app.core.progress import run_to_end
@@ -113,11 +113,9 @@ def _check_candidates(model: WorkingModel, data: StepData, spec, max_cases: int)
         case = cases[index]
         foreground = run_to_end(runner.run(case.volume)).probabilities[-1].astype(np.float32)
         instances, count = label_instances((foreground > 0.5).astype(np.uint8))
-        if count:
-            stacks.append(candidate_patches(case.volume.voxels, foreground, candidate_centres(instances, count),
-                                            case.volume.spacing, spec))
+        stacks.append(lesion_patches(case.volume.voxels, foreground, instances, count, case.volume.spacing, spec))
         yield Progress(0.6 * (index + 1) / n, f"candidates of calib case {case.case} ({index + 1}/{n})")
-    return np.concatenate(stacks) if stacks else np.zeros((0, spec.channels, spec.patch_px, spec.patch_px), np.float32)
+    return np.concatenate(stacks)  # n ≥ 1: checked above
 
 
 def _fewer_members(source: Path, target: Path, members: int, patches, reference, spec, threads):

@@ -98,7 +98,8 @@ TECHNIQUES = (
               "everywhere, and it inherits the original's mistakes.",
               (Parameter("width", "student width", 0.5, minimum=0.1, maximum=1.0),
                Parameter("steps", "steps", 300, minimum=1, maximum=100000),
-               Parameter("temperature", "temperature", 1.0, minimum=0.1, maximum=20.0))),
+               Parameter("temperature", "temperature", 1.0, minimum=0.1, maximum=20.0),
+               Parameter("weight_bits", "train for N-bit weights (0: float)", 0, choices=(0, 4, 8)))),
     Technique("cluster_weights", "Weight clustering",
               "Lets weights share a few values so the archive compresses well; speed is unchanged and "
               "too few clusters coarsen the output.",
@@ -115,16 +116,19 @@ TECHNIQUES = (
               "Stores weights and activations as 8-bit integers calibrated on your scans; about 4× "
               "smaller, and rare intensities may be rounded away. Mode 'weights' stores only the "
               "weights in 8 bits and computes in float: as small, at float speed (what pays for "
-              "pruned or distilled networks on CPUs).",
+              "pruned or distilled networks on CPUs); with 4 bits, half that again, but it coarsens a "
+              "network not distilled for 4-bit weights.",
               (Parameter("mode", "mode", "static", choices=("static", "dynamic", "weights")),
                Parameter("per_channel", "per channel", True, choices=(True, False)),
-               Parameter("calibrate", "calibration", "percentile", choices=("percentile", "minmax", "entropy")))),
+               Parameter("calibrate", "calibration", "percentile", choices=("percentile", "minmax", "entropy")),
+               Parameter("bits", "weight bits (mode 'weights')", 8, choices=(8, 4)))),
     Technique("compress_filter", "Candidate-filter compression",
               "Shrinks the second network that drops false candidates, in models that have one: fewer of "
               "its ensemble members and int8 weights. A coarser filter may drop a faint nodule or keep "
               "a vessel; models without a filter are left as they are.",
               (Parameter("members", "ensemble members kept (0: all)", 0, minimum=0, maximum=16),
-               Parameter("int8", "int8 weights", True, choices=(True, False)))),
+               Parameter("int8", "int8 weights", True, choices=(True, False)),
+               Parameter("weight_bits", "bits per weight", 8, choices=(8, 4)))),
 )
 
 

@@ -60,3 +60,15 @@ def test_calib_cases_join_calib_and_a_calib_patient_cannot_be_in_eval(tmp_path):
     leaked = _write(tmp_path / "s9", [("CASE001", "P6-1", "calib")])  # an eval patient offered as calib
     with pytest.raises(SystemExit, match="patient P6-1 is also in"):
         _tool().main([str(tmp_path / "w2" / "manifest.csv"), str(base), str(extra), "--calib", str(leaked)])
+
+
+def test_train_cases_join_train_and_a_train_patient_cannot_be_in_eval(tmp_path):
+    base = _write(tmp_path / "base", [("CASE001", "P5-1", "train"), ("CASE002", "P5-2", "eval")])
+    train = _write(tmp_path / "s9", [("CASE001", "P9-1", "eval"), ("CASE002", "P9-2", "calib")])
+    out = tmp_path / "big" / "manifest.csv"
+    assert _tool().main([str(out), str(base), "--train", str(train)]) == 0
+    assert [(c.case, c.split) for c in read_manifest(out).cases] == [
+        ("ACASE001", "train"), ("ACASE002", "eval"), ("BCASE001", "train"), ("BCASE002", "train")]
+    leaked = _write(tmp_path / "s10", [("CASE001", "P5-2", "train")])  # an eval patient offered as train
+    with pytest.raises(SystemExit, match="patient P5-2 is also in"):
+        _tool().main([str(tmp_path / "b2" / "manifest.csv"), str(base), "--train", str(leaked)])

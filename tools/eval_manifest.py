@@ -1,12 +1,13 @@
 """Widen a demo data set's eval split with more generated cases, for verdicts with evidence.
 
     python tools/eval_manifest.py OUT/manifest.csv BASE/manifest.csv EXTRA/manifest.csv [...]
-                                  [--calib CALIB/manifest.csv ...]
+                                  [--calib CALIB/manifest.csv ...] [--train TRAIN/manifest.csv ...]
 
 BASE keeps its train/calib/eval split (what the demo models were trained and calibrated on);
 every case of each EXTRA manifest (e.g. ``main.py demo-data --seed 6``) joins the eval split,
 and every case of each ``--calib`` manifest joins the calib split (more scans to choose the
-lesion clean-up on; no model trains on them).
+lesion clean-up on; no model trains on them), and every case of each ``--train`` manifest joins the
+train split (more scans to fine-tune or distil on: the 184-scan set of bench/README.md).
 Case names get a prefix per manifest (A, B, …) so they stay unique; paths are written relative
 to OUT's folder. A patient in two of the manifests is refused: it would leak training data into
 the evaluation. Nothing is copied or modified; only OUT is written.
@@ -25,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.core.manifest import Manifest, read_manifest, write_manifest  # noqa: E402
 
 
-def widened(out: Path, base: Path, extras: list[Path], calib: list[Path] = ()) -> Manifest:
+def widened(out: Path, base: Path, extras: list[Path], calib: list[Path] = (), train: list[Path] = ()) -> Manifest:
     cases, owner = [], {}
-    for prefix, path in zip(string.ascii_uppercase, [base, *extras, *calib]):
+    for prefix, path in zip(string.ascii_uppercase, [base, *extras, *calib, *train]):
         manifest = read_manifest(path)
         for case in manifest.cases:
             if owner.setdefault(case.patient, path) != path:
@@ -39,7 +40,8 @@ def widened(out: Path, base: Path, extras: list[Path], calib: list[Path] = ()) -
             cases.append(replace(case, case=f"{prefix}{case.case}",
                                  series=case.series if case.series_is_uid else moved(case.series),
                                  labels=moved(case.labels),
-                                 split=case.split if path == base else "calib" if path in calib else "eval"))
+                                 split=(case.split if path == base else "calib" if path in calib
+                                        else "train" if path in train else "eval")))
     return Manifest(cases=cases, root=out.parent)
 
 
@@ -49,11 +51,12 @@ def main(argv=None) -> int:
     parser.add_argument("base", type=Path)
     parser.add_argument("extras", type=Path, nargs="*")
     parser.add_argument("--calib", type=Path, nargs="+", default=[], help="manifests whose cases join the calib split")
+    parser.add_argument("--train", type=Path, nargs="+", default=[], help="manifests whose cases join the train split")
     args = parser.parse_args(argv)
-    if not args.extras and not args.calib:
-        parser.error("name at least one EXTRA or --calib manifest")
+    if not (args.extras or args.calib or args.train):
+        parser.error("name at least one EXTRA, --calib or --train manifest")
     manifest = widened(args.out.resolve(), args.base.resolve(), [p.resolve() for p in args.extras],
-                       [p.resolve() for p in args.calib])
+                       [p.resolve() for p in args.calib], [p.resolve() for p in args.train])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_manifest(manifest, args.out)
     counts = {s: len(manifest.cases_in(s)) for s in ("train", "calib", "eval")}

@@ -91,8 +91,14 @@ def _pack(index: np.ndarray, clusters: int) -> tuple[np.ndarray, int]:
     """Two 4-bit indices per byte when k ≤ 16, else one byte each."""
     if clusters > 16:
         return index.astype(np.uint8), 8
-    padded = np.concatenate([index, np.zeros(len(index) % 2, np.uint8)]).astype(np.uint8)
-    return (padded[0::2] | (padded[1::2] << 4)).astype(np.uint8), 4
+    return pack_nibbles(index), 4
+
+
+def pack_nibbles(index: np.ndarray) -> np.ndarray:
+    """Indices < 16 two per byte, the first in the low nibble (an odd count is padded with a 0)."""
+    index = np.asarray(index, np.uint8).ravel()
+    padded = np.concatenate([index, np.zeros(len(index) % 2, np.uint8)])
+    return (padded[0::2] | (padded[1::2] << 4)).astype(np.uint8)
 
 
 def unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:

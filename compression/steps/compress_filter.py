@@ -10,7 +10,9 @@ deploys at 987 kB, 7.2× instead of 27×. Two reductions, each optional:
   candidates below.
 - ``int8``: the convolution weights stored in int8 behind a DequantizeLinear (per output
   channel, symmetric; the rewrite of ``quantize_int8_ort(mode="weights")``). A stock ONNX
-  Runtime loads it and computes in float; the weights take a quarter of the bytes.
+  Runtime loads it and computes in float; the weights take a quarter of the bytes. With
+  ``weight_bits=4`` they are 4-bit indices into a 16-value codebook per tensor instead (an
+  eighth of the bytes; the same check below decides whether that is safe).
 
 The patches are a few hundred 32 × 32 stacks per scan, so speed is not what matters; the
 decisions are. The check candidates are the real ones: the parent model runs on the calib scans
@@ -34,12 +36,14 @@ FILTER_ROLE = "candidate_filter"
 
 
 def compress_filter(model: WorkingModel, data: StepData, *, members: int | None = None, int8: bool = True,
-                    max_cases: int = 8, max_flip_share: float = 0.02):
+                    weight_bits: int = 8, max_cases: int = 8, max_flip_share: float = 0.02):
     """Reduce the candidate filter; a model without one is left as it is (and the log says so)."""
     from app.core.candidate_filter import FilterSession
 
-    from compression.steps.quantize_ort import int8_weights_only
+    from compression.steps.quantize_ort import weights_only
 
+    if weight_bits not in (4, 8):
+        raise ValueError(f"the filter's weights are stored in 8 or 4 bits, not {weight_bits}")
     source = model.extra_files.get(FILTER_ROLE)
     spec = model.card.postprocessing.candidate_filter
     if source is None or spec is None:
@@ -66,12 +70,13 @@ def compress_filter(model: WorkingModel, data: StepData, *, members: int | None 
     count = 0
     if int8:
         target = model.scratch("candidate_filter.onnx")
-        count = int8_weights_only(current, target, op_types=("Conv",))
+        count = weights_only(current, target, op_types=("Conv",), bits=weight_bits)
         current = target
-        yield Progress(0.8, f"{count} filter weight tensors stored in int8")
+        yield Progress(0.8, f"{count} filter weight tensors stored in {weight_bits} bits")
     scores = FilterSession(current, spec, data.threads).scores(patches)
     flips = _flips(reference, scores, spec.threshold)
-    check = {"members_kept": kept, "weight_tensors_int8": count, "check_candidates": int(len(patches)),
+    check = {"members_kept": kept, "weight_tensors_int8": count, "weight_bits": weight_bits if int8 else 32,
+             "check_candidates": int(len(patches)),
              "max_score_change": float(np.abs(scores - reference).max()),  # patches: at least one
              "decisions_flipped": flips, "threshold": spec.threshold,
              "file_bytes": {"before": source.stat().st_size, "after": current.stat().st_size}}
@@ -81,7 +86,7 @@ def compress_filter(model: WorkingModel, data: StepData, *, members: int | None 
                         f"threshold {spec.threshold:g} on the calib candidates (allowed {max_flip_share:.0%})")
     model.extra_files[FILTER_ROLE] = current
     what = ([f"ensemble members {kept} kept"] if kept is not None else []) + (
-        [f"{count} Conv weight tensors in int8"] if int8 else [])
+        [f"{count} Conv weight tensors in {'int8' if weight_bits == 8 else '4 bits'}"] if int8 else [])
     model.notes.append(
         f"Candidate filter: {', '.join(what) or 'unchanged'} ({check['file_bytes']['before'] / 1e3:.0f} kB → "
         f"{check['file_bytes']['after'] / 1e3:.0f} kB). On the parent's {len(patches)} candidates in the calib "

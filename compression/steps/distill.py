@@ -47,7 +47,8 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
             steps: int = 300, lr: float = 3e-3, batch_size: int = 8, crop: int | None = None,
             temperature: float = 1.0, label_weight: float = 0.5, use: str = "auto", amp: str = "auto",
             max_slices: int | None = None, foreground_weight: float = 10.0, seed: int | None = None,
-            init: str = "auto", focus: float = 0.0, focus_every: int = 2000):
+            init: str = "auto", focus: float = 0.0, focus_every: int = 2000, weight_bits: int | None = None,
+            qat_share: float = 0.25):
     """Train a fresh student; it replaces the model (the teacher stays the reference).
 
     ``use``: "teacher" (label-free), "both" (teacher everywhere + labels where a case has them,
@@ -60,11 +61,17 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
     ``focus``: the share of each batch drawn from the train slices where the student misses most
     of the teacher's lesion pixels, re-scored every ``focus_every`` steps (hard-example mining,
     :class:`~compression.training.DisagreementSampler`; 0 = uniform).
+    ``weight_bits`` (e.g. 4; None or 0: float): quantization-aware distillation. For the last ``qat_share`` of the
+    steps every convolution sees its weights rounded per output channel to that many bits
+    (straight-through gradients), and the student ends on that grid: ``quantize_int8_ort(mode=
+    "weights", bits=4)`` afterwards stores exactly these weights, at half the bytes of int8.
     """
     from app.core.models import build_network
 
     from compression.training import DisagreementSampler, seed_all
 
+    if weight_bits and not (2 <= weight_bits <= 8 and 0 < qat_share <= 1):  # None or 0: float
+        raise ValueError(f"weight_bits must be 2…8 and qat_share in (0, 1]; not {weight_bits} and {qat_share}")
     arch = student_architecture(model.card.architecture, width, student)
     labelled = bool(len(split_by_labels(data.train)[0]))
     use = ("both" if labelled else "teacher") if use == "auto" else use
@@ -84,7 +91,18 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
             make_distillation_loss(temperature, label_weight if use == "both" else 0.0, foreground_weight))
     sampler = (DisagreementSampler(arrays["x"], arrays["teacher"], focus, focus_every, data.device)
                if focus > 0 and "teacher" in arrays else None)
-    stats = yield from scaled(train_loop(net, arrays, loss, config, sampler=sampler, label="distillation"), 0.05, 1.0)
+    quantized = _QuantizeFrom(net, weight_bits, steps - int(round(qat_share * steps))) if weight_bits else None
+    try:
+        stats = yield from scaled(train_loop(net, arrays, loss, config, sampler=sampler, after_step=quantized,
+                                             label="distillation"), 0.05, 1.0)
+    finally:
+        if quantized is not None:
+            quantized.bake()
+    if quantized is not None:
+        stats["weight_bits"] = {"bits": weight_bits, "from_step": quantized.start, "layers": len(quantized.layers)}
+        model.notes.append(f"Quantization-aware: from step {quantized.start} of {steps} the student's "
+                           f"{len(quantized.layers)} convolutions trained on {weight_bits}-bit weights (per output "
+                           f"channel); its weights end on that grid.")
     if sampler is not None:
         stats["focus"] = {"share": focus, "every": focus_every, "lesion_slices": int(len(sampler.lesion_slices)),
                           "rescored": sampler.history}
@@ -97,6 +115,30 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
                 f"{last['step']}).")
     _adopt_student(model, net.to("cpu").eval(), arch, use, stats, temperature)
     return model
+
+
+class _QuantizeFrom:
+    """``after_step`` hook: from step ``start`` on, the weights are fake-quantized to ``bits``."""
+
+    def __init__(self, net, bits: int, start: int):
+        self.net, self.bits, self.start, self.step, self.layers = net, bits, max(0, start), 0, []
+        if self.start == 0:
+            self._begin()
+
+    def _begin(self) -> None:
+        from compression.steps.qat import fake_quantize_weights
+
+        self.layers = fake_quantize_weights(self.net, self.bits)
+
+    def __call__(self, _module, _lr) -> None:
+        self.step += 1
+        if self.step == self.start:
+            self._begin()
+
+    def bake(self) -> None:
+        from compression.steps.qat import bake_weights
+
+        bake_weights(self.layers)
 
 
 def _training_arrays(model: WorkingModel, data: StepData, use: str, max_slices: int | None):

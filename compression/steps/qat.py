@@ -15,16 +15,45 @@ from compression.pipeline import StepData, WorkingModel
 from compression.steps._common import recover
 
 
-class _WeightFakeQuant:
-    """Per-output-channel symmetric int8 round trip with a straight-through gradient."""
+class WeightFakeQuant:
+    """Per-output-channel symmetric round trip to ``bits`` bits (±(2^(bits-1) − 1) steps of max |w|),
+    with a straight-through gradient. ``axis``: the output-channel axis (1 for ConvTranspose).
+
+    Rounding per channel commutes with scaling a channel, so a batch norm folded into the
+    convolution at export leaves the weights on the grid: ``weights_only`` stores them exactly."""
+
+    def __init__(self, bits: int = 8, axis: int = 0):
+        self.levels, self.axis = float(2 ** (bits - 1) - 1), axis
 
     def __call__(self, weight):
         import torch
 
-        dims = list(range(1, weight.dim()))
-        scale = (weight.detach().abs().amax(dim=dims, keepdim=True) / 127.0).clamp_min(1e-12)
-        rounded = torch.clamp(torch.round(weight / scale), -127, 127) * scale
+        dims = [d for d in range(weight.dim()) if d != self.axis]
+        scale = (weight.detach().abs().amax(dim=dims, keepdim=True) / self.levels).clamp_min(1e-12)
+        rounded = torch.clamp(torch.round(weight / scale), -self.levels, self.levels) * scale
         return weight + (rounded - weight).detach()
+
+
+def fake_quantize_weights(module, bits: int) -> list:
+    """Put every Conv and ConvTranspose weight of ``module`` behind :class:`WeightFakeQuant`; returns
+    the layers, for :func:`bake_weights`."""
+    import torch
+    import torch.nn.utils.parametrize as parametrize
+
+    layers = [m for m in module.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    for layer in layers:
+        axis = 1 if layer.transposed else 0
+        parametrize.register_parametrization(layer, "weight", _Module(WeightFakeQuant(bits, axis)))
+    return layers
+
+
+def bake_weights(layers) -> None:
+    """Remove the fake quantization, keeping the weights on the grid the training adapted to."""
+    import torch.nn.utils.parametrize as parametrize
+
+    for layer in layers:
+        if parametrize.is_parametrized(layer, "weight"):
+            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
 
 
 class _InputFakeQuant:
@@ -60,7 +89,7 @@ def qat_finetune(model: WorkingModel, data: StepData, *, steps: int = 50, lr: fl
                       for n, m in module.named_modules() if type(m).__name__.startswith("ConvTranspose")]
     hooks = []
     for _, layer in convs:
-        parametrize.register_parametrization(layer, "weight", _Module(_WeightFakeQuant()))
+        parametrize.register_parametrization(layer, "weight", _Module(WeightFakeQuant()))
         hooks.append(layer.register_forward_pre_hook(_InputFakeQuant()))
     try:
         stats = yield from scaled(recover(model, data, steps=steps, lr=lr, batch_size=batch_size, crop=crop, amp=amp,

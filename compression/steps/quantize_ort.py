@@ -44,9 +44,12 @@ def quantize_int8_ort(model: WorkingModel, data: StepData, *, mode: str = "stati
                       calibrate: str = "minmax", percentile: float = 99.999, exclude: list | tuple = (),
                       activation_type: str = "QUInt8", weight_type: str = "QInt8",
                       op_types: list | tuple = ("Conv", "ConvTranspose"),
-                      calib_slices: int = 16, reduce_range: bool = False, min_conv_share: float = 0.9):
+                      calib_slices: int = 16, reduce_range: bool = False, min_conv_share: float = 0.9,
+                      bits: int = 8):
     """Quantize to int8 with ONNX Runtime; the result is the deployable ONNX of the variant.
 
+    ``bits``: with ``mode="weights"``, 4 stores the weights as 4-bit indices into a 16-value
+    codebook per tensor instead of int8 (half the bytes; see :func:`weights_only`).
     ``exclude``: layers kept in float, as torch module names (``model.0.conv``) or ONNX node names
     (e.g. the most sensitive layers from :mod:`compression.sensitivity`).
     """
@@ -54,6 +57,9 @@ def quantize_int8_ort(model: WorkingModel, data: StepData, *, mode: str = "stati
 
     if mode not in ("static", "dynamic", "weights"):
         raise ValueError(f"mode must be 'static', 'dynamic' or 'weights', not {mode!r}")
+    if bits not in (4, 8) or (bits == 4 and mode != "weights"):
+        raise ValueError(f"bits must be 8, or 4 with mode 'weights' (4-bit weights, float compute); not {bits} "
+                         f"with mode {mode!r}")
     if calibrate not in CALIBRATION_METHODS:
         raise ValueError(f"calibrate must be one of {', '.join(CALIBRATION_METHODS)}, not {calibrate!r}")
     source = _float_onnx(model)
@@ -66,14 +72,14 @@ def quantize_int8_ort(model: WorkingModel, data: StepData, *, mode: str = "stati
     if mode == "dynamic":
         _dynamic(prepared, target, common)
     elif mode == "weights":
-        quantized = int8_weights_only(prepared, target, excluded, tuple(op_types))
-        yield Progress(0.7, f"{quantized} weight tensors stored in int8")
+        quantized = weights_only(prepared, target, excluded, tuple(op_types), bits)
+        yield Progress(0.7, f"{quantized} weight tensors stored in {bits} bits")
     else:
         yield Progress(0.2, f"calibrating ({calibrate}) on {calib_slices} calibration slices")
         _static(prepared, target, model, data, common, calibrate, percentile, activation_type, calib_slices)
     yield Progress(0.8, "checking what ONNX Runtime runs in int8")
     _check_and_report(model, data, source, target, mode, calibrate, excluded, min_conv_share,
-                      activation_type, weight_type, per_channel, tuple(op_types))
+                      activation_type, weight_type, per_channel, tuple(op_types), bits)
     model.onnx_path, model.module = target, None  # the float torch model no longer describes this variant
     model.storage = "dense"
     yield Progress(1.0, "int8 model ready")
@@ -164,7 +170,7 @@ def _quiet_quantizer():
 
 
 def _check_and_report(model, data, source, target, mode, calibrate, excluded, min_conv_share,
-                      activation_type, weight_type, per_channel, op_types) -> None:
+                      activation_type, weight_type, per_channel, op_types, bits=8) -> None:
     from compression.export import quantized_conv_share
 
     share = quantized_conv_share(target)
@@ -172,9 +178,17 @@ def _check_and_report(model, data, source, target, mode, calibrate, excluded, mi
     static = mode == "static"
     model.metrics["int8_ort"] = {"mode": mode, "calibrate": calibrate if static else None,
                                  "activation_type": activation_type if static else ("dynamic" if mode == "dynamic" else "float"),
-                                 "weight_type": weight_type, "per_channel": per_channel, "excluded": excluded,
+                                 "weight_type": weight_type if bits == 8 else "codebook4", "weight_bits": bits,
+                                 "per_channel": per_channel, "excluded": excluded,
                                  **{k: v for k, v in share.items() if k != "ops"}, "fidelity_dice_calib": fidelity}
-    if mode == "weights":
+    if mode == "weights" and bits == 4:
+        model.notes.append(
+            f"4-bit weights only: every {'/'.join(op_types)} weight is stored as 4-bit indices into a 16-value "
+            f"codebook (scaled per output channel; the weights' own values where they lie on 16 or fewer, as "
+            f"after quantization-aware training, else k-means) and decoded to float in the graph by standard "
+            f"operators; ONNX Runtime folds them at load and computes in float, at the float model's speed. "
+            f"Mask Dice vs the float model on calibration slices {fidelity:.4f}.")
+    elif mode == "weights":
         model.notes.append(
             f"int8 weights only: every {'/'.join(op_types)} weight is stored in int8 (per output channel) and "
             f"dequantized to float in the graph; ONNX Runtime computes in float, at the float model's speed. "
@@ -195,27 +209,42 @@ def _check_and_report(model, data, source, target, mode, calibrate, excluded, mi
                            "for convolutions (measured 3× slower here); prefer static.")
 
 
-def int8_weights_only(source: Path, target: Path, exclude=(), op_types=("Conv", "ConvTranspose")) -> int:
-    """Rewrite ``source`` so that each weight of ``op_types`` is an int8 initializer (symmetric,
-    one scale per output channel) feeding a DequantizeLinear; returns how many were rewritten.
+def weights_only(source: Path, target: Path, exclude=(), op_types=("Conv", "ConvTranspose"), bits: int = 8) -> int:
+    """Rewrite ``source`` so that each weight of ``op_types`` is stored in ``bits`` bits per weight and
+    decoded to float inside the graph; returns how many tensors were rewritten.
+
+    - 8: an int8 initializer (symmetric, one scale per output channel) feeding a DequantizeLinear.
+    - 4: two 4-bit indices per byte into a 16-value codebook of the tensor (k-means on the weights
+      scaled to [-1, 1] per output channel, as in Deep Compression's weight sharing), times the
+      channel's scale. Stock opset-13 operators decode it (Cast, Div, Mod, Gather, Mul); ONNX
+      Runtime folds them into float constants when it loads the file, so the model computes in
+      float at the float model's speed, from a file with half the bytes of the int8 one.
+
     Conv weights are (out, in/groups, ...) — channel axis 0; ConvTranspose weights are
     (in, out/groups, ...) — axis 1. A weight several nodes share (the candidate filter runs one
-    net on four flipped views) is dequantized once, when all its users are of one such type."""
+    net on four flipped views) is decoded once, when all its users are of one such type."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     from app.core.atomic import atomic_output
 
+    if bits not in (4, 8):
+        raise ValueError(f"weights are stored in 8 or 4 bits, not {bits}")
     graph_model = onnx.load(str(source))
     graph = graph_model.graph
+    if bits == 4 and _default_opset(graph_model) < 13:
+        raise ValueError(f"4-bit weights need ONNX opset 13 or later; {source.name} uses "
+                         f"{_default_opset(graph_model)}")
     graph_inputs = {i.name for i in graph.input}
     initializers = {init.name: init for init in graph.initializer if init.name not in graph_inputs}
     _fold_weight_identities(graph, initializers)
+    _fold_weight_dequantization(graph, initializers)
     users: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
             users.setdefault(name, []).append(node)
-    new_nodes, count, done = [], 0, set()
+    encode = _int8_weight if bits == 8 else _codebook4_weight
+    new_nodes, count, done, shared = [], 0, set(), set()
     for node in graph.node:
         weight = node.input[1] if len(node.input) > 1 else None
         if (node.op_type in op_types and weight in initializers and weight not in done
@@ -223,18 +252,12 @@ def int8_weights_only(source: Path, target: Path, exclude=(), op_types=("Conv", 
                         for u in users[weight])):
             done.add(weight)
             w = numpy_helper.to_array(initializers[weight]).astype(np.float32)
-            axis = 1 if node.op_type == "ConvTranspose" else 0
-            reduce = tuple(i for i in range(w.ndim) if i != axis)
-            scale = np.maximum(np.abs(w).max(axis=reduce), 1e-12) / 127.0
-            shape = [1] * w.ndim
-            shape[axis] = -1
-            q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
             graph.initializer.remove(initializers[weight])
-            graph.initializer.extend([numpy_helper.from_array(q, f"{weight}_int8"),
-                                      numpy_helper.from_array(scale.astype(np.float32), f"{weight}_scale"),
-                                      numpy_helper.from_array(np.zeros_like(scale, np.int8), f"{weight}_zero")])
-            new_nodes.append(helper.make_node("DequantizeLinear", [f"{weight}_int8", f"{weight}_scale", f"{weight}_zero"],
-                                              [weight], name=f"{weight}_dequantize", axis=axis))
+            stored, nodes = encode(weight, w, 1 if node.op_type == "ConvTranspose" else 0, f"q{count}")
+            graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in stored.items()
+                                     if name not in shared)
+            shared.update(n for n in stored if n == _SIXTEEN)
+            new_nodes.extend(nodes)
             count += 1
         new_nodes.append(node)
     del graph.node[:]
@@ -242,6 +265,108 @@ def int8_weights_only(source: Path, target: Path, exclude=(), op_types=("Conv", 
     with atomic_output(target) as tmp:
         onnx.save(graph_model, str(tmp))
     return count
+
+
+def _default_opset(graph_model) -> int:
+    return next((o.version for o in graph_model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _channel_scale(w: np.ndarray, axis: int, levels: float) -> tuple[np.ndarray, list[int]]:
+    """Per-channel symmetric scale (max |w| / levels) and the shape that broadcasts it over ``w``."""
+    reduce = tuple(i for i in range(w.ndim) if i != axis)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    return (np.maximum(np.abs(w).max(axis=reduce), 1e-12) / levels).astype(np.float32), shape
+
+
+def _int8_weight(name: str, w: np.ndarray, axis: int, tag: str):
+    from onnx import helper
+
+    scale, shape = _channel_scale(w, axis, 127.0)
+    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    stored = {f"{name}_int8": q, f"{name}_scale": scale, f"{name}_zero": np.zeros_like(scale, np.int8)}
+    return stored, [helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero"], [name],
+                                     name=f"{name}_dequantize", axis=axis)]
+
+
+def _codebook4_weight(name: str, w: np.ndarray, axis: int, tag: str):
+    """16-value codebook + packed 4-bit indices, decoded by stock operators (see :func:`weights_only`).
+
+    Names are short (``tag``: q0, q1, …; the last output keeps the weight's name) and the constant
+    16 is shared: on a 240 kB student the decoding graph must not cost what the nibbles save."""
+    from onnx import TensorProto, helper
+
+    from compression.steps.cluster_weights import pack_nibbles
+
+    scale, shape = _channel_scale(w, axis, 1.0)
+    codebook, index = _codebook16(w / scale.reshape(shape))
+    broadcast = np.ones(w.ndim, np.int64)
+    broadcast[axis] = len(scale)
+    t = lambda suffix: f"{tag}{suffix}"  # noqa: E731 - this weight's decoding tensors
+    stored = {t("n"): pack_nibbles(index).reshape(-1, 1), t("k"): codebook, t("s"): scale.reshape(broadcast),
+              t("w"): np.array(w.shape, np.int64), _SIXTEEN: np.array(16, np.int32)}
+    nodes = [helper.make_node("Cast", [t("n")], [t("i")], to=TensorProto.INT32),
+             helper.make_node("Mod", [t("i"), _SIXTEEN], [t("l")]),
+             helper.make_node("Div", [t("i"), _SIXTEEN], [t("h")]),
+             helper.make_node("Concat", [t("l"), t("h")], [t("p")], axis=1),  # (bytes, 2): low nibble first
+             helper.make_node("Gather", [t("k"), t("p")], [t("v")])]
+    if index.size % 2:  # the last byte's high nibble is padding
+        stored.update({t("f"): np.array([-1], np.int64), t("0"): np.array([0], np.int64),
+                       t("c"): np.array([index.size], np.int64)})
+        nodes += [helper.make_node("Reshape", [t("v"), t("f")], [t("a")]),
+                  helper.make_node("Slice", [t("a"), t("0"), t("c")], [t("b")])]
+    nodes += [helper.make_node("Reshape", [nodes[-1].output[0], t("w")], [t("u")]),
+              helper.make_node("Mul", [t("u"), t("s")], [name], name=f"{tag}_decode4")]
+    return stored, nodes
+
+
+_SIXTEEN = "q_sixteen"
+
+
+def _codebook16(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """16 shared values and each value's index: the values themselves when there are at most 16
+    (weights trained on a grid, e.g. quantization-aware distillation: stored exactly), else 1-D
+    k-means."""
+    from compression.steps.cluster_weights import kmeans_1d
+
+    flat = values.ravel()
+    distinct, index = np.unique(np.round(flat, 5), return_inverse=True)
+    if len(distinct) <= 16:
+        codebook = np.zeros(16, np.float32)
+        codebook[:len(distinct)] = [flat[index == i].mean() for i in range(len(distinct))]
+        return codebook, index.astype(np.uint8)
+    return kmeans_1d(flat, 16)
+
+
+def _fold_weight_dequantization(graph, initializers: dict) -> None:
+    """Weights already stored in int8 (a DequantizeLinear of initializers) become float initializers
+    again, so they can be stored anew (e.g. an int8 candidate filter re-stored in 4 bits)."""
+    from onnx import numpy_helper
+
+    graph_outputs = {o.name for o in graph.output}
+    folded = []
+    for node in graph.node:
+        if (node.op_type == "DequantizeLinear" and all(name in initializers for name in node.input)
+                and node.output[0] not in graph_outputs):
+            q, scale, *zero = (numpy_helper.to_array(initializers[name]) for name in node.input)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            shape = [1] * q.ndim
+            if scale.ndim:
+                shape[axis] = -1
+            zero = zero[0].astype(np.float32).reshape(shape) if zero else 0.0
+            weight = ((q.astype(np.float32) - zero) * scale.reshape(shape)).astype(np.float32)
+            initializers[node.output[0]] = numpy_helper.from_array(weight, node.output[0])
+            graph.initializer.append(initializers[node.output[0]])
+            folded.append(node)
+    if not folded:
+        return
+    for node in folded:
+        graph.node.remove(node)
+    still_read = {name for node in graph.node for name in node.input}
+    for node in folded:
+        for name in node.input:
+            if name not in still_read and name in initializers:
+                graph.initializer.remove(initializers.pop(name))
 
 
 def _fold_weight_identities(graph, initializers: dict) -> None:

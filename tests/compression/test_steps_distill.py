@@ -83,3 +83,30 @@ def test_labels_are_required_for_label_modes():
     unlabelled = [dataclasses.replace(c, labels=None) for c in train_cases()]
     with pytest.raises(ValueError, match="needs labels"):
         run_to_end(distill(fresh_model(), step_data(train=unlabelled), steps=1, use="labels"))
+
+
+def test_quantization_aware_distillation_ends_on_the_4bit_grid_that_4bit_weights_store_exactly():
+    import numpy as np
+    import torch
+
+    from compression.steps.quantize_ort import quantize_int8_ort
+    from compression.training import onnx_logits, predict_logits
+
+    data = step_data()
+    model = run_to_end(distill(fresh_model(), data, steps=6, width=0.5, weight_bits=4, qat_share=0.5))
+    student = model.module
+    convs = [m for m in student.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    assert model.metrics["distillation"]["weight_bits"] == {"bits": 4, "from_step": 3, "layers": len(convs)}
+    for layer in convs:
+        w = layer.weight.detach().numpy()
+        w = np.moveaxis(w, 1 if layer.transposed else 0, 0).reshape(w.shape[1 if layer.transposed else 0], -1)
+        steps = w / (np.abs(w).max(axis=1, keepdims=True) / 7)
+        assert np.abs(steps - np.round(steps)).max() < 1e-4  # on the per-channel 4-bit grid, ±7 steps
+    x = data.slices("calib", model.card, with_labels=False, max_slices=3)[0]
+    float_logits = predict_logits(student, x)
+    model = run_to_end(quantize_int8_ort(model, data, mode="weights", bits=4))
+    stored_logits = onnx_logits(model.onnx_path, x)
+    # The batch norms folded into the exported Convs rescale channels, which leaves them on the grid.
+    assert np.abs(stored_logits - float_logits).max() < 1e-3 * np.abs(float_logits).max()
+    with pytest.raises(ValueError, match="weight_bits"):
+        run_to_end(distill(fresh_model(), data, steps=1, weight_bits=4, qat_share=0))

@@ -96,6 +96,52 @@ def test_int8_weights_only_stores_every_conv_weight_in_int8_and_computes_in_floa
     assert np.mean(findings.labels == reference.labels) > 0.99
 
 
+def test_4bit_weights_halve_the_int8_bytes_and_onnx_runtime_folds_them_into_float_constants(tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from compression.steps.cluster_weights import unpack
+    from compression.training import onnx_logits
+
+    int8 = run_to_end(run_steps(parent(), [{"step": "quantize_int8_ort", "mode": "weights"}], step_data(),
+                                tmp_path, name="int8-weights"))
+    variant = run_to_end(run_steps(parent(), [{"step": "quantize_int8_ort", "mode": "weights", "bits": 4}],
+                                   step_data(), tmp_path, name="4bit-weights"))
+    path = variant.files["onnx"]
+    graph = onnx.load(str(path)).graph
+    convs = [n for n in graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    decoded = {n.output[0] for n in graph.node if n.op_type == "Mul" and n.name.endswith("_decode4")}
+    assert convs and all(n.input[1] in decoded for n in convs)
+    stored = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    int8_stored = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(int8.files["onnx"])).graph.initializer}
+    nibble_bytes = 0
+    for mul in (n for n in graph.node if n.name.endswith("_decode4")):
+        tag = mul.name[: -len("_decode4")]
+        nibbles, q = stored[f"{tag}n"], int8_stored[f"{mul.output[0]}_int8"]
+        assert nibbles.dtype == np.uint8 and nibbles.size == (q.size + 1) // 2  # two weights per byte
+        assert len(np.unique(unpack(nibbles.ravel(), 4, q.size))) <= 16 and stored[f"{tag}k"].size == 16
+        nibble_bytes += nibbles.size
+    assert nibble_bytes == sum((int8_stored[f"{n.input[1]}_int8"].size + 1) // 2 for n in convs)
+    assert path.stat().st_size < int8.files["onnx"].stat().st_size
+    # A stock ONNX Runtime loads it and folds the decoding into constants: only the float network is left.
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    left = {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+    assert not left & {"Gather", "Mod", "Div", "Cast", "Slice"} and "Conv" in left
+    x = step_data().slices("calib", variant.card, with_labels=False, max_slices=4)[0]
+    reference = onnx_logits(parent().files["onnx"], x)
+    error4, error8 = (np.abs(onnx_logits(p, x) - reference).max() for p in (path, int8.files["onnx"]))
+    assert error8 < error4 < 0.2 * np.abs(reference).max()  # coarser than int8, still the same network
+    assert variant.card.lineage.metrics["compression"]["int8_ort"]["weight_bits"] == 4
+    findings = run_to_end(make_runner(variant, threads=1).run(phantom_case(31).volume))
+    reference = run_to_end(make_runner(parent(), threads=1).run(phantom_case(31).volume))
+    assert np.mean(findings.labels == reference.labels) > 0.99
+    with pytest.raises(ValueError, match="bits must be 8, or 4 with mode 'weights'"):
+        run_to_end(quantize_int8_ort(fresh_model(), step_data(), mode="static", bits=4))
+
+
 def test_quantization_after_quantization_is_refused_clearly():
     model = run_to_end(quantize_int8_ort(fresh_model(), step_data()))
     with pytest.raises(ValueError, match="before quantization"):
@@ -173,3 +219,25 @@ def test_clustered_weights_share_k_values_and_the_archive_decodes_to_them(tmp_pa
     record = model.metrics["clustering"]
     assert record["archive_bytes"] < record["dense_float32_bytes"] / 2
     assert any("deployed size" in note for note in model.notes)
+
+
+def test_int8_weights_can_be_stored_anew_in_4_bits(tmp_path):
+    import onnx
+
+    from compression.steps.quantize_ort import weights_only
+    from compression.training import onnx_logits
+
+    int8 = run_to_end(run_steps(parent(), [{"step": "quantize_int8_ort", "mode": "weights"}], step_data(),
+                                tmp_path, name="int8-weights"))
+    again = tmp_path / "again.onnx"
+    convs = sum(n.op_type in ("Conv", "ConvTranspose") for n in onnx.load(str(int8.files["onnx"])).graph.node)
+    assert weights_only(int8.files["onnx"], again, bits=4) == convs
+    graph = onnx.load(str(again)).graph
+    ops = [n.op_type for n in graph.node]
+    assert "DequantizeLinear" not in ops and not any(i.name.endswith("_int8") for i in graph.initializer)
+    x = step_data().slices("calib", int8.card, with_labels=False, max_slices=2)[0]
+    direct = tmp_path / "direct.onnx"
+    weights_only(parent().files["onnx"], direct, bits=4)
+    reference = onnx_logits(parent().files["onnx"], x)
+    # int8 first, then 4 bits: about as far from the float model as 4 bits straight away
+    assert np.abs(onnx_logits(again, x) - reference).max() < 1.5 * np.abs(onnx_logits(direct, x) - reference).max()

@@ -326,3 +326,23 @@ def test_compress_filter_keeps_the_filter_when_the_calib_scans_give_no_candidate
     assert sha256_file(variant.files["candidate_filter"]) == sha256_file(folder / "candidate_filter.onnx")
     reasons = [reason for _, reason in variant.card.lineage.metrics["compression"]["skipped"]]
     assert any("no candidate" in r for r in reasons)
+
+
+def test_compress_filter_in_4_bits_is_half_the_int8_filter_and_reports_its_check(filtered_unet, demo_tiny, tmp_path):
+    import onnx
+
+    folder, _ = filtered_unet
+    source = folder / "candidate_filter.onnx"
+    parent, int8 = _reduced_filter(filtered_unet, demo_tiny, tmp_path / "8")
+    _, four = _reduced_filter(filtered_unet, demo_tiny, tmp_path / "4", weight_bits=4, max_flip_share=1.0)
+    reduced = four.files["candidate_filter"]
+    graph = onnx.load(str(reduced)).graph
+    decoded = {n.output[0] for n in graph.node if n.name.endswith("_decode4")}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert convs and all(n.input[1] in decoded for n in convs)  # every Conv reads 4-bit weights
+    assert reduced.stat().st_size < 0.65 * int8.files["candidate_filter"].stat().st_size
+    check = four.card.lineage.metrics["compression"]["candidate_filter_compression"]
+    assert check["weight_bits"] == 4 and check["check_candidates"] > 0
+    spec = parent.card.postprocessing.candidate_filter
+    float_scores, scores = _filter_scores(source, spec, demo_tiny), _filter_scores(reduced, spec, demo_tiny)
+    assert np.abs(float_scores - scores).max() < 0.2 and not np.array_equal(float_scores, scores)

@@ -244,6 +244,10 @@ def weights_only(source: Path, target: Path, exclude=(), op_types=("Conv", "Conv
         for name in node.input:
             users.setdefault(name, []).append(node)
     encode = _int8_weight if bits == 8 else _codebook4_weight
+    taken = set(initializers) | {name for node in graph.node for name in (*node.input, *node.output)}
+    prefix = "q"
+    while any(name.startswith(prefix) for name in taken):  # e.g. a graph 4-bit weights were written into before
+        prefix += "q"
     new_nodes, count, done, shared = [], 0, set(), set()
     for node in graph.node:
         weight = node.input[1] if len(node.input) > 1 else None
@@ -253,10 +257,10 @@ def weights_only(source: Path, target: Path, exclude=(), op_types=("Conv", "Conv
             done.add(weight)
             w = numpy_helper.to_array(initializers[weight]).astype(np.float32)
             graph.initializer.remove(initializers[weight])
-            stored, nodes = encode(weight, w, 1 if node.op_type == "ConvTranspose" else 0, f"q{count}")
+            stored, nodes = encode(weight, w, 1 if node.op_type == "ConvTranspose" else 0, f"{prefix}{count}_")
             graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in stored.items()
                                      if name not in shared)
-            shared.update(n for n in stored if n == _SIXTEEN)
+            shared.update(n for n in stored if n.endswith(_SIXTEEN))
             new_nodes.extend(nodes)
             count += 1
         new_nodes.append(node)
@@ -292,8 +296,9 @@ def _int8_weight(name: str, w: np.ndarray, axis: int, tag: str):
 def _codebook4_weight(name: str, w: np.ndarray, axis: int, tag: str):
     """16-value codebook + packed 4-bit indices, decoded by stock operators (see :func:`weights_only`).
 
-    Names are short (``tag``: q0, q1, …; the last output keeps the weight's name) and the constant
-    16 is shared: on a 240 kB student the decoding graph must not cost what the nibbles save."""
+    Names are short (``tag``: q0_, q1_, …, a prefix no other tensor starts with; the last output
+    keeps the weight's name) and the constant 16 is shared: on a 240 kB student the decoding graph
+    must not cost what the nibbles save."""
     from onnx import TensorProto, helper
 
     from compression.steps.cluster_weights import pack_nibbles
@@ -303,11 +308,12 @@ def _codebook4_weight(name: str, w: np.ndarray, axis: int, tag: str):
     broadcast = np.ones(w.ndim, np.int64)
     broadcast[axis] = len(scale)
     t = lambda suffix: f"{tag}{suffix}"  # noqa: E731 - this weight's decoding tensors
+    sixteen = tag[:len(tag.rstrip("0123456789_"))] + _SIXTEEN  # shared by every tensor of this rewrite
     stored = {t("n"): pack_nibbles(index).reshape(-1, 1), t("k"): codebook, t("s"): scale.reshape(broadcast),
-              t("w"): np.array(w.shape, np.int64), _SIXTEEN: np.array(16, np.int32)}
+              t("w"): np.array(w.shape, np.int64), sixteen: np.array(16, np.int32)}
     nodes = [helper.make_node("Cast", [t("n")], [t("i")], to=TensorProto.INT32),
-             helper.make_node("Mod", [t("i"), _SIXTEEN], [t("l")]),
-             helper.make_node("Div", [t("i"), _SIXTEEN], [t("h")]),
+             helper.make_node("Mod", [t("i"), sixteen], [t("l")]),
+             helper.make_node("Div", [t("i"), sixteen], [t("h")]),
              helper.make_node("Concat", [t("l"), t("h")], [t("p")], axis=1),  # (bytes, 2): low nibble first
              helper.make_node("Gather", [t("k"), t("p")], [t("v")])]
     if index.size % 2:  # the last byte's high nibble is padding
@@ -316,11 +322,11 @@ def _codebook4_weight(name: str, w: np.ndarray, axis: int, tag: str):
         nodes += [helper.make_node("Reshape", [t("v"), t("f")], [t("a")]),
                   helper.make_node("Slice", [t("a"), t("0"), t("c")], [t("b")])]
     nodes += [helper.make_node("Reshape", [nodes[-1].output[0], t("w")], [t("u")]),
-              helper.make_node("Mul", [t("u"), t("s")], [name], name=f"{tag}_decode4")]
+              helper.make_node("Mul", [t("u"), t("s")], [name], name=f"{tag}decode4")]
     return stored, nodes
 
 
-_SIXTEEN = "q_sixteen"
+_SIXTEEN = "_sixteen"
 
 
 def _codebook16(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -117,7 +117,7 @@ def test_4bit_weights_halve_the_int8_bytes_and_onnx_runtime_folds_them_into_floa
     int8_stored = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(int8.files["onnx"])).graph.initializer}
     nibble_bytes = 0
     for mul in (n for n in graph.node if n.name.endswith("_decode4")):
-        tag = mul.name[: -len("_decode4")]
+        tag = mul.name[: -len("decode4")]
         nibbles, q = stored[f"{tag}n"], int8_stored[f"{mul.output[0]}_int8"]
         assert nibbles.dtype == np.uint8 and nibbles.size == (q.size + 1) // 2  # two weights per byte
         assert len(np.unique(unpack(nibbles.ravel(), 4, q.size))) <= 16 and stored[f"{tag}k"].size == 16
@@ -241,3 +241,21 @@ def test_int8_weights_can_be_stored_anew_in_4_bits(tmp_path):
     reference = onnx_logits(parent().files["onnx"], x)
     # int8 first, then 4 bits: about as far from the float model as 4 bits straight away
     assert np.abs(onnx_logits(again, x) - reference).max() < 1.5 * np.abs(onnx_logits(direct, x) - reference).max()
+
+
+def test_a_second_4bit_pass_over_a_partly_4bit_graph_names_its_tensors_apart(tmp_path):
+    import onnx
+
+    from compression.steps.quantize_ort import weights_only
+    from compression.training import onnx_logits
+
+    source = parent().files["onnx"]
+    convs = [n.name for n in onnx.load(str(source)).graph.node if n.op_type == "Conv"]
+    first, second, direct = tmp_path / "first.onnx", tmp_path / "second.onnx", tmp_path / "direct.onnx"
+    assert weights_only(source, first, exclude=convs[:2], bits=4) == len(convs[2:]) + sum(
+        n.op_type == "ConvTranspose" for n in onnx.load(str(source)).graph.node)
+    assert weights_only(first, second, bits=4) == 2  # the two left out, with names of their own
+    onnx.checker.check_model(onnx.load(str(second)), full_check=True)
+    weights_only(source, direct, bits=4)
+    x = step_data().slices("calib", parent().card, with_labels=False, max_slices=2)[0]
+    assert np.allclose(onnx_logits(second, x), onnx_logits(direct, x), atol=1e-5)

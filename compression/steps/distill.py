@@ -61,10 +61,11 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
     ``focus``: the share of each batch drawn from the train slices where the student misses most
     of the teacher's lesion pixels, re-scored every ``focus_every`` steps (hard-example mining,
     :class:`~compression.training.DisagreementSampler`; 0 = uniform).
-    ``weight_bits`` (e.g. 4; None or 0: float): quantization-aware distillation. For the last ``qat_share`` of the
-    steps every convolution sees its weights rounded per output channel to that many bits
-    (straight-through gradients), and the student ends on that grid: ``quantize_int8_ort(mode=
-    "weights", bits=4)`` afterwards stores exactly these weights, at half the bytes of int8.
+    ``weight_bits`` (e.g. 4; None or 0: float): quantization-aware distillation. For the last
+    ``qat_share`` of the steps every convolution sees its weights rounded per output channel to
+    that many bits (straight-through gradients), and the student ends on that grid:
+    ``quantize_int8_ort(mode="weights", bits=4)`` afterwards stores exactly these weights, at half
+    the bytes of int8.
     """
     from app.core.models import build_network
 

@@ -129,7 +129,7 @@ class _QuantizeFrom:
     def _begin(self) -> None:
         from compression.steps.qat import fake_quantize_weights
 
-        self.layers = fake_quantize_weights(self.net, self.bits)
+        self.layers = fake_quantize_weights(_convs(self.net), self.bits)
 
     def __call__(self, _module, _lr) -> None:
         self.step += 1

@@ -34,13 +34,12 @@ class WeightFakeQuant:
         return weight + (rounded - weight).detach()
 
 
-def fake_quantize_weights(module, bits: int) -> list:
-    """Put every Conv and ConvTranspose weight of ``module`` behind :class:`WeightFakeQuant`; returns
-    the layers, for :func:`bake_weights`."""
-    import torch
+def fake_quantize_weights(layers, bits: int = 8) -> list:
+    """Put the weight of each convolution in ``layers`` (transposed ones included) behind
+    :class:`WeightFakeQuant`; returns the layers, for :func:`bake_weights`."""
     import torch.nn.utils.parametrize as parametrize
 
-    layers = [m for m in module.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    layers = list(layers)
     for layer in layers:
         axis = 1 if layer.transposed else 0
         parametrize.register_parametrization(layer, "weight", _Module(WeightFakeQuant(bits, axis)))
@@ -81,24 +80,19 @@ class _InputFakeQuant:
 def qat_finetune(model: WorkingModel, data: StepData, *, steps: int = 50, lr: float = 1e-4, batch_size: int = 8,
                  crop: int | None = None, amp: str = "off", use: str = "auto", max_slices: int | None = 64):
     """Fine-tune with simulated int8 (fp32 math: bf16/fp16 autocast would blur the simulated rounding)."""
-    import torch.nn.utils.parametrize as parametrize
-
     module = model.require_module("qat_finetune")
     convs = [(n, m) for n, m in module.named_modules() if type(m).__name__ in ("Conv1d", "Conv2d", "Conv3d")]
     model.skipped += [(n, "ConvTranspose: no int8 kernel in ONNX Runtime's CPU provider; trained in float")
                       for n, m in module.named_modules() if type(m).__name__.startswith("ConvTranspose")]
-    hooks = []
-    for _, layer in convs:
-        parametrize.register_parametrization(layer, "weight", _Module(WeightFakeQuant()))
-        hooks.append(layer.register_forward_pre_hook(_InputFakeQuant()))
+    layers = fake_quantize_weights(layer for _, layer in convs)
+    hooks = [layer.register_forward_pre_hook(_InputFakeQuant()) for layer in layers]
     try:
         stats = yield from scaled(recover(model, data, steps=steps, lr=lr, batch_size=batch_size, crop=crop, amp=amp,
                                           use=use, max_slices=max_slices, label="QAT"), 0.0, 0.95)
     finally:
         for hook in hooks:
             hook.remove()
-        for _, layer in convs:  # keep the weights on the int8 grid the training adapted to
-            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+        bake_weights(layers)  # keep the weights on the int8 grid the training adapted to
     model.metrics.setdefault("finetune", []).append(stats)
     model.metrics["qat"] = {"steps": steps, "convs": len(convs), "learnt_from": stats.get("learnt_from")}
     model.notes.append(f"Quantization-aware fine-tuning: {len(convs)} Convs trained {steps} steps with int8 weights and "

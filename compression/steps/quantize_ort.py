@@ -15,6 +15,7 @@ quantize/dequantize work no longer hides behind small convolutions — so this i
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 from pathlib import Path
 
@@ -243,12 +244,13 @@ def weights_only(source: Path, target: Path, exclude=(), op_types=("Conv", "Conv
     for node in graph.node:
         for name in node.input:
             users.setdefault(name, []).append(node)
-    encode = _int8_weight if bits == 8 else _codebook4_weight
     taken = set(initializers) | {name for node in graph.node for name in (*node.input, *node.output)}
     prefix = "q"
     while any(name.startswith(prefix) for name in taken):  # e.g. a graph 4-bit weights were written into before
         prefix += "q"
-    new_nodes, count, done, shared = [], 0, set(), set()
+    sixteen = f"{prefix}_sixteen"  # one constant for every 4-bit tensor's decoding
+    encode = _int8_weight if bits == 8 else functools.partial(_codebook4_weight, sixteen=sixteen)
+    new_nodes, count, done = [], 0, set()
     for node in graph.node:
         weight = node.input[1] if len(node.input) > 1 else None
         if (node.op_type in op_types and weight in initializers and weight not in done
@@ -258,14 +260,14 @@ def weights_only(source: Path, target: Path, exclude=(), op_types=("Conv", "Conv
             w = numpy_helper.to_array(initializers[weight]).astype(np.float32)
             graph.initializer.remove(initializers[weight])
             stored, nodes = encode(weight, w, 1 if node.op_type == "ConvTranspose" else 0, f"{prefix}{count}_")
-            graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in stored.items()
-                                     if name not in shared)
-            shared.update(n for n in stored if n.endswith(_SIXTEEN))
+            graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in stored.items())
             new_nodes.extend(nodes)
             count += 1
         new_nodes.append(node)
     del graph.node[:]
     graph.node.extend(new_nodes)
+    if bits == 4 and count:
+        graph.initializer.append(numpy_helper.from_array(np.array(16, np.int32), sixteen))
     with atomic_output(target) as tmp:
         onnx.save(graph_model, str(tmp))
     return count
@@ -293,12 +295,12 @@ def _int8_weight(name: str, w: np.ndarray, axis: int, tag: str):
                                      name=f"{name}_dequantize", axis=axis)]
 
 
-def _codebook4_weight(name: str, w: np.ndarray, axis: int, tag: str):
+def _codebook4_weight(name: str, w: np.ndarray, axis: int, tag: str, sixteen: str):
     """16-value codebook + packed 4-bit indices, decoded by stock operators (see :func:`weights_only`).
 
     Names are short (``tag``: q0_, q1_, …, a prefix no other tensor starts with; the last output
-    keeps the weight's name) and the constant 16 is shared: on a 240 kB student the decoding graph
-    must not cost what the nibbles save."""
+    keeps the weight's name) and the constant 16 (``sixteen``) is one tensor for all: on a 240 kB
+    student the decoding graph must not cost what the nibbles save."""
     from onnx import TensorProto, helper
 
     from compression.steps.cluster_weights import pack_nibbles
@@ -308,9 +310,8 @@ def _codebook4_weight(name: str, w: np.ndarray, axis: int, tag: str):
     broadcast = np.ones(w.ndim, np.int64)
     broadcast[axis] = len(scale)
     t = lambda suffix: f"{tag}{suffix}"  # noqa: E731 - this weight's decoding tensors
-    sixteen = tag[:len(tag.rstrip("0123456789_"))] + _SIXTEEN  # shared by every tensor of this rewrite
     stored = {t("n"): pack_nibbles(index).reshape(-1, 1), t("k"): codebook, t("s"): scale.reshape(broadcast),
-              t("w"): np.array(w.shape, np.int64), sixteen: np.array(16, np.int32)}
+              t("w"): np.array(w.shape, np.int64)}
     nodes = [helper.make_node("Cast", [t("n")], [t("i")], to=TensorProto.INT32),
              helper.make_node("Mod", [t("i"), sixteen], [t("l")]),
              helper.make_node("Div", [t("i"), sixteen], [t("h")]),
@@ -324,9 +325,6 @@ def _codebook4_weight(name: str, w: np.ndarray, axis: int, tag: str):
     nodes += [helper.make_node("Reshape", [nodes[-1].output[0], t("w")], [t("u")]),
               helper.make_node("Mul", [t("u"), t("s")], [name], name=f"{tag}decode4")]
     return stored, nodes
-
-
-_SIXTEEN = "_sixteen"
 
 
 def _codebook16(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -308,7 +308,10 @@ def torch_predictor(module, threads: int | None = None, device: str = "cpu",
         if threads:
             torch.set_num_threads(int(threads))  # torch's pool is per process: set it before each run
         with torch.inference_mode(), torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
-            return module(torch.from_numpy(batch).to(device))
+            out = module(torch.from_numpy(batch).to(device))
+        # A GPU returns before its kernels finish: bringing the output home waits for them (and is
+        # what the application pays), so a host clock around predict times the work, not the launch.
+        return out if out.device.type == "cpu" else out.cpu()
 
     return predict, f"torch-{device}" + (f"-{autocast}" if autocast else "")
 

@@ -303,20 +303,28 @@ def make_distillation_loss(temperature: float = 1.0, label_weight: float = 0.5, 
 def predict_logits(module, x: np.ndarray, batch_size: int = 8, device: str = "cpu", amp: str = "off",
                    dtype=np.float32, allocate: Callable | None = None) -> np.ndarray:
     """Logits (N, C, H, W) of a torch module on pre-processed slices, stored as ``dtype``
-    (in the array ``allocate(shape, dtype)`` returns, e.g. a file-backed one; see :func:`batched_logits`)."""
+    (in the array ``allocate(shape, dtype)`` returns, e.g. a file-backed one; see :func:`batched_logits`).
+
+    The module runs on ``device`` and goes back to where its weights were afterwards: a teacher
+    held on the CPU between steps scores a GPU run's train slices on the GPU."""
     import torch
 
     autocast = amp_dtype(amp, device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    module.eval()
+    home = next((p.device for p in module.parameters()), None)
+    module.to(device).eval()
 
     def run(batch: np.ndarray) -> np.ndarray:
         logits = module(torch.from_numpy(np.ascontiguousarray(batch)).to(device))
         return logits.float().cpu().numpy()
 
-    with torch.inference_mode(), torch.autocast(device_type, dtype=autocast or torch.float32,
-                                                enabled=autocast is not None):
-        return batched_logits(run, x, batch_size, dtype, allocate)
+    try:
+        with torch.inference_mode(), torch.autocast(device_type, dtype=autocast or torch.float32,
+                                                    enabled=autocast is not None):
+            return batched_logits(run, x, batch_size, dtype, allocate)
+    finally:
+        if home is not None:
+            module.to(home)
 
 
 def onnx_logits(path, x: np.ndarray, batch_size: int = 8, threads: int | None = None, dtype=np.float32,

@@ -30,21 +30,23 @@ def teacher_logits(model: WorkingModel, data: StepData, x: np.ndarray, dtype=np.
                    allocate=None) -> np.ndarray:
     """What the student recovers towards: the given teacher variant, else the parent's own model."""
     if data.teacher is not None:
-        return variant_logits(data.teacher, x, data.threads, dtype, allocate)
+        return variant_logits(data.teacher, x, data.threads, dtype, allocate, data.device)
     if model.original is None:
         raise ValueError("no teacher and no original torch model to recover towards")
-    return predict_logits(model.original, x, dtype=dtype, allocate=allocate)
+    return predict_logits(model.original, x, device=data.device, dtype=dtype, allocate=allocate)
 
 
 def variant_logits(variant, x: np.ndarray, threads: int | None = None, dtype=np.float32,
-                   allocate=None) -> np.ndarray:
-    """Logits of any variant (torch weights when present, else ONNX) on pre-processed slices."""
+                   allocate=None, device: str = "cpu") -> np.ndarray:
+    """Logits of any variant (torch weights when present, on ``device``; else ONNX on the CPU)."""
     from app.core.models import load_torch_module
 
     if "weights" in variant.files and variant.card.architecture is not None:
-        return predict_logits(load_torch_module(variant.as_format("state_dict")), x, dtype=dtype, allocate=allocate)
+        return predict_logits(load_torch_module(variant.as_format("state_dict")), x, device=device, dtype=dtype,
+                              allocate=allocate)
     if "torchscript" in variant.files:
-        return predict_logits(load_torch_module(variant.as_format("torchscript")), x, dtype=dtype, allocate=allocate)
+        return predict_logits(load_torch_module(variant.as_format("torchscript")), x, device=device, dtype=dtype,
+                              allocate=allocate)
     return onnx_logits(variant.files["onnx"], x, threads=threads, dtype=dtype, allocate=allocate)
 
 

@@ -231,7 +231,7 @@ def _teacher(model: WorkingModel, data: StepData, x: np.ndarray) -> np.ndarray:
     if data.teacher is not None:
         return teacher_logits(model, data, x, dtype=np.float16, allocate=allocate)
     if model.module is not None:
-        return predict_logits(model.module, x, dtype=np.float16, allocate=allocate)
+        return predict_logits(model.module, x, device=data.device, dtype=np.float16, allocate=allocate)
     return onnx_logits(model.onnx_path, x, threads=data.threads, dtype=np.float16, allocate=allocate)
 
 

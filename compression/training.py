@@ -123,21 +123,26 @@ def distillation_loss(student_logits, teacher_logits, labels=None, temperature: 
 # ---------------------------------------------------------------- the loop
 
 
-def _batch(arrays: dict[str, np.ndarray], idx: np.ndarray, rng: np.random.Generator, config: TrainConfig):
+def _batch(arrays: dict[str, np.ndarray], idx: np.ndarray, rng: np.random.Generator, config: TrainConfig,
+           lesions: "LesionPixels | None" = None):
     """One crop window per slice, the same for each of its arrays (image, labels, teacher
     outputs), and the same flips for the whole batch.
 
     Lesions fill a few per cent of a slice: a crop drawn anywhere mostly shows background, so
     ``config.lesion_crops`` of the crops are centred near a lesion pixel (labels where the slice
-    has them, else the teacher's mask), the rest anywhere.
+    has them, else the teacher's mask), the rest anywhere. Only the crops are read from the
+    arrays (a memory-mapped teacher's whole slices were copied first, then cut), and each
+    slice's lesion pixels are found once (``lesions``) rather than at every draw.
     """
-    out = {k: v[idx] for k, v in arrays.items()}
-    height, width = out["x"].shape[-2:]
+    height, width = arrays["x"].shape[-2:]
     if config.crop and min(config.crop, height, width) < max(height, width):
         c = min(config.crop, height, width)
-        windows = [_crop_window(out, i, c, rng, config.lesion_crops) for i in range(len(idx))]
-        out = {k: np.stack([v[i, ..., y0:y0 + c, x0:x0 + c] for i, (y0, x0) in enumerate(windows)])
-               for k, v in out.items()}
+        lesions = lesions if lesions is not None else LesionPixels(arrays)
+        windows = [_crop_window(lesions, int(i), c, (height, width), rng, config.lesion_crops) for i in idx]
+        out = {k: np.stack([v[i, ..., y0:y0 + c, x0:x0 + c] for i, (y0, x0) in zip(idx, windows)])
+               for k, v in arrays.items()}
+    else:
+        out = {k: v[idx] for k, v in arrays.items()}
     if config.augment:
         flips = rng.random(2) < 0.5
         for axis_from_end, flip in zip((1, 2), flips):
@@ -147,21 +152,41 @@ def _batch(arrays: dict[str, np.ndarray], idx: np.ndarray, rng: np.random.Genera
     return {k: np.ascontiguousarray(v, np.int64 if k == "y" else None) for k, v in out.items()}
 
 
-def _lesion_pixels(out: dict[str, np.ndarray], i: int) -> np.ndarray:
-    if "y" in out:
-        labels = out["y"][i]
-        pixels = np.argwhere((labels > 0) & (labels != IGNORE))
-        if len(pixels) or "teacher" not in out:
-            return pixels
-    if "teacher" in out:
-        return np.argwhere(out["teacher"][i].argmax(0) > 0)
-    return np.zeros((0, 2), int)
+class LesionPixels:
+    """Per train slice, its lesion pixels (row, col): the labels' where the slice has any, else
+    the teacher's mask; found on a slice's first draw and kept (a few hundred pixels a slice).
+
+    Finding them at every draw meant an argmax over the teacher's float16 logits of the whole
+    slice, eight times a step: on a GPU, where the step itself is milliseconds, that bound the
+    training speed."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.y, self.teacher = arrays.get("y"), arrays.get("teacher")
+        self._found: dict[int, np.ndarray] = {}
+
+    def __call__(self, i: int) -> np.ndarray:
+        pixels = self._found.get(i)
+        if pixels is None:
+            pixels = self._found[i] = self._find(i).astype(np.int32)
+        return pixels
+
+    def _find(self, i: int) -> np.ndarray:
+        if self.y is not None:
+            labels = np.asarray(self.y[i])
+            pixels = np.argwhere((labels > 0) & (labels != IGNORE))
+            if len(pixels) or self.teacher is None:
+                return pixels
+        if self.teacher is not None:
+            logits = np.asarray(self.teacher[i])
+            lesion = logits[1] > logits[0] if len(logits) == 2 else logits.argmax(0) > 0  # argmax, ties to 0
+            return np.argwhere(lesion)
+        return np.zeros((0, 2), int)
 
 
-def _crop_window(out: dict[str, np.ndarray], i: int, c: int, rng: np.random.Generator,
+def _crop_window(lesions: LesionPixels, i: int, c: int, size: tuple[int, int], rng: np.random.Generator,
                  lesion_crops: float) -> tuple[int, int]:
-    height, width = out["x"].shape[-2:]
-    pixels = _lesion_pixels(out, i) if lesion_crops > 0 and rng.random() < lesion_crops else ()
+    height, width = size
+    pixels = lesions(i) if lesion_crops > 0 and rng.random() < lesion_crops else ()
     if len(pixels):
         cy, cx = pixels[rng.integers(len(pixels))] + rng.integers(-(c // 3), c // 3 + 1, size=2)
         return int(np.clip(cy - c // 2, 0, height - c)), int(np.clip(cx - c // 2, 0, width - c))
@@ -194,10 +219,11 @@ def train_loop(module, arrays: dict[str, np.ndarray], loss_fn: Callable, config:
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(1, config.steps))
     losses, start = [], time.perf_counter()
     n = len(arrays["x"])
+    lesions = LesionPixels(arrays)
     for step in range(config.steps):
         idx = (rng.choice(n, min(config.batch_size, n), replace=False) if sampler is None
                else sampler(module, step, rng, n, min(config.batch_size, n)))
-        batch = {k: torch.from_numpy(v).to(config.device) for k, v in _batch(arrays, idx, rng, config).items()}
+        batch = {k: torch.from_numpy(v).to(config.device) for k, v in _batch(arrays, idx, rng, config, lesions).items()}
         with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = module(batch["x"])
             loss = loss_fn(logits.float(), batch)

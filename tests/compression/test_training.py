@@ -109,6 +109,27 @@ def test_crops_are_drawn_on_lesions_from_the_labels_or_the_teacher(source):
     assert lesion_share(0.0) < 0.3  # a 32-pixel window anywhere on 128² rarely meets it
 
 
+def test_each_crop_is_one_window_cut_alike_from_every_array_and_lesions_are_found_once_per_slice():
+    from compression.training import LesionPixels, TrainConfig, _batch
+
+    rows, cols = np.mgrid[:96, :96]
+    where = (np.arange(4)[:, None, None] * 100_000 + rows * 100 + cols).astype(np.float32)  # slice, row, column
+    teacher = np.stack([np.zeros_like(where), np.where(rows < 10, 1.0, -1.0)[None].repeat(4, 0)], axis=1)
+    arrays = {"x": where[:, None], "teacher": teacher.astype(np.float16), "y": (where % 7 == 0).astype(np.uint8)}
+    lesions = LesionPixels({"teacher": arrays["teacher"]})
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        idx = rng.choice(4, 3, replace=False)
+        batch = _batch({k: v for k, v in arrays.items() if k != "y"}, idx, rng, TrainConfig(crop=24), lesions)
+        x = batch["x"][:, 0]
+        assert x.shape == (3, 24, 24)
+        steps = np.abs(np.diff(x, axis=1))
+        assert np.all(steps == 100) and np.all(np.abs(np.diff(x, axis=2)) == 1)  # one window, flips at most
+        assert np.array_equal(np.floor(x / 100_000), np.broadcast_to(idx[:, None, None], x.shape))  # its own slice
+        assert np.array_equal(batch["teacher"][:, 1] > 0, (x % 100_000) // 100 < 10)  # cut where x was cut
+    assert set(lesions._found) <= {0, 1, 2, 3} and all(len(p) == 10 * 96 for p in lesions._found.values())
+
+
 def test_teacher_logits_go_straight_into_one_float16_array():
     import tracemalloc
 

@@ -113,6 +113,7 @@ _STEP_MODULES = {
     "half_precision": ("compression.steps.half_precision", "half_precision"),
     "distill": ("compression.steps.distill", "distill"),
     "compress_filter": ("compression.steps.compress_filter", "compress_filter"),
+    "calibrate_output": ("compression.steps.calibrate_output", "calibrate_output"),
 }
 
 

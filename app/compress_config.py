@@ -126,7 +126,7 @@ TECHNIQUES = (
               "Matches the compressed network's confidence to the original's on your calib scans (no "
               "labels), so faint lesions it sees are not dropped as too small or too unsure; it may "
               "also bring back some of the original's false alarms.",
-              (Parameter("foreground_weight", "weight of lesion pixels", 30.0, minimum=1.0, maximum=1000.0),)),
+              (Parameter("foreground_weight", "weight of lesion pixels", 3.0, minimum=1.0, maximum=1000.0),)),
     Technique("compress_filter", "Candidate-filter compression",
               "Shrinks the second network that drops false candidates, in models that have one: fewer of "
               "its ensemble members and int8 weights. A coarser filter may drop a faint nodule or keep "

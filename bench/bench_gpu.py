@@ -14,8 +14,9 @@ bench/README.md, "On a GPU"). Everything is measured in this one process:
   slices pre-processed as inference does and ``y`` their labels): mask Dice against the CPU's
   fp32 mask and Dice against the labels.
 - **Distillation training** of the 0.35-width student (the ``smallest`` recipe's: batch 8, crop
-  192, foreground ×30) with the real ``train_loop``, teacher logits computed on the GPU: steps per
-  second on the GPU (fp16 autocast with a grad scaler, bf16, fp32) against the CPU fp32.
+  192, foreground ×30) with the real ``train_loop``, teacher logits computed on the GPU: steps and
+  slices per second on the GPU (fp16 autocast with a grad scaler, bf16, fp32; batch 8 and 32)
+  against the CPU fp32 at batch 8.
 
 Prints a table of medians and ratios; nothing is asserted (machines are noisy).
 """
@@ -151,27 +152,31 @@ def training(original, x, y, gpu_steps):
         arrays["y"] = y
     arch = student_architecture(original.card.architecture, 0.35, None)
     loss = make_distillation_loss(1.0, 0.5 if y is not None else 0.0, 30.0)
-    runs = {"GPU fp16 autocast + grad scaler": ("cuda", "fp16", gpu_steps),
-            "GPU bf16 autocast": ("cuda", "bf16", gpu_steps),
-            "GPU fp32": ("cuda", "off", gpu_steps),
-            "CPU fp32": ("cpu", "off", max(10, gpu_steps // 10))}
+    runs = {"GPU fp16 autocast + grad scaler": ("cuda", "fp16", gpu_steps, 8),
+            "GPU bf16 autocast": ("cuda", "bf16", gpu_steps, 8),
+            "GPU fp32": ("cuda", "off", gpu_steps, 8),
+            "GPU fp32, batch 32": ("cuda", "off", gpu_steps // 2, 32),
+            "GPU bf16 autocast, batch 32": ("cuda", "bf16", gpu_steps // 2, 32),
+            "CPU fp32": ("cpu", "off", max(10, gpu_steps // 10), 8)}
     out = {"teacher_logits_s": teacher_s, "slices": int(len(x))}
     print(f"\nteacher logits on {len(x)} slices on the GPU: {teacher_s:.2f} s (first call included)")
-    print(f"\ndistillation of the 0.35-width student, batch 8, crop 192 (train_loop)")
-    print(f"{'run':<34} {'steps':>6} {'s':>7} {'steps/s':>8} {'vs CPU':>7} {'loss first→last':>18}")
-    for name, (device, amp, steps) in runs.items():
+    print(f"\ndistillation of the 0.35-width student, crop 192 (train_loop); 'vs CPU' compares slices per second")
+    print(f"{'run':<34} {'steps':>6} {'s':>7} {'steps/s':>8} {'slices/s':>9} {'vs CPU':>7} {'loss first→last':>18}")
+    for name, (device, amp, steps, batch) in runs.items():
         torch.manual_seed(0)
         net = build_network(arch)
-        config = TrainConfig(steps=steps, batch_size=8, lr=3e-3, seed=0, device=device, amp=amp, crop=192)
+        config = TrainConfig(steps=steps, batch_size=batch, lr=3e-3, seed=0, device=device, amp=amp, crop=192)
         run_to_end(train_loop(net, arrays, loss, TrainConfig(**{**config.__dict__, "steps": 5})))  # warm-up
         stats = run_to_end(train_loop(net, arrays, loss, config))
-        out[name] = {"steps": steps, "seconds": stats["seconds"], "steps_per_s": steps / stats["seconds"],
+        out[name] = {"steps": steps, "batch": batch, "seconds": stats["seconds"], "steps_per_s": steps / stats["seconds"],
+                     "slices_per_s": steps * batch / stats["seconds"],
                      "loss_first": stats["loss_first"], "loss_last": stats["loss_last"], "amp": stats["amp"]}
-    cpu = out["CPU fp32"]["steps_per_s"]
+    cpu = out["CPU fp32"]["slices_per_s"]
     for name in runs:
         r = out[name]
-        r["vs_cpu"] = r["steps_per_s"] / cpu
-        print(f"{name:<34} {r['steps']:>6} {r['seconds']:7.1f} {r['steps_per_s']:8.1f} {r['vs_cpu']:6.1f}x "
+        r["vs_cpu"] = r["slices_per_s"] / cpu
+        print(f"{name:<34} {r['steps']:>6} {r['seconds']:7.1f} {r['steps_per_s']:8.1f} {r['slices_per_s']:9.0f} "
+              f"{r['vs_cpu']:6.1f}x "
               f"{r['loss_first']:8.3f} → {r['loss_last']:.3f}")
     return out
 

@@ -115,6 +115,12 @@ def test_wizard_end_to_end_every_page(qtbot, make_wizard, demo_tiny, tiny_model,
     assert [s["step"] for s in wizard.config.steps] == ["prune_unstructured", "finetune"]
     assert wizard.config.steps[0]["sparsity"] == pytest.approx(0.3) and wizard.config.steps[1]["steps"] == 4
     shoot(wizard, "3_techniques_expert")
+    from PySide6.QtWidgets import QScrollArea
+
+    scroll = page.findChild(QScrollArea)
+    scroll.verticalScrollBar().setValue(scroll.verticalScrollBar().maximum())  # the last techniques
+    shoot(wizard, "3_techniques_expert_end")
+    scroll.verticalScrollBar().setValue(0)
     wizard.next()
 
     budget = wizard.budget_page

@@ -1,0 +1,80 @@
+"""Why a variant loses the original's lesions: per lost lesion ≥ 6 mm, how sure each model is of it.
+
+    .venv/bin/python tools/lost_lesions.py --variant CARD --data MANIFEST [--original CARD]
+        [--cases ACASE023,BCASE013] [--threads 2]
+
+Runs the original and the variant through the application's own runners (pre-processing,
+network, lesion clean-up, candidate filter) on each eval case (or the ``--cases`` named), one
+scan at a time, matches lesions with the evaluation's rule, and prints for every lesion ≥ 6 mm
+of the original that the variant does not reproduce: its size and slices, the mean foreground
+probability of each model inside it, how many of its voxels the variant's network marks
+(before its clean-up), and whether it lies on a ground-truth lesion. A lesion the variant marks
+in part was seen and then dropped (too small, or by the candidate filter); one it gives a
+probability near 0 it did not see.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "resources" / "models" / "lung-nodule-unet2d" / "card.json"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--original", default=str(DEFAULT_MODEL))
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--data", required=True, help="a manifest; its eval cases are read")
+    parser.add_argument("--cases", help="comma-separated case names (default: every eval case)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    from app.core.inference import make_runner
+    from app.core.lesions import label_instances, lesion_table
+    from app.core.manifest import read_manifest
+    from app.core.models import open_model
+    from app.core.progress import run_to_end
+    from compression.data import load_case
+    from compression.evaluate import _match, lesion_map
+
+    manifest = read_manifest(args.data)
+    wanted = set(args.cases.split(",")) if args.cases else None
+    runners = [make_runner(open_model(card), threads=args.threads, keep_probabilities=True)
+               for card in (args.original, args.variant)]
+    lost_total = 0
+    for case in manifest.cases:
+        if case.split != "eval" or (wanted is not None and case.case not in wanted):
+            continue
+        data = load_case(manifest, case)
+        original, variant = (run_to_end(r.run(data.volume)) for r in runners)
+        original_lesions = lesion_map(original.labels > 0, data.volume)
+        match = _match(original_lesions, lesion_map(variant.labels > 0, data.volume))
+        lost = sorted(set(match.missed) & original_lesions.large)
+        if not lost:
+            continue
+        table = {l.lesion_id: l for l in lesion_table(original.labels > 0, data.volume,
+                                                       instances=original_lesions.instances)}
+        truth = label_instances(data.labels > 0)[0] if data.labels is not None else None
+        for lesion_id in lost:
+            inside = original_lesions.instances == lesion_id
+            slices = np.flatnonzero(inside.any(axis=(1, 2)))
+            p_original = original.probabilities[1][inside].astype(np.float64)
+            p_variant = variant.probabilities[1][inside].astype(np.float64)
+            on_truth = "no labels" if truth is None else (
+                "on a ground-truth lesion" if (truth[inside] > 0).any() else "the original's false positive")
+            print(f"{case.case} lesion {lesion_id}: {table[lesion_id].mean_diameter_mm:.1f} mm, slices "
+                  f"{slices.min()}-{slices.max()}, {int(inside.sum())} voxels; mean p original "
+                  f"{p_original.mean():.2f}, variant {p_variant.mean():.2f} (max {p_variant.max():.2f}); the "
+                  f"variant's network marks {int((p_variant >= 0.5).sum())} of its voxels; {on_truth}", flush=True)
+            lost_total += 1
+    print(f"{lost_total} lesion(s) >= 6 mm of the original lost by {Path(args.variant).parent.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

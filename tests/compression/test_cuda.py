@@ -122,3 +122,18 @@ def test_a_gpu_latency_is_timed_to_the_output_on_the_host():
     predict, name = torch_predictor(fresh_net(), device=DEVICE, autocast="fp16")
     out = predict(np.zeros((2, 1, 64, 64), np.float32) + 0.5)
     assert name == "torch-cuda:0-fp16" and out.device.type == "cpu" and out.shape == (2, 2, 64, 64)
+
+
+def test_output_calibration_fits_the_same_scale_and_shift_with_the_teacher_on_the_gpu():
+    from compression.steps.calibrate_output import calibrate_output
+    from compression.steps.quantize_ort import quantize_int8_ort
+
+    fits = []
+    for device in ("cpu", DEVICE):
+        data = step_data(device=device)
+        model = run_to_end(quantize_int8_ort(fresh_model(), data, mode="weights", bits=4))
+        fits.append(run_to_end(calibrate_output(model, data)).metrics["output_calibration"])
+        assert _device_of(model.original) == "cpu"
+    # The teacher's logits differ by TF32 rounding at most; the fitted numbers hardly move.
+    assert fits[1]["scale"] == pytest.approx(fits[0]["scale"], rel=1e-2)
+    assert fits[1]["shift"] == pytest.approx(fits[0]["shift"], abs=2e-2)

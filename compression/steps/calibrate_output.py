@@ -54,6 +54,12 @@ def calibrate_output(model: WorkingModel, data: StepData, *, foreground_weight: 
     reference = teacher_logits(model, data, x, dtype=np.float16)
     yield Progress(0.6, f"the variant on {len(x)} calib slices")
     variant = onnx_logits(source, x, threads=data.threads, dtype=np.float16)
+    if not (reference[:, 1] > reference[:, 0]).any():  # nothing to be sure of: a fit would only push to background
+        reason = f"the original marks no lesion pixel on the {len(x)} calib slices: nothing to calibrate to"
+        model.skipped.append(("output calibration", reason))
+        model.notes.append(f"Output left uncalibrated: {reason}.")
+        yield Progress(1.0, "output left as it was")
+        return model
     yield Progress(0.8, "fitting scale and shift")
     fit = fit_logit_calibration(variant[:, 1] - variant[:, 0], reference[:, 1] - reference[:, 0], foreground_weight)
     target = model.scratch("model.calibrated.onnx")

@@ -80,3 +80,17 @@ def test_a_model_that_is_not_a_two_class_segmenter_or_has_no_calib_scans_is_refu
     model.card = dataclasses.replace(model.card, output_activation="sigmoid")
     with pytest.raises(StepError, match="two-class softmax"):
         run_to_end(calibrate_output(model, step_data()))
+
+
+def test_calib_scans_where_the_original_sees_no_lesion_leave_the_output_as_it_was():
+    import dataclasses
+
+    from tests.compression.tiny import calib_cases
+
+    empty = [dataclasses.replace(c, volume=dataclasses.replace(c.volume, voxels=np.full_like(c.volume.voxels, -1000)))
+             for c in calib_cases()]
+    model = run_to_end(quantize_int8_ort(fresh_model(), step_data(), mode="weights"))
+    before = model.onnx_path
+    model = run_to_end(calibrate_output(model, step_data(calib=empty)))
+    assert model.onnx_path == before and "output_calibration" not in model.metrics
+    assert model.skipped[-1][0] == "output calibration" and "no lesion pixel" in model.skipped[-1][1]

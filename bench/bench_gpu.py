@@ -1,6 +1,7 @@
 """GPU figures for the demo UNet: inference and distillation training on CUDA against the CPU.
 
     python bench/bench_gpu.py [--slices NPZ] [--json OUT.json] [--rounds 50]
+    python bench/bench_gpu.py --cut-slices MANIFEST --slices NPZ      # once, where the scans are
 
 Run on a machine whose torch sees a CUDA device (the project's lent GPU machine: see
 bench/README.md, "On a GPU"). Everything is measured in this one process:
@@ -46,7 +47,12 @@ def main(argv=None) -> int:
     parser.add_argument("--train-steps", type=int, default=300, help="GPU steps per precision (the CPU runs a tenth)")
     parser.add_argument("--parts", nargs="+", choices=("inference", "training"), default=["inference", "training"])
     parser.add_argument("--json")
+    parser.add_argument("--cut-slices", metavar="MANIFEST",
+                        help="write --slices from the first 4 eval cases of MANIFEST (48 slices, half with a "
+                             "nodule) and stop: run this where the scans are, then carry the .npz")
     args = parser.parse_args(argv)
+    if args.cut_slices:
+        return cut_slices(args.cut_slices, args.model, args.slices)
 
     import torch
 
@@ -71,6 +77,22 @@ def main(argv=None) -> int:
         results["training"] = training(original, x, y, args.train_steps)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1), encoding="utf-8")
+    return 0
+
+
+def cut_slices(manifest_path: str, model: str, out: str | None) -> int:
+    """48 pre-processed slices of the first 4 eval cases, half with a labelled nodule, as float16."""
+    from app.core.manifest import read_manifest
+    from app.core.models import open_model
+    from compression.data import LazyCases, slice_tensors
+
+    if not out:
+        raise SystemExit("--cut-slices needs --slices OUT.npz")
+    cases = LazyCases(read_manifest(manifest_path), "eval")
+    x, y = slice_tensors([cases[i] for i in range(min(4, len(cases)))], open_model(model).card, with_labels=True,
+                         max_slices=48, foreground_fraction=0.5, seed=0)
+    np.savez_compressed(out, x=x.astype(np.float16), y=y)
+    print(f"{len(x)} slices ({int((y.reshape(len(y), -1) > 0).any(1).sum())} with a nodule) written to {out}")
     return 0
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The torch CUDA checks and GPU figures, in one call on a GPU machine (bench/README.md, "On a GPU").
 # Expects: python3 with torch (CUDA); the project's pure-Python needs as wheels in .whl/ (monai,
-# pydicom, torch-pruning, jsonschema and its three helpers), 48 real slices in .gpu/eval_slices.npz;
+# pydicom, torch-pruning, jsonschema and its three helpers), 48 real slices in .gpu/eval_slices.npz
+# (`python bench/bench_gpu.py --cut-slices MANIFEST --slices .gpu/eval_slices.npz`, where the scans are);
 # writes logs and JSON under $OUT (default ./gpu-out).
 set -u -o pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"

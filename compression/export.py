@@ -123,6 +123,17 @@ def conv_weight_shapes(path) -> dict[str, tuple[int, ...]]:
     return {n.name: shapes.get(n.input[1], ()) for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")}
 
 
+def unused_prefix(graph, base: str, fill: str | None = None) -> str:
+    """``base``, lengthened by ``fill`` (default: its last character) until no node input/output
+    or initializer of ``graph`` starts with it: names made as prefix + anything cannot clash with
+    the graph's own (or with those an earlier pass of the same rewrite added)."""
+    taken = {i.name for i in graph.initializer} | {n for node in graph.node for n in (*node.input, *node.output)}
+    prefix = base
+    while any(name.startswith(prefix) for name in taken):
+        prefix += fill or base[-1]
+    return prefix
+
+
 def op_counts(path) -> Counter:
     import onnx
 

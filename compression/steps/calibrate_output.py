@@ -36,7 +36,7 @@ def calibrate_output(model: WorkingModel, data: StepData, *, foreground_weight: 
     """Fit and write the logit scale and shift that bring this variant's foreground probability
     to the original's on the calib slices (see the module's docstring)."""
     from compression.steps._common import teacher_logits
-    from compression.steps.quantize_ort import _float_onnx
+    from compression.steps.quantize_ort import float_onnx
     from compression.training import onnx_logits
 
     if model.card.task != "segmentation" or model.card.output_activation != "softmax" or len(model.card.labels) != 2:
@@ -47,19 +47,19 @@ def calibrate_output(model: WorkingModel, data: StepData, *, foreground_weight: 
         raise StepError("calibrate_output needs calib scans: it fits the variant to the original on them")
     if foreground_weight < 1:
         raise ValueError(f"foreground_weight must be at least 1, not {foreground_weight}")
-    source = _float_onnx(model)
+    source = float_onnx(model, "calibrate_output")
     yield Progress(0.05, "reading calib slices")
     x, _ = data.slices("calib", model.card, with_labels=False, max_slices=calib_slices)
     yield Progress(0.3, f"the original on {len(x)} calib slices")
     reference = teacher_logits(model, data, x, dtype=np.float16)
-    yield Progress(0.6, f"the variant on {len(x)} calib slices")
-    variant = onnx_logits(source, x, threads=data.threads, dtype=np.float16)
     if not (reference[:, 1] > reference[:, 0]).any():  # nothing to be sure of: a fit would only push to background
         reason = f"the original marks no lesion pixel on the {len(x)} calib slices: nothing to calibrate to"
         model.skipped.append(("output calibration", reason))
         model.notes.append(f"Output left uncalibrated: {reason}.")
         yield Progress(1.0, "output left as it was")
         return model
+    yield Progress(0.6, f"the variant on {len(x)} calib slices")
+    variant = onnx_logits(source, x, threads=data.threads, dtype=np.float16)
     yield Progress(0.8, "fitting scale and shift")
     fit = fit_logit_calibration(variant[:, 1] - variant[:, 0], reference[:, 1] - reference[:, 0], foreground_weight)
     target = model.scratch("model.calibrated.onnx")
@@ -146,15 +146,14 @@ def append_logit_calibration(source: Path, target: Path, scale: float, shift: fl
 
     from app.core.atomic import atomic_output
 
+    from compression.export import unused_prefix
+
     graph_model = onnx.load(str(source))
     graph = graph_model.graph
     if len(graph.output) != 1:
         raise StepError(f"{source.name}: calibrate_output expects one output, not {len(graph.output)}")
     output = graph.output[0].name
-    names = {n for node in graph.node for n in (*node.input, *node.output)} | {i.name for i in graph.initializer}
-    prefix = "calibration"
-    while any(n.startswith(prefix) for n in names):
-        prefix += "_"
+    prefix = unused_prefix(graph, "calibration", "_")
     raw = f"{prefix}_logits"
     for node in graph.node:
         node.output[:] = [raw if o == output else o for o in node.output]

@@ -46,10 +46,10 @@ def _fp16(model, data, keep_io_types, measure, size, repeats):
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from compression.steps.quantize_ort import _float_onnx
+    from compression.steps.quantize_ort import float_onnx
     from compression.training import mask_dice, masks_from_logits, onnx_logits
 
-    source = _float_onnx(model)
+    source = float_onnx(model, "half_precision")
     yield Progress(0.2, "float ONNX ready")
     half = convert_float_to_float16(onnx.load(str(source)), keep_io_types=keep_io_types)
     sort_graph_topologically(half.graph)   # the converter appends its output Casts last

@@ -63,7 +63,7 @@ def quantize_int8_ort(model: WorkingModel, data: StepData, *, mode: str = "stati
                          f"with mode {mode!r}")
     if calibrate not in CALIBRATION_METHODS:
         raise ValueError(f"calibrate must be one of {', '.join(CALIBRATION_METHODS)}, not {calibrate!r}")
-    source = _float_onnx(model)
+    source = float_onnx(model, "quantize_int8_ort")
     yield Progress(0.1, "float ONNX ready")
     prepared = _preprocess(source, model)
     excluded = _onnx_node_names(prepared, exclude, model)
@@ -87,10 +87,12 @@ def quantize_int8_ort(model: WorkingModel, data: StepData, *, mode: str = "stati
     return model
 
 
-def _float_onnx(model: WorkingModel) -> Path:
+def float_onnx(model: WorkingModel, step: str) -> Path:
+    """The variant as ONNX for a step that works on the file (``step`` names it in the error):
+    the one an earlier step wrote, else the torch model exported and verified."""
     if model.module is None:
         if model.onnx_path is None:
-            raise ValueError("quantize_int8_ort needs a float torch model or ONNX model")
+            raise ValueError(f"{step} needs a float torch model or ONNX model")
         return model.onnx_path
     from compression.export import export_onnx
 
@@ -229,6 +231,8 @@ def weights_only(source: Path, target: Path, exclude=(), op_types=("Conv", "Conv
 
     from app.core.atomic import atomic_output
 
+    from compression.export import unused_prefix
+
     if bits not in (4, 8):
         raise ValueError(f"weights are stored in 8 or 4 bits, not {bits}")
     graph_model = onnx.load(str(source))
@@ -244,10 +248,7 @@ def weights_only(source: Path, target: Path, exclude=(), op_types=("Conv", "Conv
     for node in graph.node:
         for name in node.input:
             users.setdefault(name, []).append(node)
-    taken = set(initializers) | {name for node in graph.node for name in (*node.input, *node.output)}
-    prefix = "q"
-    while any(name.startswith(prefix) for name in taken):  # e.g. a graph 4-bit weights were written into before
-        prefix += "q"
+    prefix = unused_prefix(graph, "q")  # q, qq, …: e.g. a graph 4-bit weights were written into before
     sixteen = f"{prefix}_sixteen"  # one constant for every 4-bit tensor's decoding
     encode = _int8_weight if bits == 8 else functools.partial(_codebook4_weight, sixteen=sixteen)
     new_nodes, count, done = [], 0, set()

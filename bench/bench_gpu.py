@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("torch sees no CUDA device: nothing to measure here")
         return 2
-    from app.core.models import load_torch_module, open_model
+    from app.core.models import open_model
 
     original = open_model(args.model)
     environment = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0),
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         x, y = np.random.default_rng(0).random((16, 1, 512, 512), dtype=np.float32), None
     results = {"environment": environment, "slices": int(len(x))}
     if "inference" in args.parts:
-        results["inference"] = inference(original, load_torch_module, x, y, args.rounds)
+        results["inference"] = inference(original, x, y, args.rounds)
     if "training" in args.parts:
         results["training"] = training(original, x, y, args.train_steps)
     if args.json:
@@ -105,9 +105,10 @@ CONTENDERS = {"CPU fp32 eager": ("cpu", None, False, False),
               "GPU fp16 autocast, channels-last": ("cuda", "fp16", True, False)}
 
 
-def _predictor(original, load_torch_module, device, autocast, channels_last, tf32):
+def _predictor(original, device, autocast, channels_last, tf32):
     import torch
 
+    from app.core.models import load_torch_module
     from compression.cost import torch_predictor
 
     module = load_torch_module(original.as_format("state_dict"), device)
@@ -121,14 +122,14 @@ def _predictor(original, load_torch_module, device, autocast, channels_last, tf3
     return run
 
 
-def inference(original, load_torch_module, x, y, rounds):
+def inference(original, x, y, rounds):
     import torch
 
     from app.core.progress import run_to_end
     from compression.cost import measure_latency
     from compression.training import mask_dice
 
-    predictors = {name: _predictor(original, load_torch_module, *spec) for name, spec in CONTENDERS.items()}
+    predictors = {name: _predictor(original, *spec) for name, spec in CONTENDERS.items()}
     out = {}
     for batch_size, n_rounds in ((1, rounds), (16, max(5, rounds // 5))):
         batch = np.ascontiguousarray(x[:batch_size]) if len(x) >= batch_size else np.repeat(x[:1], batch_size, 0)

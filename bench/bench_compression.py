@@ -34,6 +34,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -253,7 +254,11 @@ def ort_default_quantize(parent, calib, out: Path) -> Contender:
         quantize_static(str(parent.as_format("onnx").main_file), str(folder / "model.onnx"), Reader())
     finally:
         quiet.setLevel(level)
-    save_card(replace(parent.card, name="ort-default-int8", files={"onnx": "model.onnx"}), folder / "card.json")
+    files = {"onnx": "model.onnx"}
+    if "candidate_filter" in parent.files:  # the lesion clean-up's second network goes along unchanged
+        shutil.copyfile(parent.files["candidate_filter"], folder / "candidate_filter.onnx")
+        files["candidate_filter"] = "candidate_filter.onnx"
+    save_card(replace(parent.card, name="ort-default-int8", files=files), folder / "card.json")
     from app.core.models import open_model
 
     return Contender("ORT default quantize_static", "baseline", open_model(folder / "card.json"),

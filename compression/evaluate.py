@@ -555,8 +555,17 @@ def budget_failures(result: VariantResult, budget: Budget) -> list[str]:
         if limit is None or math.isnan(value):
             continue
         if (value - limit) * sign > 1e-12:
-            failures.append(message.format(v=value, limit=limit))
+            failures.append(message.format(v=value, limit=limit) + _of_them_nodules(result, metric))
     return failures
+
+
+def _of_them_nodules(result: VariantResult, metric: str) -> str:
+    """For a lost-lesion count with labels: how many of the lost lesions lie on a nodule, so that a
+    reader tells a missed nodule from an original's false alarm the variant no longer raises."""
+    on_truth = result.value("lesions_lost_large_true")
+    if metric != "lesions_lost_large" or math.isnan(on_truth):
+        return ""
+    return f"; {on_truth:.0f} of them on a ground-truth nodule, the rest the original's false positives"
 
 
 # ---------------------------------------------------------------- running the models

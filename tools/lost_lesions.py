@@ -8,9 +8,11 @@ network, lesion clean-up, candidate filter) on each eval case (or the ``--cases`
 scan at a time, matches lesions with the evaluation's rule, and prints for every lesion ≥ 6 mm
 of the original that the variant does not reproduce: its size and slices, the mean foreground
 probability of each model inside it, how many of its voxels the variant's network marks
-(before its clean-up), and whether it lies on a ground-truth lesion. A lesion the variant marks
-in part was seen and then dropped (too small, or by the candidate filter); one it gives a
-probability near 0 it did not see.
+(before its clean-up), and whether it lies on a ground-truth lesion. Under each, the variant's
+own candidates there and which limit of its lesion clean-up removed each (too small, too
+unsure, too elongated, or the candidate filter's score), or that its network marks none: a
+lesion the variant marks in part was seen and then dropped; one it gives a probability near 0
+it did not see.
 """
 from __future__ import annotations
 
@@ -44,8 +46,8 @@ def main(argv=None) -> int:
 
     manifest = read_manifest(args.data)
     wanted = set(args.cases.split(",")) if args.cases else None
-    runners = [make_runner(open_model(card), threads=args.threads, keep_probabilities=True)
-               for card in (args.original, args.variant)]
+    variants = [open_model(card) for card in (args.original, args.variant)]
+    runners = [make_runner(v, threads=args.threads, keep_probabilities=True) for v in variants]
     lost_total = 0
     for case in manifest.cases:
         if case.split != "eval" or (wanted is not None and case.case not in wanted):
@@ -71,9 +73,46 @@ def main(argv=None) -> int:
                   f"{slices.min()}-{slices.max()}, {int(inside.sum())} voxels; mean p original "
                   f"{p_original.mean():.2f}, variant {p_variant.mean():.2f} (max {p_variant.max():.2f}); the "
                   f"variant's network marks {int((p_variant >= 0.5).sum())} of its voxels; {on_truth}", flush=True)
+            for line in why_dropped(variants[1], variant, data.volume, inside, args.threads):
+                print("    " + line, flush=True)
             lost_total += 1
     print(f"{lost_total} lesion(s) >= 6 mm of the original lost by {Path(args.variant).parent.name}")
     return 0
+
+
+def why_dropped(model, findings, volume, inside: np.ndarray, threads: int | None = None) -> list[str]:
+    """The variant's own candidates under a lost lesion (components of its network's label map,
+    before the clean-up) and which limit of its lesion clean-up removed each, in words."""
+    from app.core.inference import labels_from_probabilities, lesion_peaks
+    from app.core.lesions import label_instances, lesion_elongation
+
+    card = model.card
+    probabilities = findings.probabilities
+    candidates, count = label_instances(labels_from_probabilities(probabilities, card) > 0)
+    ids = np.unique(candidates[inside])
+    ids = ids[ids > 0]
+    if not len(ids):
+        return ["its network marks no candidate there"]
+    foreground = (1.0 - probabilities[0].astype(np.float32) if card.output_activation == "softmax"
+                  else probabilities.max(0).astype(np.float32))
+    rule = card.postprocessing
+    voxels = np.bincount(candidates.reshape(-1), minlength=count + 1)[1:]
+    volume_mm3 = voxels * volume.voxel_volume_ml * 1000.0
+    peaks = lesion_peaks(foreground, candidates, count)
+    elongation = lesion_elongation(candidates, count, volume.spacing) if rule.max_elongation is not None else None
+    scores = None
+    if rule.candidate_filter is not None:
+        from app.core.candidate_filter import FilterSession, filter_file
+
+        session = FilterSession(filter_file(model.files, model.card_path or card.name), rule.candidate_filter, threads)
+        scores = session.score_lesions(volume.voxels, foreground, candidates, count, volume.spacing)
+    reasons = rule.reasons(volume_mm3, peaks, elongation, scores)
+    lines = []
+    for i in ids - 1:
+        shared = int((candidates[inside] == i + 1).sum())
+        verdict = "dropped: " + "; ".join(reasons[i]) if reasons[i] else "kept"
+        lines.append(f"its candidate of {voxels[i]} voxels ({volume_mm3[i]:.0f} mm³, {shared} inside the lesion): {verdict}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -98,12 +98,31 @@ class Postprocessing:
         """Which lesions the rule removes, from their volumes, peak probabilities, elongations
         and candidate-filter scores (``elongation`` / ``filter_scores`` may be None when the
         rule does not use them)."""
-        drop = (np.asarray(volume_mm3) < self.min_lesion_mm3) | (np.asarray(peak) < self.min_lesion_score)
+        drop = np.zeros(np.atleast_1d(volume_mm3).shape, bool)
+        for broken, _ in self._limits(volume_mm3, peak, elongation, filter_scores):
+            drop |= broken
+        return drop.reshape(np.shape(volume_mm3))
+
+    def reasons(self, volume_mm3, peak, elongation=None, filter_scores=None) -> list[list[str]]:
+        """Per lesion, why the rule removes it, in words ([] for a lesion it keeps): the same
+        limits as :meth:`drops`, e.g. ["31 mm³ < 40 mm³", "candidate-filter score 0.12 < 0.5"]."""
+        out = [[] for _ in range(len(np.atleast_1d(volume_mm3)))]
+        for broken, words in self._limits(volume_mm3, peak, elongation, filter_scores):
+            for i in np.flatnonzero(broken):
+                out[i].append(words(i))
+        return out
+
+    def _limits(self, volume_mm3, peak, elongation, filter_scores):
+        """(which lesions break it, lesion index → the limit in words) for each limit in use."""
+        volume_mm3, peak = np.atleast_1d(np.asarray(volume_mm3)), np.atleast_1d(np.asarray(peak))
+        yield volume_mm3 < self.min_lesion_mm3, lambda i: f"{volume_mm3[i]:.0f} mm³ < {self.min_lesion_mm3:g} mm³"
+        yield peak < self.min_lesion_score, lambda i: f"peak probability {peak[i]:.2f} < {self.min_lesion_score:g}"
         if self.max_elongation is not None:
-            drop |= np.asarray(elongation) > self.max_elongation
+            elongation = np.atleast_1d(np.asarray(elongation))
+            yield elongation > self.max_elongation, lambda i: f"elongation {elongation[i]:.2f} > {self.max_elongation:g}"
         if self.candidate_filter is not None:
-            drop |= np.asarray(filter_scores) < self.candidate_filter.threshold
-        return drop
+            scores, threshold = np.atleast_1d(np.asarray(filter_scores)), self.candidate_filter.threshold
+            yield scores < threshold, lambda i: f"candidate-filter score {scores[i]:.2f} < {threshold:g}"
 
     def describe(self) -> str:
         """The rule in words, e.g. for the model panel: "drops lesions < 80 mm³ or elongation > 1.8"."""

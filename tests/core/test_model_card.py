@@ -93,3 +93,20 @@ def test_the_lesion_clean_up_reads_as_words():
     assert Postprocessing().describe() == "none"
     assert Postprocessing(min_lesion_mm3=80.0, min_lesion_score=0.5, max_elongation=1.8).describe() == (
         "drops lesions < 80 mm³ or peak probability < 0.5 or elongation > 1.8 (vessel- or plate-shaped)")
+
+
+def test_the_clean_up_says_why_it_drops_each_lesion():
+    import numpy as np
+
+    from app.core.model_card import CandidateFilter, Postprocessing
+
+    rule = Postprocessing(min_lesion_mm3=40.0, max_elongation=1.8, candidate_filter=CandidateFilter(threshold=0.5))
+    volume, peak = np.array([120.0, 31.0, 90.0, 12.0]), np.array([0.9, 0.8, 0.7, 0.6])
+    elongation, scores = np.array([1.2, 1.1, 2.4, 1.9]), np.array([0.9, 0.8, 0.12, 0.3])
+    assert rule.reasons(volume, peak, elongation, scores) == [
+        [],
+        ["31 mm³ < 40 mm³"],
+        ["elongation 2.40 > 1.8", "candidate-filter score 0.12 < 0.5"],
+        ["12 mm³ < 40 mm³", "elongation 1.90 > 1.8", "candidate-filter score 0.30 < 0.5"]]
+    assert rule.drops(volume, peak, elongation, scores).tolist() == [False, True, True, True]
+    assert Postprocessing().reasons(volume, peak) == [[], [], [], []]

@@ -8,7 +8,8 @@ network, lesion clean-up, candidate filter) on each eval case (or the ``--cases`
 scan at a time, matches lesions with the evaluation's rule, and prints for every lesion ≥ 6 mm
 of the original that the variant does not reproduce: its size and slices, the mean foreground
 probability of each model inside it, how many of its voxels the variant's network marks
-(before its clean-up), and whether it lies on a ground-truth lesion. Under each, the variant's
+(before its clean-up), and whether it lies on a ground-truth lesion; with labels, also every
+ground-truth nodule ≥ 6 mm the original detects and the variant does not. Under each, the variant's
 own candidates there and which limit of its lesion clean-up removed each (too small, too
 unsure, too elongated, or the candidate filter's score), or that its network marks none: a
 lesion the variant marks in part was seen and then dropped; one it gives a probability near 0
@@ -48,15 +49,19 @@ def main(argv=None) -> int:
     wanted = set(args.cases.split(",")) if args.cases else None
     variants = [open_model(card) for card in (args.original, args.variant)]
     runners = [make_runner(v, threads=args.threads, keep_probabilities=True) for v in variants]
-    lost_total = 0
+    lost_total = missed_total = 0
     for case in manifest.cases:
         if case.split != "eval" or (wanted is not None and case.case not in wanted):
             continue
         data = load_case(manifest, case)
         original, variant = (run_to_end(r.run(data.volume)) for r in runners)
         original_lesions = lesion_map(original.labels > 0, data.volume)
-        match = _match(original_lesions, lesion_map(variant.labels > 0, data.volume))
+        variant_lesions = lesion_map(variant.labels > 0, data.volume)
+        match = _match(original_lesions, variant_lesions)
         lost = sorted(set(match.missed) & original_lesions.large)
+        if data.labels is not None:
+            missed_total += missed_nodules(case.case, variants[1], data, original_lesions, variant_lesions,
+                                           variant, args.threads)
         if not lost:
             continue
         table = {l.lesion_id: l for l in lesion_table(original.labels > 0, data.volume,
@@ -76,8 +81,30 @@ def main(argv=None) -> int:
             for line in why_dropped(variants[1], variant, data.volume, inside, args.threads):
                 print("    " + line, flush=True)
             lost_total += 1
-    print(f"{lost_total} lesion(s) >= 6 mm of the original lost by {Path(args.variant).parent.name}")
+    name = Path(args.variant).parent.name
+    print(f"{lost_total} lesion(s) >= 6 mm of the original lost by {name}; {missed_total} ground-truth nodule(s) "
+          f">= 6 mm the original detects and {name} does not")
     return 0
+
+
+def missed_nodules(case: str, model, data, original_lesions, variant_lesions, findings, threads) -> int:
+    """Print the ground-truth nodules ≥ 6 mm the original detects and the variant does not (the
+    evaluation's sensitivity rule; the original may reach one with a piece under 6 mm, which
+    the lost-lesion count above leaves out), each with why the variant dropped it."""
+    from compression.evaluate import _match, lesion_map
+
+    truth = lesion_map(data.labels > 0, data.volume)
+    found_by = [{ref for ref, _, _ in _match(truth, lesions).matched} & truth.large
+                for lesions in (original_lesions, variant_lesions)]
+    missed = sorted(found_by[0] - found_by[1])
+    for nodule in missed:
+        inside = truth.instances == nodule
+        slices = np.flatnonzero(inside.any(axis=(1, 2)))
+        print(f"{case} nodule {nodule} (ground truth, slices {slices.min()}-{slices.max()}, {int(inside.sum())} "
+              f"voxels): the original detects it, the variant does not", flush=True)
+        for line in why_dropped(model, findings, data.volume, inside, threads):
+            print("    " + line, flush=True)
+    return len(missed)
 
 
 def why_dropped(model, findings, volume, inside: np.ndarray, threads: int | None = None) -> list[str]:

@@ -532,9 +532,15 @@ def budget_failures(result: VariantResult, budget: Budget) -> list[str]:
     Judged on the point estimates (the intervals are shown beside them): with fewer eval
     cases than the evidence rule asks for, a pass is provisional and the comparison says so.
     """
+    # With labels, the lost-lesion count says how many lie on a nodule: a reader tells a missed
+    # nodule from an original's false alarm the variant no longer raises.
+    on_truth = result.value("lesions_lost_large_true")
+    of_them = ("" if math.isnan(on_truth) else
+               f"; {on_truth:.0f} of them on a ground-truth nodule, the rest the original's false positives")
     checks = (
         ("dice_drop", budget.max_dice_drop, "Dice drop {v:.4f} exceeds {limit:g}", 1),
-        ("lesions_lost_large", budget.max_lost_lesions_large, "{v:.0f} lost lesion(s) ≥ 6 mm (allowed {limit:g})", 1),
+        ("lesions_lost_large", budget.max_lost_lesions_large,
+         "{v:.0f} lost lesion(s) ≥ 6 mm (allowed {limit:g})" + of_them, 1),
         ("lesions_lost", budget.max_lost_lesions, "{v:.0f} lost lesion(s) (allowed {limit:g})", 1),
         ("fidelity_dice", budget.min_fidelity_dice, "fidelity Dice {v:.4f} below {limit:g}", -1),
         ("sensitivity_large_drop", budget.max_sensitivity_drop, "sensitivity drop {v:.4f} exceeds {limit:g}", 1),
@@ -542,7 +548,7 @@ def budget_failures(result: VariantResult, budget: Budget) -> list[str]:
         ("class_flip_rate", budget.max_class_flip_rate, "class flips {v:.4f} exceed {limit:g}", 1),
     )
     if budget.max_lost_nodules_large is not None:
-        if math.isnan(result.value("lesions_lost_large_true")):  # no labels: every lost lesion counts
+        if math.isnan(on_truth):  # no labels: every lost lesion counts
             checks += (("lesions_lost_large", budget.max_lost_nodules_large,
                         "{v:.0f} lost lesion(s) ≥ 6 mm, counted as nodules: no labels tell the "
                         "original's false positives apart (allowed {limit:g})", 1),)
@@ -555,17 +561,8 @@ def budget_failures(result: VariantResult, budget: Budget) -> list[str]:
         if limit is None or math.isnan(value):
             continue
         if (value - limit) * sign > 1e-12:
-            failures.append(message.format(v=value, limit=limit) + _of_them_nodules(result, metric))
+            failures.append(message.format(v=value, limit=limit))
     return failures
-
-
-def _of_them_nodules(result: VariantResult, metric: str) -> str:
-    """For a lost-lesion count with labels: how many of the lost lesions lie on a nodule, so that a
-    reader tells a missed nodule from an original's false alarm the variant no longer raises."""
-    on_truth = result.value("lesions_lost_large_true")
-    if metric != "lesions_lost_large" or math.isnan(on_truth):
-        return ""
-    return f"; {on_truth:.0f} of them on a ground-truth nodule, the rest the original's false positives"
 
 
 # ---------------------------------------------------------------- running the models

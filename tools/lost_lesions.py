@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from app.core.inference import make_runner
-    from app.core.lesions import label_instances, lesion_table
+    from app.core.lesions import lesion_table
     from app.core.manifest import read_manifest
     from app.core.models import open_model
     from app.core.progress import run_to_end
@@ -47,8 +47,8 @@ def main(argv=None) -> int:
 
     manifest = read_manifest(args.data)
     wanted = set(args.cases.split(",")) if args.cases else None
-    variants = [open_model(card) for card in (args.original, args.variant)]
-    runners = [make_runner(v, threads=args.threads, keep_probabilities=True) for v in variants]
+    runners = [make_runner(open_model(card), threads=args.threads, keep_probabilities=True)
+               for card in (args.original, args.variant)]
     lost_total = missed_total = 0
     for case in manifest.cases:
         if case.split != "eval" or (wanted is not None and case.case not in wanted):
@@ -57,89 +57,86 @@ def main(argv=None) -> int:
         original, variant = (run_to_end(r.run(data.volume)) for r in runners)
         original_lesions = lesion_map(original.labels > 0, data.volume)
         variant_lesions = lesion_map(variant.labels > 0, data.volume)
-        match = _match(original_lesions, variant_lesions)
-        lost = sorted(set(match.missed) & original_lesions.large)
-        if data.labels is not None:
-            missed_total += missed_nodules(case.case, variants[1], data, original_lesions, variant_lesions,
-                                           variant, args.threads)
-        if not lost:
+        lost = sorted(set(_match(original_lesions, variant_lesions).missed) & original_lesions.large)
+        missed = (missed_nodules(lesion_map(data.labels > 0, data.volume), original_lesions, variant_lesions)
+                  if data.labels is not None else [])
+        if not lost and not missed:
             continue
+        candidates = Candidates(runners[1], variant, data.volume)
+        for nodule, inside in missed:
+            slices = np.flatnonzero(inside.any(axis=(1, 2)))
+            print(f"{case.case} nodule {nodule} (ground truth, slices {slices.min()}-{slices.max()}, "
+                  f"{int(inside.sum())} voxels): the original detects it, the variant does not", flush=True)
+            candidates.print_under(inside)
         table = {l.lesion_id: l for l in lesion_table(original.labels > 0, data.volume,
                                                        instances=original_lesions.instances)}
-        truth = label_instances(data.labels > 0)[0] if data.labels is not None else None
         for lesion_id in lost:
             inside = original_lesions.instances == lesion_id
             slices = np.flatnonzero(inside.any(axis=(1, 2)))
             p_original = original.probabilities[1][inside].astype(np.float64)
             p_variant = variant.probabilities[1][inside].astype(np.float64)
-            on_truth = "no labels" if truth is None else (
-                "on a ground-truth lesion" if (truth[inside] > 0).any() else "the original's false positive")
+            on_truth = "no labels" if data.labels is None else (
+                "on a ground-truth lesion" if (data.labels[inside] > 0).any() else "the original's false positive")
             print(f"{case.case} lesion {lesion_id}: {table[lesion_id].mean_diameter_mm:.1f} mm, slices "
                   f"{slices.min()}-{slices.max()}, {int(inside.sum())} voxels; mean p original "
                   f"{p_original.mean():.2f}, variant {p_variant.mean():.2f} (max {p_variant.max():.2f}); the "
                   f"variant's network marks {int((p_variant >= 0.5).sum())} of its voxels; {on_truth}", flush=True)
-            for line in why_dropped(variants[1], variant, data.volume, inside, args.threads):
-                print("    " + line, flush=True)
-            lost_total += 1
+            candidates.print_under(inside)
+        lost_total += len(lost)
+        missed_total += len(missed)
     name = Path(args.variant).parent.name
     print(f"{lost_total} lesion(s) >= 6 mm of the original lost by {name}; {missed_total} ground-truth nodule(s) "
           f">= 6 mm the original detects and {name} does not")
     return 0
 
 
-def missed_nodules(case: str, model, data, original_lesions, variant_lesions, findings, threads) -> int:
-    """Print the ground-truth nodules ≥ 6 mm the original detects and the variant does not (the
-    evaluation's sensitivity rule; the original may reach one with a piece under 6 mm, which
-    the lost-lesion count above leaves out), each with why the variant dropped it."""
-    from compression.evaluate import _match, lesion_map
+def missed_nodules(truth, original_lesions, variant_lesions) -> list[tuple[int, np.ndarray]]:
+    """The ground-truth nodules ≥ 6 mm (id, voxel mask) the original detects and the variant does
+    not, by the evaluation's sensitivity rule. The original may reach one with a piece under
+    6 mm, which the lost-lesion count leaves out."""
+    from compression.evaluate import _match
 
-    truth = lesion_map(data.labels > 0, data.volume)
     found_by = [{ref for ref, _, _ in _match(truth, lesions).matched} & truth.large
                 for lesions in (original_lesions, variant_lesions)]
-    missed = sorted(found_by[0] - found_by[1])
-    for nodule in missed:
-        inside = truth.instances == nodule
-        slices = np.flatnonzero(inside.any(axis=(1, 2)))
-        print(f"{case} nodule {nodule} (ground truth, slices {slices.min()}-{slices.max()}, {int(inside.sum())} "
-              f"voxels): the original detects it, the variant does not", flush=True)
-        for line in why_dropped(model, findings, data.volume, inside, threads):
-            print("    " + line, flush=True)
-    return len(missed)
+    return [(nodule, truth.instances == nodule) for nodule in sorted(found_by[0] - found_by[1])]
 
 
-def why_dropped(model, findings, volume, inside: np.ndarray, threads: int | None = None) -> list[str]:
-    """The variant's own candidates under a lost lesion (components of its network's label map,
-    before the clean-up) and which limit of its lesion clean-up removed each, in words."""
-    from app.core.inference import labels_from_probabilities, lesion_peaks
-    from app.core.lesions import label_instances, lesion_elongation
+class Candidates:
+    """The variant's candidates on one scan — the components of its network's label map, before
+    its clean-up — and, for each, the limits of the clean-up that removed it, measured by the
+    application's own clean-up code (``candidate_measures``) and the runner's candidate filter."""
 
-    card = model.card
-    probabilities = findings.probabilities
-    candidates, count = label_instances(labels_from_probabilities(probabilities, card) > 0)
-    ids = np.unique(candidates[inside])
-    ids = ids[ids > 0]
-    if not len(ids):
-        return ["its network marks no candidate there"]
-    foreground = (1.0 - probabilities[0].astype(np.float32) if card.output_activation == "softmax"
-                  else probabilities.max(0).astype(np.float32))
-    rule = card.postprocessing
-    voxels = np.bincount(candidates.reshape(-1), minlength=count + 1)[1:]
-    volume_mm3 = voxels * volume.voxel_volume_ml * 1000.0
-    peaks = lesion_peaks(foreground, candidates, count)
-    elongation = lesion_elongation(candidates, count, volume.spacing) if rule.max_elongation is not None else None
-    scores = None
-    if rule.candidate_filter is not None:
-        from app.core.candidate_filter import FilterSession, filter_file
+    def __init__(self, runner, findings, volume):
+        from app.core.inference import candidate_measures, foreground_probability, labels_from_probabilities
+        from app.core.lesions import label_instances, occupied_box
 
-        session = FilterSession(filter_file(model.files, model.card_path or card.name), rule.candidate_filter, threads)
-        scores = session.score_lesions(volume.voxels, foreground, candidates, count, volume.spacing)
-    reasons = rule.reasons(volume_mm3, peaks, elongation, scores)
-    lines = []
-    for i in ids - 1:
-        shared = int((candidates[inside] == i + 1).sum())
-        verdict = "dropped: " + "; ".join(reasons[i]) if reasons[i] else "kept"
-        lines.append(f"its candidate of {voxels[i]} voxels ({volume_mm3[i]:.0f} mm³, {shared} inside the lesion): {verdict}")
-    return lines
+        card, probabilities = runner.card, findings.probabilities
+        labels = labels_from_probabilities(probabilities, card) > 0
+        self.ids = np.zeros(labels.shape, np.int32)
+        self.voxels, self.volume_mm3, self.reasons = np.zeros(0, int), np.zeros(0), []
+        box = occupied_box(labels)
+        if box is None:
+            return
+        inner, count = label_instances(labels[box])
+        self.ids[box] = inner
+        in_ids = inner.reshape(-1)[np.flatnonzero(inner.reshape(-1))]
+        foreground = foreground_probability(probabilities, card)
+        measures = candidate_measures(inner, in_ids, count, box, foreground, volume, card.postprocessing,
+                                      runner.candidate_scorer(volume, foreground))
+        self.voxels, self.volume_mm3 = np.bincount(in_ids, minlength=count + 1)[1:], measures[0]
+        self.reasons = card.postprocessing.reasons(*measures)
+
+    def print_under(self, inside: np.ndarray) -> None:
+        """Those under the voxels ``inside`` (a lost lesion, a missed nodule), and why each went."""
+        ids = np.unique(self.ids[inside])
+        ids = ids[ids > 0]
+        if not len(ids):
+            print("    its network marks no candidate there", flush=True)
+        for i in ids - 1:
+            shared = int((self.ids[inside] == i + 1).sum())
+            verdict = "dropped: " + "; ".join(self.reasons[i]) if self.reasons[i] else "kept"
+            print(f"    its candidate of {self.voxels[i]} voxels ({self.volume_mm3[i]:.0f} mm³, {shared} inside the "
+                  f"lesion): {verdict}", flush=True)
 
 
 if __name__ == "__main__":

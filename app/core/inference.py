@@ -429,16 +429,16 @@ class _Runner:
         else:
             probabilities = restore(prepared, probabilities, order=1, axis_offset=1)
             labels = labels_from_probabilities(probabilities, self.card)
-            foreground = 1.0 - probabilities[0] if self.card.output_activation == "softmax" else probabilities.max(0)
+            foreground = foreground_probability(probabilities, self.card)
         labels, instances = clean_lesions(labels, foreground, volume, self.card.postprocessing, in_place=True,
-                                          scorer=self._candidate_scorer(volume, foreground))
+                                          scorer=self.candidate_scorer(volume, foreground))
         lesions = lesion_table(labels, volume, instances=instances)
         scores = {lesion.lesion_id: _lesion_score(foreground, lesion) for lesion in lesions}
         keep = probabilities.astype(np.float16) if self.keep_probabilities else None
         return Findings.for_volume(volume, self._identity(), labels=labels, probabilities=keep,
                                    lesions=lesions, lesion_scores=scores, timing=timing)
 
-    def _candidate_scorer(self, volume: Volume, foreground: np.ndarray):
+    def candidate_scorer(self, volume: Volume, foreground: np.ndarray):
         """The card's candidate filter as ``clean_lesions`` calls it, or None without one."""
         spec = self.card.postprocessing.candidate_filter
         if spec is None:
@@ -571,6 +571,12 @@ def extract_patch(array: np.ndarray, centre: Sequence[int], size: Sequence[int])
     return out
 
 
+def foreground_probability(probabilities: np.ndarray, card: ModelCard) -> np.ndarray:
+    """(C, z, y, x) → the probability of any lesion: 1 − background for a softmax, else the
+    highest sigmoid channel."""
+    return 1.0 - probabilities[0] if card.output_activation == "softmax" else probabilities.max(0)
+
+
 def remove_unsure_lesions(labels: np.ndarray, foreground: np.ndarray, volume: Volume, rule) -> np.ndarray:
     """Drop lesions smaller than ``rule.min_lesion_mm3``, whose peak probability is below
     ``rule.min_lesion_score`` or whose shape is more elongated than ``rule.max_elongation``
@@ -587,7 +593,7 @@ def clean_lesions(labels: np.ndarray, foreground: np.ndarray, volume: Volume, ru
     size), so that the lesion table need not label the scan a second time. ``in_place``: the
     dropped lesions are cleared in ``labels`` itself (a scan-sized copy saved). ``scorer``
     (instances, count, box corner) → per-lesion scores: the rule's candidate filter."""
-    from app.core.lesions import label_instances, lesion_elongation, occupied_box
+    from app.core.lesions import label_instances, occupied_box
 
     instances = np.zeros(labels.shape, np.int32)
     box = occupied_box(labels)
@@ -601,14 +607,7 @@ def clean_lesions(labels: np.ndarray, foreground: np.ndarray, volume: Volume, ru
     if rule.is_empty:
         instances[box] = inner
         return labels, instances
-    volume_mm3 = np.bincount(in_ids, minlength=count + 1)[1:] * volume.voxel_volume_ml * 1000.0
-    elongation = lesion_elongation(inner, count, volume.spacing) if rule.max_elongation is not None else None
-    scores = None
-    if rule.candidate_filter is not None:
-        if scorer is None:
-            raise ModelError("this lesion clean-up has a candidate filter but no scorer was given")
-        scores = scorer(inner, count, tuple(s.start for s in box))
-    unsure = rule.drops(volume_mm3, lesion_peaks(foreground[box], inner, count), elongation, scores)
+    unsure = rule.drops(*candidate_measures(inner, in_ids, count, box, foreground, volume, rule, scorer))
     # Ids are in descending size, ties in raster order of first voxel: dropping some and closing
     # the gaps gives the kept lesions the ids a fresh labelling of the kept mask would.
     new_id = np.zeros(count + 1, np.int32)
@@ -622,6 +621,24 @@ def clean_lesions(labels: np.ndarray, foreground: np.ndarray, volume: Volume, ru
     kept.reshape(-1)[inside[np.concatenate([[False], unsure])[in_ids]]] = 0
     out[box] = kept
     return out, instances
+
+
+def candidate_measures(inner: np.ndarray, in_ids: np.ndarray, count: int, box: tuple[slice, ...],
+                       foreground: np.ndarray, volume: Volume, rule, scorer=None) -> tuple:
+    """What the clean-up's limits read of candidates 1..count — ``inner``, the label map's
+    components inside ``box``; ``in_ids``, their ids at their voxels: volumes (mm³), peak
+    probabilities, elongations and candidate-filter scores (None where ``rule`` does not use
+    them), in the order :meth:`~app.core.model_card.Postprocessing.drops` and ``reasons`` take."""
+    from app.core.lesions import lesion_elongation
+
+    volume_mm3 = np.bincount(in_ids, minlength=count + 1)[1:] * volume.voxel_volume_ml * 1000.0
+    elongation = lesion_elongation(inner, count, volume.spacing) if rule.max_elongation is not None else None
+    scores = None
+    if rule.candidate_filter is not None:
+        if scorer is None:
+            raise ModelError("this lesion clean-up has a candidate filter but no scorer was given")
+        scores = scorer(inner, count, tuple(s.start for s in box))
+    return volume_mm3, lesion_peaks(foreground[box], inner, count), elongation, scores
 
 
 def lesion_peaks(foreground: np.ndarray, instances: np.ndarray, count: int) -> np.ndarray:

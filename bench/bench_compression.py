@@ -422,7 +422,7 @@ def table(contenders, size, latency, comparison) -> str:
     head = ["contender", "deployed", "size ×"]
     for t in threads:
         head += [f"ms @{t}t", f"vs eager @{t}t", f"vs ORT @{t}t"]
-    head += ["Dice", "Dice drop", "fidelity Dice", "lost ≥6 mm (of them nodules)"]
+    head += ["Dice", "Dice drop", "fidelity Dice", "lost ≥6 mm (of them nodules)", "nodules ≥6 mm missed"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in contenders:
         if c.variant is None:
@@ -433,9 +433,9 @@ def table(contenders, size, latency, comparison) -> str:
             ms = latency[t][c.name]
             cells += [f"{ms:.0f}", f"{latency[t]['fp32 torch eager'] / ms:.2f}×", f"{latency[t]['ORT fp32'] / ms:.2f}×"]
         cells += [verdict_text(comparison, c.name, m) for m in ("dice", "dice_drop", "fidelity_dice")]
-        lost, nodules = (verdict_text(comparison, c.name, m).split(" ")[0].split(".")[0]
-                         for m in ("lesions_lost_large", "lesions_lost_large_true"))
-        cells.append(f"{lost} ({nodules})")
+        lost, nodules, missed = (verdict_text(comparison, c.name, m).split(" ")[0].split(".")[0]
+                                 for m in ("lesions_lost_large", "lesions_lost_large_true", "nodules_missed_large"))
+        cells += [f"{lost} ({nodules})", missed]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -564,7 +564,7 @@ def report(contenders, size, latency, comparison, best, e2e, out, args, seconds,
             print(f"\nwhole eval scans ({len(whole.cases)} cases, {whole.large_lesions} lesions ≥ 6 mm), {best.name}: "
                   + ", ".join(f"{m} {verdict_text(whole, best.name, m)}"
                               for m in ("dice_drop", "fidelity_dice", "lesions_lost_large",
-                                        "lesions_lost_large_true", "lesions_gained_large")))
+                                        "lesions_lost_large_true", "nodules_missed_large", "lesions_gained_large")))
         print(f"\nbest recipe: {best.name}")
         for name, ok in met.items():
             print(f"  {'MET    ' if ok else 'NOT MET'} {name}")

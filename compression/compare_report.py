@@ -19,7 +19,9 @@ METRIC_TITLES = {
     "sensitivity_large": "Sensitivity, lesions ≥ 6 mm", "false_positives_per_case": "False positives per case",
     "fidelity_dice": "Fidelity Dice vs the reference", "lesions_lost": "Lesions lost (total)",
     "lesions_lost_large": "Lesions ≥ 6 mm lost",
-    "lesions_lost_large_true": "Nodules ≥ 6 mm lost (lost lesions on a ground-truth nodule)", "lesions_gained": "Lesions gained (total)",
+    "lesions_lost_large_true": "Lost lesions ≥ 6 mm on a ground-truth nodule",
+    "nodules_missed_large": "Nodules ≥ 6 mm the reference detects and this one misses",
+    "lesions_gained": "Lesions gained (total)",
     "lesions_gained_large": "Lesions ≥ 6 mm gained", "dice_drop": "Dice drop vs the reference",
     "sensitivity_drop": "Sensitivity drop", "sensitivity_large_drop": "Sensitivity (≥ 6 mm) drop",
 }

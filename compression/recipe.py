@@ -12,7 +12,7 @@ the CLI and the compression wizard read and write the same files. For example::
     budget:
       max_dice_drop: 0.01          # vs the original, on the eval split
       max_lost_lesions_large: 0    # no lesion >= 6 mm the original found may be lost
-      # max_lost_nodules_large: 0  # or only none on a ground-truth nodule: the original's
+      # max_lost_nodules_large: 0  # or only no ground-truth nodule the original detects: its
       #                            # own false positives may go (labels needed to tell them apart)
 
 Presets ship in ``resources/recipes/`` (``safe-int8``, ``smallest``, ``fastest``).

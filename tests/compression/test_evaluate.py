@@ -103,10 +103,31 @@ def test_a_nodule_budget_lets_the_originals_false_positives_go_but_not_its_nodul
         "1 lost lesion(s) ≥ 6 mm (allowed 0); 0 of them on a ground-truth nodule, the rest the original's "
         "false positives"]
     loses_the_nodule = judged(_case(truth=(LARGE,)), FixedFindings(labels_with(SHAPE, (ELSEWHERE,))))
-    assert ev.budget_failures(loses_the_nodule, nodules_only) == ["1 lost nodule(s) ≥ 6 mm on the ground truth (allowed 0)"]
+    assert ev.budget_failures(loses_the_nodule, nodules_only) == [
+        "1 ground-truth nodule(s) ≥ 6 mm the original detects and this variant misses (allowed 0)"]
     unlabelled = judged(Case("c2", "p2", volume(SHAPE), None), FixedFindings(labels_with(SHAPE, (LARGE,))))
     [failure] = ev.budget_failures(unlabelled, nodules_only)  # no labels: the false positive counts as a nodule
     assert failure.startswith("1 lost lesion(s) ≥ 6 mm, counted as nodules")
+
+
+def test_a_nodule_the_original_finds_with_a_small_piece_still_counts_when_the_variant_misses_it():
+    """The lost-lesion count looks at the original's lesions >= 6 mm; a nodule it reaches with a
+    piece under 6 mm falls through it. The nodule budget counts the nodules themselves."""
+    case = _case(truth=(LARGE,))
+    piece = ((4, 12, 12), 1.2)  # ~2.4 mm: inside the 10 mm nodule, too small to count as a lesion >= 6 mm
+    original = FixedFindings(labels_with(SHAPE, (piece,)))
+    misses = FixedFindings(labels_with(SHAPE, (ELSEWHERE,)))
+    reference_row, row = ev.segmentation_rows(case, [original, misses], ["original", "student"])
+    assert reference_row.detected_large == 1 and row.detected_large == 0
+    assert (row.lesions_lost_large, row.lesions_lost_large_true) == (0, 0)  # the piece is under 6 mm
+    assert (reference_row.nodules_missed_large, row.nodules_missed_large) == (0, 1)
+    finds_it = FixedFindings(labels_with(SHAPE, (LARGE,)))
+    assert ev.segmentation_rows(case, [original, finds_it], ["original", "student"])[1].nodules_missed_large == 0
+    comparison = ev.summarise({"original": [reference_row], "student": [row]}, "original")
+    nodules_only = ev.Budget(max_dice_drop=None, max_lost_lesions_large=None, max_lost_nodules_large=0)
+    assert ev.budget_failures(comparison.variant("student"), nodules_only) == [
+        "1 ground-truth nodule(s) ≥ 6 mm the original detects and this variant misses (allowed 0)"]
+    assert ev.budget_failures(comparison.variant("student"), ev.Budget(max_dice_drop=None)) == []  # the lesion count misses it
 
 
 def _rows(n_cases, dice_ref, dice_var, large_per_case=2, lost_large=0):

@@ -92,8 +92,9 @@ def main(argv=None) -> int:
 
 def missed_nodules(truth, original_lesions, variant_lesions) -> list[tuple[int, np.ndarray]]:
     """The ground-truth nodules ≥ 6 mm (id, voxel mask) the original detects and the variant does
-    not, by the evaluation's sensitivity rule. The original may reach one with a piece under
-    6 mm, which the lost-lesion count leaves out."""
+    not, by the evaluation's sensitivity rule: the ones ``nodules_missed_large`` counts (and the
+    nodule budget with it). The original may reach one with a piece under 6 mm, which the
+    lost-lesion count leaves out."""
     from compression.evaluate import _match
 
     found_by = [{ref for ref, _, _ in _match(truth, lesions).matched} & truth.large

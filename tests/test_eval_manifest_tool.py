@@ -72,3 +72,19 @@ def test_train_cases_join_train_and_a_train_patient_cannot_be_in_eval(tmp_path):
     leaked = _write(tmp_path / "s10", [("CASE001", "P5-2", "train")])  # an eval patient offered as train
     with pytest.raises(SystemExit, match="patient P5-2 is also in"):
         _tool().main([str(tmp_path / "b2" / "manifest.csv"), str(base), "--train", str(leaked)])
+
+
+def test_unlabelled_train_cases_join_train_without_their_labels(tmp_path):
+    base = _write(tmp_path / "base", [("CASE001", "P5-1", "train"), ("CASE002", "P5-2", "eval")])
+    train = _write(tmp_path / "s9", [("CASE001", "P9-1", "eval")])
+    fresh = _write(tmp_path / "s13", [("CASE001", "P13-1", "eval"), ("CASE002", "P13-2", "calib")])
+    out = tmp_path / "big" / "manifest.csv"
+    assert _tool().main([str(out), str(base), "--train", str(train), "--unlabelled-train", str(fresh)]) == 0
+    cases = read_manifest(out).cases
+    assert [(c.case, c.split, bool(c.labels)) for c in cases] == [
+        ("ACASE001", "train", True), ("ACASE002", "eval", True), ("BCASE001", "train", True),
+        ("CCASE001", "train", False), ("CCASE002", "train", False)]
+    assert (fresh.parent / "CASE001" / "labels.nii.gz").is_file()  # nothing removed from the source
+    leaked = _write(tmp_path / "s14", [("CASE001", "P5-2", "train")])  # an eval patient offered as unlabelled train
+    with pytest.raises(SystemExit, match="patient P5-2 is also in"):
+        _tool().main([str(tmp_path / "b2" / "manifest.csv"), str(base), "--unlabelled-train", str(leaked)])

@@ -61,6 +61,11 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
     ``focus``: the share of each batch drawn from the train slices where the student misses most
     of the teacher's lesion pixels, re-scored every ``focus_every`` steps (hard-example mining,
     :class:`~compression.training.DisagreementSampler`; 0 = uniform).
+    ``max_slices``: at most that many slices from the labelled train scans, half of them with a
+    lesion, and as many again from the unlabelled ones (a random sample: nothing tells where
+    their lesions are); None takes every slice. A 512 × 512 slice takes 1 MB in memory, and
+    while the two samples are joined both are held twice: 3000 of each peaked at 16 GB, and
+    6000 of each ran out of the project machine's 23 GB.
     ``weight_bits`` (e.g. 4; None or 0: float): quantization-aware distillation. For the last
     ``qat_share`` of the steps every convolution sees its weights rounded per output channel to
     that many bits (straight-through gradients), and the student ends on that grid:

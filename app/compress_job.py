@@ -54,6 +54,7 @@ class VariantRow:
     budget_failures: list[str] = field(default_factory=list)
     recommended: bool = False
     weights_sha256: str = ""
+    nodules_missed: int | None = None  # ground-truth nodules >= 6 mm the original detects and this one misses; None without labels
 
 
 @dataclass
@@ -333,14 +334,15 @@ def _rows(original, variants, comparison, costs, plan, recommended: set[str] | N
             dice=_finite(dice.point) if dice else None, dice_low=_finite(dice.low) if dice else None,
             dice_high=_finite(dice.high) if dice else None, dice_note=dice.note if dice else "",
             fidelity=_finite(result.value("fidelity_dice")) if k else 1.0,
-            lost_lesions=_lost(result) if k else 0, budget_met=not failures, budget_failures=failures,
-            weights_sha256=variant.weights_sha256))
+            lost_lesions=_count(result, "lesions_lost_large") if k else 0, budget_met=not failures,
+            budget_failures=failures, weights_sha256=variant.weights_sha256,
+            nodules_missed=_count(result, "nodules_missed_large")))
     _recommend(rows, (plan.get("search") or {}).get("objectives", ["all"])[0], recommended)
     return rows
 
 
-def _lost(result) -> int | None:
-    value = _finite(result.value("lesions_lost_large"))
+def _count(result, metric: str) -> int | None:
+    value = _finite(result.value(metric))
     return None if value is None else int(round(value))
 
 

@@ -245,7 +245,7 @@ class RunPage(ConfigPage):
 # ---------------------------------------------------------------- 6 Results
 
 COLUMNS = ("keep", "variant", "steps", "deployed size", "latency", "Dice [95 % CI]", "fidelity Dice",
-           "lost lesions", "budget")
+           "lost lesions ≥ 6 mm", "budget")
 
 
 def dice_text(row) -> str:
@@ -254,6 +254,16 @@ def dice_text(row) -> str:
     if row.dice_low is None or row.dice_high is None:
         return f"{row.dice:.3f} ({row.dice_note or 'no interval'})"
     return f"{row.dice:.3f} [{row.dice_low:.3f}, {row.dice_high:.3f}]"
+
+
+def lost_text(row) -> str:
+    """Lost lesions ≥ 6 mm, and with labels the nodules ≥ 6 mm the original detects and this one
+    misses (the original's own false positives are among the lost, never among the missed)."""
+    if row.lost_lesions is None:
+        return "—"
+    if row.nodules_missed is None or row.is_original:
+        return str(row.lost_lesions)
+    return f"{row.lost_lesions} · {row.nodules_missed} nodule{'' if row.nodules_missed == 1 else 's'} missed"
 
 
 def latency_text(row) -> str:
@@ -373,7 +383,7 @@ class ResultsPage(ConfigPage):
         for r, row in enumerate(rows):
             cells = ("", row.name, row.steps, file_size_text(row.deployed_bytes), latency_text(row), dice_text(row),
                      "—" if row.fidelity is None else f"{row.fidelity:.3f}",
-                     "—" if row.lost_lesions is None else str(row.lost_lesions), budget_text(row))
+                     lost_text(row), budget_text(row))
             for c, text in enumerate(cells):
                 item = QTableWidgetItem(text)
                 item.setToolTip(text)   # the recipe and the budget verdict may be cut to fit

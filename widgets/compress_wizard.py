@@ -521,8 +521,9 @@ BUDGET_HINT = (
     "original's on the eval scans (without labels: its disagreement with the original). \"No lost "
     "lesions from 6 mm\" refuses any variant that misses a lesion of 6 mm or more (Lung-RADS mean "
     "diameter) that the original found; 0 means any size, empty means not checked. \"Only lost "
-    "nodules\" lets the original's own false positives go: with labels, only lost lesions on a "
-    "ground-truth nodule count; without labels every lost lesion still counts. The time limit "
+    "nodules\" lets the original's own false positives go: with labels, only the ground-truth "
+    "nodules the original detects and the variant misses count; without labels every lost lesion "
+    "still counts. The time limit "
     "stops a search preset after the candidate running when it comes.")
 
 

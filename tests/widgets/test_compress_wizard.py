@@ -390,7 +390,7 @@ def test_results_page_charts_per_layer_sensitivity(qtbot, job_manager, tmp_path)
 
     rows = [VariantRow("original", "a/card.json", True, "—", 2_000_000, 10.0, 1.0, 0.8, 0.7, 0.9, "", 1.0, 0, True),
             VariantRow("int8", "b/card.json", False, "quantize_int8_ort", 600_000, 7.0, 1.4, 0.79, 0.7, 0.88, "",
-                       0.97, 1, False, ["1 lost lesion(s) ≥ 6 mm (allowed 0)"])]
+                       0.97, 1, False, ["1 lost lesion(s) ≥ 6 mm (allowed 0)"], nodules_missed=0)]
     page = ResultsPage(CompressConfigModel(), job_manager)
     qtbot.addWidget(page)
     page.show()
@@ -401,6 +401,8 @@ def test_results_page_charts_per_layer_sensitivity(qtbot, job_manager, tmp_path)
     assert len(bars) == 1 and list(bars[0].opts["height"]) == [0.12, 0.03]
     assert page.table.item(1, 5).text() == "0.790 [0.700, 0.880]"
     assert page.table.item(1, 8).text().startswith("over: 1 lost lesion")
+    assert page.table.item(1, 7).text() == "1 · 0 nodules missed"  # the lost one was the original's false positive
+    assert page.table.item(0, 7).text() == "0"
     assert not page.keep_boxes["int8"].isChecked()          # over budget: not kept unless the user says so
     assert page.size_plot.getAxis("bottom").labelText == "deployed size (MB)"
 

@@ -161,7 +161,7 @@ class CompressConfig:
     sensitivity_first: bool = False
     max_dice_drop: str = "0.02"  # as typed: "0.02", "2 %"
     lost_lesion_mm: str = "6"    # no lost lesion at or above this size; "" = not checked
-    lost_nodules_only: bool = False  # count only ground-truth nodules (from 6 mm) the original finds and the variant misses
+    lost_nodules_only: bool = False  # count only nodules (from 6 mm) the original finds and the variant misses
     device: str = "cpu"
     threads: int | None = None
     search_minutes: str = "10"

@@ -54,7 +54,8 @@ class VariantRow:
     budget_failures: list[str] = field(default_factory=list)
     recommended: bool = False
     weights_sha256: str = ""
-    nodules_missed: int | None = None  # ground-truth nodules >= 6 mm the original detects and this one misses; None without labels
+    # ground-truth nodules >= 6 mm the original detects and this one misses; None without labels
+    nodules_missed: int | None = None
 
 
 @dataclass

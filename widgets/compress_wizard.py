@@ -523,8 +523,7 @@ BUDGET_HINT = (
     "diameter) that the original found; 0 means any size, empty means not checked. \"Only lost "
     "nodules\" lets the original's own false positives go: with labels, only the ground-truth "
     "nodules the original detects and the variant misses count; without labels every lost lesion "
-    "still counts. The time limit "
-    "stops a search preset after the candidate running when it comes.")
+    "still counts. The time limit stops a search preset after the candidate running when it comes.")
 
 
 class BudgetPage(ConfigPage):

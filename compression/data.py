@@ -184,17 +184,20 @@ def _first_line(exc: BaseException) -> str:
 
 
 def slice_tensors(cases: Sequence[CaseData], card: ModelCard, *, with_labels: bool, max_slices: int | None = None,
-                  foreground_fraction: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+                  foreground_fraction: float = 0.5, seed: int = 0,
+                  dtype=np.float32) -> tuple[np.ndarray, np.ndarray | None]:
     """:func:`cut_slices` without its progress."""
     return run_to_end(cut_slices(cases, card, with_labels=with_labels, max_slices=max_slices,
-                                 foreground_fraction=foreground_fraction, seed=seed))
+                                 foreground_fraction=foreground_fraction, seed=seed, dtype=dtype))
 
 
 def cut_slices(cases: Sequence[CaseData], card: ModelCard, *, with_labels: bool, max_slices: int | None = None,
-               foreground_fraction: float = 0.5,
-               seed: int = 0) -> Generator[Progress, None, tuple[np.ndarray, np.ndarray | None]]:
-    """Axial slices pre-processed exactly as inference does: x (N, C, H, W) float32, y (N, H, W) uint8;
-    one progress tick per case (reading a lazy split's 184 scans takes minutes).
+               foreground_fraction: float = 0.5, seed: int = 0,
+               dtype=np.float32) -> Generator[Progress, None, tuple[np.ndarray, np.ndarray | None]]:
+    """Axial slices pre-processed exactly as inference does: x (N, C, H, W) of ``dtype``, y (N, H, W) uint8;
+    one progress tick per case (reading a lazy split's 184 scans takes minutes). A 2.5-D card
+    (``input.slice_context``) gets each slice with its neighbours as the channels, as its runner
+    feeds it; float16 halves what they hold (3 channels of 6000 whole slices: 9 GB, not 19).
 
     ``max_slices`` keeps a seeded sample in which about ``foreground_fraction`` of the slices
     contain a labelled nodule (when labels exist), so a small budget still sees lesions. The
@@ -209,17 +212,30 @@ def cut_slices(cases: Sequence[CaseData], card: ModelCard, *, with_labels: bool,
         if len(missing):
             names = ", ".join(c.case for c in (missing.cases if isinstance(missing, LazyCases) else missing))
             raise DataError(f"labels are needed but these cases have none: {names}")
-    images, labels = yield from _prepared_slices(cases, card, max_slices, foreground_fraction, seed)
-    x = _pad_to_divisor(images, card.input.size_divisor)[:, None]
+    images, labels = yield from _prepared_slices(cases, card, max_slices, foreground_fraction, seed, dtype)
+    x = _pad_to_divisor(images, card.input.size_divisor)
     del images
-    x = np.repeat(x, card.input.channels, axis=1) if card.input.channels > 1 else x
+    if not card.input.slice_context:
+        x = x[:, None]
+        x = np.repeat(x, card.input.channels, axis=1) if card.input.channels > 1 else x
     y = _pad_to_divisor(labels, card.input.size_divisor) if with_labels else None
-    return np.ascontiguousarray(x, np.float32), y
+    return np.ascontiguousarray(x, dtype), y
+
+
+def reference_input(x: np.ndarray, channels: int) -> np.ndarray:
+    """Slices cut for a 2.5-D model, as a model reading fewer neighbours sees them: the middle
+    ``channels`` (a one-slice original teaching a 2.5-D student reads the centre slice)."""
+    if x.shape[1] == channels:
+        return x
+    if channels > x.shape[1] or (x.shape[1] - channels) % 2:
+        raise ValueError(f"slices of {x.shape[1]} channels cannot feed a model of {channels}")
+    edge = (x.shape[1] - channels) // 2
+    return x[:, edge:edge + channels]
 
 
 def _prepared_slices(cases: Sequence[CaseData], card: ModelCard, max_slices: int | None, foreground_fraction: float,
-                     seed: int) -> Generator[Progress, None, tuple[np.ndarray, np.ndarray]]:
-    from app.core.inference import prepare
+                     seed: int, dtype=np.float32) -> Generator[Progress, None, tuple[np.ndarray, np.ndarray]]:
+    from app.core.inference import neighbour_slices, prepare
 
     rng = np.random.default_rng(seed)
     want_fg = want_bg = None
@@ -237,15 +253,32 @@ def _prepared_slices(cases: Sequence[CaseData], card: ModelCard, max_slices: int
             has_fg = _has_lesion(grid_labels[keep])
             want_fg -= int(has_fg.sum())
             want_bg -= int((~has_fg).sum())
-        images.append(np.ascontiguousarray(prepared.array[keep], np.float32))
+        context = card.input.slice_context
+        images.append(np.ascontiguousarray(neighbour_slices(prepared.array, keep, context) if context
+                                           else prepared.array[keep], dtype))
         labels.append(grid_labels[keep])
         yield Progress((number + 1) / len(cases), f"slices of case {case.case} ({number + 1}/{len(cases)})")
         del prepared, grid_labels, case
-    shapes = {a.shape[1:] for a in images}
+    shapes = {a.shape[-2:] for a in images}
     if len(shapes) > 1:  # slices of different sizes cannot share a batch: centre-crop to the smallest
         size = tuple(min(s[i] for s in shapes) for i in (0, 1))
         images, labels = [_crop(a, size) for a in images], [_crop(a, size) for a in labels]
-    return np.concatenate(images), np.concatenate(labels)
+    return _join(images), np.concatenate(labels)
+
+
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    """np.concatenate that lets go of each part once copied: the slices are held about once,
+    not twice (6000 whole slices of 3 channels are 9 GB in float16)."""
+    if not parts:
+        return np.concatenate(parts)  # its own error, as before
+    out = np.empty((sum(len(p) for p in parts),) + parts[0].shape[1:], parts[0].dtype)
+    start = 0
+    while parts:
+        part = parts.pop(0)
+        out[start:start + len(part)] = part
+        start += len(part)
+        del part
+    return out
 
 
 def _labels_on_grid(case: CaseData, prepared, card: ModelCard) -> np.ndarray:
@@ -261,9 +294,9 @@ def _labels_on_grid(case: CaseData, prepared, card: ModelCard) -> np.ndarray:
 
 
 def _crop(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    y0 = (array.shape[1] - size[0]) // 2
-    x0 = (array.shape[2] - size[1]) // 2
-    return array[:, y0:y0 + size[0], x0:x0 + size[1]]
+    y0 = (array.shape[-2] - size[0]) // 2
+    x0 = (array.shape[-1] - size[1]) // 2
+    return array[..., y0:y0 + size[0], x0:x0 + size[1]]
 
 
 def _choose_slices(labels: np.ndarray, n_fg: int, n_bg: int, rng, substitute: bool = True) -> np.ndarray:
@@ -288,11 +321,11 @@ def _has_lesion(labels: np.ndarray) -> np.ndarray:
 
 
 def _pad_to_divisor(array: np.ndarray, divisor: int) -> np.ndarray:
-    """Pad (N, y, x) at the far edges, as the runners do for whole slices."""
-    pads = [(-n) % max(1, divisor) for n in array.shape[1:]]
+    """Pad (N, [C,] y, x) at the far edges, as the runners do for whole slices."""
+    pads = [(-n) % max(1, divisor) for n in array.shape[-2:]]
     if not any(pads):
         return array
-    return np.pad(array, [(0, 0)] + [(0, p) for p in pads], mode="edge")
+    return np.pad(array, [(0, 0)] * (array.ndim - 2) + [(0, p) for p in pads], mode="edge")
 
 
 def cases_from_arrays(volumes: Sequence[Volume], labels: Sequence[np.ndarray | None], patients=None) -> list[CaseData]:

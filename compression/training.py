@@ -148,8 +148,10 @@ def _batch(arrays: dict[str, np.ndarray], idx: np.ndarray, rng: np.random.Genera
         for axis_from_end, flip in zip((1, 2), flips):
             if flip:
                 out = {k: np.flip(v, -axis_from_end) for k, v in out.items()}
-    # Labels are kept as uint8 (an eighth of int64 for every train slice); the loss wants int64.
-    return {k: np.ascontiguousarray(v, np.int64 if k == "y" else None) for k, v in out.items()}
+    # Labels are kept as uint8 (an eighth of int64 for every train slice), 2.5-D slices as float16
+    # (cut_slices): the network wants float32 images, the loss int64 labels.
+    wanted = {"x": np.float32, "y": np.int64}
+    return {k: np.ascontiguousarray(v, wanted.get(k)) for k, v in out.items()}
 
 
 class LesionPixels:
@@ -289,7 +291,8 @@ class DisagreementSampler:
         with torch.inference_mode():
             for first in range(0, len(self.lesion_slices), batch_size):
                 idx = self.lesion_slices[first:first + batch_size]
-                student = module(torch.from_numpy(np.ascontiguousarray(self.x[idx])).to(self.device)).float()
+                batch = torch.from_numpy(np.ascontiguousarray(self.x[idx], np.float32)).to(self.device)
+                student = module(batch).float()
                 student_fg = (student[:, 1] > student[:, 0]).cpu().numpy()
                 teacher = np.asarray(self.teacher[idx], np.float32)
                 teacher_fg = teacher[:, 1] > teacher[:, 0]
@@ -341,7 +344,7 @@ def predict_logits(module, x: np.ndarray, batch_size: int = 8, device: str = "cp
     module.to(device).eval()
 
     def run(batch: np.ndarray) -> np.ndarray:
-        logits = module(torch.from_numpy(np.ascontiguousarray(batch)).to(device))
+        logits = module(torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(device))
         return logits.float().cpu().numpy()
 
     try:
@@ -358,8 +361,10 @@ def onnx_logits(path, x: np.ndarray, batch_size: int = 8, threads: int | None = 
     """Logits of an ONNX model on pre-processed slices (a teacher that exists only as ONNX)."""
     session = ort_session(path, threads)
     name = session.get_inputs()[0].name
-    return batched_logits(lambda batch: session.run(None, {name: np.ascontiguousarray(batch)})[0], x, batch_size,
-                          dtype, allocate)
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return session.run(None, {name: np.ascontiguousarray(batch, np.float32)})[0]
+    return batched_logits(run, x, batch_size, dtype, allocate)
 
 
 def batched_logits(run, x: np.ndarray, batch_size: int, dtype, allocate: Callable | None = None) -> np.ndarray:

@@ -320,9 +320,10 @@ class _Runner:
         return findings
 
     def _check_channels(self, volume: Volume) -> None:
-        # A CT volume is one channel; a model wanting more cannot run on it, except a 2D lesion
-        # classifier that reads neighbouring slices as its channels.
-        if self.card.input.channels != 1 and self.card.input.channels != self._slice_channels():
+        # A CT volume is one channel; a model wanting more cannot run on it, except a 2D model
+        # that reads neighbouring slices as its channels (2.5-D segmenters, lesion classifiers).
+        spec = self.card.input
+        if spec.channels != 1 and not spec.slice_context and spec.channels != self._slice_channels():
             raise ModelError(
                 f"{self.variant.main_file}: the model wants {self.card.input.channels} input channels "
                 f"but series {volume.series_uid or '(unnamed)'} has 1"
@@ -351,7 +352,9 @@ class _Runner:
         out = None
         for first in range(0, slices_total, self.batch_size):
             t0 = time.perf_counter()
-            batch = array[first:first + self.batch_size, None]  # (N, 1, y, x)
+            context = self.card.input.slice_context
+            batch = (neighbour_slices(array, range(first, min(first + self.batch_size, slices_total)), context)
+                     if context else array[first:first + self.batch_size, None])  # (N, 1 or 2·context + 1, y, x)
             self._batch_pre_s += time.perf_counter() - t0
             probs = self._predict_slices(batch, in_plane)
             if out is None:
@@ -379,19 +382,21 @@ class _Runner:
         elif tuple(batch.shape[2:]) == tuple(patch):
             logits = self._network(batch)
         else:
-            # The slices of the batch ride as channels through one 2D window pass.
-            flat = run_to_end(sliding_window(batch[:, 0], patch, self.card.input.overlap, self._network_2d_windows, 1))
+            # The slices of the batch (and their neighbours) ride as channels through one 2D window pass.
+            channels = batch.shape[1]
+
+            def network(windows: np.ndarray) -> np.ndarray:  # (1, N·C, y, x) → the N slices as a batch
+                out = self._network(windows[0].reshape((-1, channels) + windows.shape[2:]))  # (N, K, y, x)
+                return out.reshape((1, -1) + out.shape[2:])
+
+            flat = run_to_end(sliding_window(batch.reshape((-1,) + batch.shape[2:]), patch, self.card.input.overlap,
+                                             network, 1))
             logits = flat.reshape((batch.shape[0], -1) + flat.shape[1:])
         start = time.perf_counter()
         probabilities = (two_class_foreground(logits)[:, None] if self._foreground_only
                          else activate(logits, self.card.output_activation))
         self._batch_post_s += time.perf_counter() - start  # activation is post-processing
         return probabilities
-
-    def _network_2d_windows(self, windows: np.ndarray) -> np.ndarray:
-        # (1, N, y, x): one window over N slices → run the N slices as a batch.
-        out = self._network(windows[0][:, None])  # (N, C, y, x)
-        return out.reshape((1, -1) + out.shape[2:])
 
     def _segment_3d(self, array: np.ndarray):
         patch = self.card.input.patch_size
@@ -539,6 +544,14 @@ class _Runner:
                 centre[axis] = shape[axis] - 1 - centre[axis]
         centre = centre * np.asarray(prepared.array.shape) / shape
         return tuple(int(round(c)) for c in centre)  # type: ignore[return-value]
+
+
+def neighbour_slices(array: np.ndarray, indices, context: int) -> np.ndarray:
+    """(len(indices), 2·context + 1, y, x): each axial slice of (z, y, x) ``array`` with its
+    ``context`` neighbours on each side, in slice order, as a 2.5-D network reads them; at the
+    ends of the scan the edge slice stands in for the ones beyond it."""
+    rows = np.clip(np.asarray(indices, int)[:, None] + np.arange(-context, context + 1), 0, len(array) - 1)
+    return array[rows]
 
 
 def _pad_to_multiple(batch: np.ndarray, divisor: int):

@@ -50,6 +50,14 @@ class InputSpec:
     target_spacing: tuple[float, ...] | None = None  # mm, same axis order as patch_size
     orientation: str = "LPS axial, radiological"
     overlap: float = 0.25  # sliding-window overlap when the input is larger than the patch
+    # 2.5-D: the network reads this many neighbouring axial slices on each side of the one it
+    # segments as extra channels (channels = 2 × slice_context + 1; edge slices repeat). 0: one slice.
+    slice_context: int = 0
+
+    def __post_init__(self):
+        if self.slice_context and (self.dims != 2 or self.channels != 2 * self.slice_context + 1):
+            raise ValueError(f"slice_context {self.slice_context} needs a 2D input of "
+                             f"{2 * self.slice_context + 1} channels, not {self.dims}D with {self.channels}")
 
 
 @dataclass(frozen=True)
@@ -273,6 +281,8 @@ def card_to_dict(card: ModelCard) -> dict:
             data.pop(optional, None)
     if data["postprocessing"].get("candidate_filter") is None:
         data["postprocessing"].pop("candidate_filter", None)
+    if not data["input"].get("slice_context"):
+        data["input"].pop("slice_context", None)  # cards of one-slice models read as before
     return data
 
 

@@ -28,11 +28,17 @@ def weight_layers(module, min_params: int = 0) -> tuple[list[tuple[str, object]]
 
 def teacher_logits(model: WorkingModel, data: StepData, x: np.ndarray, dtype=np.float32,
                    allocate=None) -> np.ndarray:
-    """What the student recovers towards: the given teacher variant, else the parent's own model."""
+    """What the student recovers towards: the given teacher variant, else the parent's own model.
+    A reference reading fewer neighbouring slices than a 2.5-D student gets the middle ones."""
+    from compression.data import reference_input
+
     if data.teacher is not None:
+        x = reference_input(x, data.teacher.card.input.channels)
         return variant_logits(data.teacher, x, data.threads, dtype, allocate, data.device)
     if model.original is None:
         raise ValueError("no teacher and no original torch model to recover towards")
+    if model.parent is not None:
+        x = reference_input(x, model.parent.card.input.channels)
     return predict_logits(model.original, x, device=data.device, dtype=dtype, allocate=allocate)
 
 

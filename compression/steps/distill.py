@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from app.core.model_card import Architecture
+from app.core.model_card import Architecture, ModelCard
 from app.core.progress import Progress, scaled
 
 from compression.data import split_by_labels
@@ -48,7 +48,7 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
             temperature: float = 1.0, label_weight: float = 0.5, use: str = "auto", amp: str = "auto",
             max_slices: int | None = None, foreground_weight: float = 10.0, seed: int | None = None,
             init: str = "auto", focus: float = 0.0, focus_every: int = 2000, weight_bits: int | None = None,
-            qat_share: float = 0.25):
+            qat_share: float = 0.25, slice_context: int = 0):
     """Train a fresh student; it replaces the model (the teacher stays the reference).
 
     ``use``: "teacher" (label-free), "both" (teacher everywhere + labels where a case has them,
@@ -71,6 +71,13 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
     that many bits (straight-through gradients), and the student ends on that grid:
     ``quantize_int8_ort(mode="weights", bits=4)`` afterwards stores exactly these weights, at half
     the bytes of int8.
+    ``slice_context`` (2D segmenters): the student reads that many neighbouring axial slices on
+    each side as extra input channels (2.5-D; the card's ``input.slice_context``), while the
+    teacher reads the centre slice as it always has. A one-slice network cannot tell a blob on a
+    single slice from a nodule that goes on through the next ones; the neighbours show it. Its
+    train slices are held as float16 (three channels of 6000 whole slices: 9 GB). Starting from
+    the teacher, the student's first layers read the centre slice with the teacher's weights and
+    the neighbours with zeros: it begins as the pruned one-slice teacher and learns to use them.
     """
     from app.core.models import build_network
 
@@ -79,11 +86,13 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
     if weight_bits and not (2 <= weight_bits <= 8 and 0 < qat_share <= 1):  # None or 0: float
         raise ValueError(f"weight_bits must be 2…8 and qat_share in (0, 1]; not {weight_bits} and {qat_share}")
     arch = student_architecture(model.card.architecture, width, student)
+    card = _student_card(model.card, arch, slice_context)
+    arch = card.architecture
     labelled = bool(len(split_by_labels(data.train)[0]))
     use = ("both" if labelled else "teacher") if use == "auto" else use
     if use in ("labels", "both") and not labelled:
         raise ValueError(f"distillation with {use!r} needs labels on at least one train case")
-    arrays = yield from scaled(_training_arrays(model, data, use, max_slices), 0.0, 0.02, "reading train slices: ")
+    arrays = yield from scaled(_training_arrays(card, data, use, max_slices), 0.0, 0.02, "reading train slices: ")
     if use != "labels":
         yield Progress(0.02, "teacher outputs on the train slices")
         arrays["teacher"] = _teacher(model, data, arrays["x"])
@@ -119,8 +128,25 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
                 f"the teacher sees lesion, weighted by the share of its lesion pixels the student missed "
                 f"(mean {first['missed_mean']:.3f} at step {first['step']}, {last['missed_mean']:.3f} at step "
                 f"{last['step']}).")
-    _adopt_student(model, net.to("cpu").eval(), arch, use, stats, temperature)
+    _adopt_student(model, net.to("cpu").eval(), card, use, stats, temperature)
     return model
+
+
+def _student_card(teacher: ModelCard, arch: Architecture, slice_context: int) -> ModelCard:
+    """The teacher's card with the student's architecture, reading ``slice_context`` neighbours."""
+    if not slice_context:
+        return replace(teacher, architecture=arch)
+    if teacher.task != "segmentation" or teacher.input.dims != 2:
+        raise ValueError(f"slice_context is for 2D segmenters; {teacher.name} is a "
+                         f"{teacher.input.dims}D {teacher.task} model")
+    if not 0 < slice_context <= 3:
+        raise ValueError(f"slice_context must be 1, 2 or 3 neighbours on each side, not {slice_context}")
+    if "in_channels" not in arch.args:
+        raise ValueError(f"the student {arch.name} names no in_channels: cannot give it neighbouring slices")
+    channels = 2 * slice_context + 1
+    arch = Architecture(arch.name, {**arch.args, "in_channels": channels})
+    return replace(teacher, architecture=arch,
+                   input=replace(teacher.input, channels=channels, slice_context=slice_context))
 
 
 class _QuantizeFrom:
@@ -147,23 +173,25 @@ class _QuantizeFrom:
         bake_weights(self.layers)
 
 
-def _training_arrays(model: WorkingModel, data: StepData, use: str, max_slices: int | None):
-    """x for every train case; y with the labels where a case has them and IGNORE elsewhere."""
+def _training_arrays(card: ModelCard, data: StepData, use: str, max_slices: int | None):
+    """x for every train case, as the student ``card`` reads them; y with the labels where a
+    case has them and IGNORE elsewhere."""
     from compression.data import cut_slices
     from compression.training import IGNORE
 
-    card = model.card
+    dtype = np.float16 if card.input.slice_context else np.float32
     with_labels, without = split_by_labels(data.train)
     if use == "teacher":
-        x, _ = yield from cut_slices(data.train, card, with_labels=False, max_slices=max_slices, seed=data.seed)
+        x, _ = yield from cut_slices(data.train, card, with_labels=False, max_slices=max_slices, seed=data.seed,
+                                     dtype=dtype)
         return {"x": x}
     share = len(with_labels) / max(1, len(data.train)) if use == "both" else 1.0
-    x, y = yield from scaled(cut_slices(with_labels, card, with_labels=True, max_slices=max_slices, seed=data.seed),
-                             0.0, share)
+    x, y = yield from scaled(cut_slices(with_labels, card, with_labels=True, max_slices=max_slices, seed=data.seed,
+                                        dtype=dtype), 0.0, share)
     if use == "labels" or not len(without):
         return {"x": x, "y": y}  # uint8; batches turn it into int64
-    xu, _ = yield from scaled(cut_slices(without, card, with_labels=False, max_slices=max_slices, seed=data.seed),
-                              share, 1.0)
+    xu, _ = yield from scaled(cut_slices(without, card, with_labels=False, max_slices=max_slices, seed=data.seed,
+                                         dtype=dtype), share, 1.0)
     if xu.shape[1:] != x.shape[1:]:
         raise ValueError(f"labelled slices are {x.shape[2:]}, unlabelled {xu.shape[2:]}: they cannot share batches")
     return {"x": np.concatenate([x, xu]),
@@ -191,10 +219,27 @@ def _start_from_teacher(model: WorkingModel, net) -> None:
                              pruning_ratio_dict=_exact_ratios(teacher, net, outputs),
                              ignored_layers=outputs).step()
         _sync_norm_sizes(teacher)
-        net.load_state_dict(teacher.state_dict(), strict=True)
+        net.load_state_dict(_widen_inputs(teacher.state_dict(), net.state_dict()), strict=True)
         model.notes.append(f"The student started from the teacher's strongest channels ({ratio:.0%} pruned by magnitude).")
     except Exception as exc:  # a student of another shape: from scratch, and say so
         model.notes.append(f"The student starts from scratch: the pruned teacher does not fit it ({type(exc).__name__}).")
+
+
+def _widen_inputs(teacher: dict, student: dict) -> dict:
+    """The teacher's state dict for a student that reads more input channels (2.5-D): where a
+    weight reads the input (the teacher's has 1 input channel where the student's has 2k + 1),
+    the teacher's weights go to the centre channel and the neighbours start at zero, so the
+    student computes exactly what the teacher does until it learns to use them."""
+    out = dict(teacher)
+    for name, weight in teacher.items():
+        wanted = student.get(name)
+        if (wanted is None or wanted.shape == weight.shape or weight.dim() < 3 or weight.shape[1] != 1
+                or wanted.shape[:1] + wanted.shape[2:] != weight.shape[:1] + weight.shape[2:]):
+            continue
+        widened = weight.new_zeros(wanted.shape)
+        widened[:, wanted.shape[1] // 2] = weight[:, 0]
+        out[name] = widened
+    return out
 
 
 def _exact_ratios(teacher, student, ignored) -> dict:
@@ -229,22 +274,25 @@ def _convs(module) -> list:
 def _teacher(model: WorkingModel, data: StepData, x: np.ndarray) -> np.ndarray:
     """The teacher's logits on every train slice, as float16 in a memory-mapped scratch file:
     4.3 GB for the 4,277 slices of 24 full scans, which now take page cache, not memory."""
+    from compression.data import reference_input
     from compression.steps._common import teacher_logits
     from compression.training import onnx_logits, predict_logits, scratch_array
 
     allocate = scratch_array(model.scratch("teacher_logits.npy"))
     if data.teacher is not None:
         return teacher_logits(model, data, x, dtype=np.float16, allocate=allocate)
+    x = reference_input(x, model.card.input.channels)  # a 2.5-D student's slices: the teacher reads the centre
     if model.module is not None:
         return predict_logits(model.module, x, device=data.device, dtype=np.float16, allocate=allocate)
     return onnx_logits(model.onnx_path, x, threads=data.threads, dtype=np.float16, allocate=allocate)
 
 
-def _adopt_student(model: WorkingModel, net, arch: Architecture, use: str, stats: dict, temperature: float) -> None:
+def _adopt_student(model: WorkingModel, net, card: ModelCard, use: str, stats: dict, temperature: float) -> None:
     teacher_params = sum(p.numel() for p in model.module.parameters()) if model.module is not None else None
     student_params = sum(p.numel() for p in net.parameters())
+    arch = card.architecture
     model.module, model.onnx_path, model.storage = net, None, "dense"
-    model.card = replace(model.card, architecture=arch)
+    model.card = card
     model.metrics["distillation"] = {"student": {"name": arch.name, "args": arch.args}, "learnt_from": use,
                                      "temperature": temperature, "teacher_params": teacher_params,
                                      "student_params": student_params, **stats}

@@ -67,6 +67,22 @@ def test_slices_are_preprocessed_exactly_as_inference_prepares_them():
     assert np.array_equal(y, case.labels)
 
 
+def test_a_2p5d_card_gets_each_slice_with_its_neighbours_and_the_edges_repeat():
+    from compression.data import reference_input
+
+    case = phantom_case(5, slices=4)
+    card = dataclasses.replace(tiny_card(), input=dataclasses.replace(tiny_card().input, channels=3, slice_context=1))
+    x, y = slice_tensors([case], card, with_labels=True, dtype=np.float16)
+    assert x.shape == (4, 3, 64, 64) and x.dtype == np.float16
+    array = prepare(case.volume, tiny_card()).array.astype(np.float16)
+    for k in range(4):
+        assert np.array_equal(x[k], array[[max(k - 1, 0), k, min(k + 1, 3)]])
+    assert np.array_equal(y, case.labels)
+    assert np.array_equal(reference_input(x, 1)[:, 0], array)  # a one-slice teacher reads the centre
+    with pytest.raises(ValueError, match="3 channels cannot feed a model of 2"):
+        reference_input(x, 2)
+
+
 def test_a_seeded_sample_keeps_lesion_slices_in_the_asked_proportion():
     # phantom 2 has no slice without a nodule: its share of background passes to the next cases
     cases = [phantom_case(s, slices=8) for s in (2, 0, 1)]

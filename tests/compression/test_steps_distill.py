@@ -14,7 +14,7 @@ import pytest
 from app.core.models import load_torch_module
 from app.core.progress import run_to_end
 
-from compression.steps.distill import distill, student_architecture
+from compression.steps.distill import _student_card, distill, student_architecture
 from tests.compression.steps_support import fresh_model, parent, step_data
 from tests.compression.tiny import eval_dice, train_cases
 
@@ -110,3 +110,41 @@ def test_quantization_aware_distillation_ends_on_the_4bit_grid_that_4bit_weights
     assert np.abs(stored_logits - float_logits).max() < 1e-3 * np.abs(float_logits).max()
     with pytest.raises(ValueError, match="weight_bits"):
         run_to_end(distill(fresh_model(), data, steps=1, weight_bits=4, qat_share=0))
+
+
+def test_a_2p5d_student_reads_neighbouring_slices_and_starts_as_the_one_slice_teacher():
+    import numpy as np
+
+    from compression.training import predict_logits
+
+    data = step_data()
+    model = run_to_end(distill(fresh_model(), data, steps=0, width=1.0, slice_context=1))
+    assert (model.card.input.channels, model.card.input.slice_context) == (3, 1)
+    assert model.card.architecture.args["in_channels"] == 3
+    x = data.slices("calib", model.card, with_labels=False)[0]
+    assert x.shape[1] == 3 and not np.array_equal(x[:, 0], x[:, 1])
+    teacher = load_torch_module(parent().as_format("state_dict"))
+    start = predict_logits(model.module, x)
+    assert np.abs(start - predict_logits(teacher, x[:, 1:2])).max() < 1e-4  # the teacher, reading the centre
+    noise = x.copy()
+    noise[:, [0, 2]] = np.random.default_rng(0).random(noise[:, [0, 2]].shape)
+    assert np.abs(predict_logits(model.module, noise) - start).max() < 1e-4  # neighbours start at zero weight
+
+
+def test_a_2p5d_student_learns_to_read_its_neighbours_and_its_variant_runs_as_written(tmp_path):
+    from app.core.inference import OnnxRunner
+    from app.core.models import open_model
+
+    from compression.pipeline import run_steps
+    from tests.compression.tiny import eval_cases
+
+    model = run_to_end(distill(fresh_model(), step_data(), steps=4, width=0.5, slice_context=1))
+    reads = [w for w in model.module.state_dict().values() if w.dim() == 4 and w.shape[1] == 3]
+    assert reads and all(float(w[:, [0, 2]].abs().sum()) > 0 for w in reads)  # no longer zero
+    steps = [{"step": "distill", "steps": 2, "width": 0.5, "slice_context": 1}, {"step": "calibrate_output"}]
+    variant = open_model(run_to_end(run_steps(parent(), steps, step_data(), tmp_path, name="slices-3")).card_path)
+    assert (variant.card.input.slice_context, variant.card.input.channels) == (1, 3)
+    case = eval_cases()[0]
+    assert run_to_end(OnnxRunner(variant, threads=1).run(case.volume)).labels.shape == case.volume.shape
+    with pytest.raises(ValueError, match="slice_context is for 2D segmenters"):
+        _student_card(dataclasses.replace(parent().card, task="classification"), parent().card.architecture, 1)

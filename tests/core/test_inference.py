@@ -223,6 +223,40 @@ def test_a_classifier_can_read_neighbouring_slices_as_channels(tmp_path):
         assert set(findings.lesion_scores) == {l.lesion_id for l in lesions}
 
 
+@pytest.mark.parametrize("patch", [None, (16, 16)])
+def test_a_2p5d_segmenter_reads_each_slice_with_its_neighbours(tmp_path, patch):
+    """Whole slices and an in-plane sliding window: each slice goes in with the one before and
+    after it as channels (the edge slice repeated at the ends), on both back ends."""
+    import torch
+    from dataclasses import replace
+
+    from app.core.inference import neighbour_slices
+    from tests.core.model_fixtures import SMALL_UNET_2D, build, segmentation_card, write_model
+
+    arch = {**SMALL_UNET_2D, "in_channels": 3}
+    card = segmentation_card(patch=patch, channels=3, arch=arch)
+    card = replace(card, input=replace(card.input, slice_context=1))
+    net = build("UNet", arch, seed=3)
+    folder = write_model(tmp_path, card, net, (1, 3, 16, 16))
+    volume = chest_phantom(shape=(5, 32, 32), nodules=((2, 16, 16, 5),))
+    array = prepare(volume, card).array
+    stacks = neighbour_slices(array, range(5), 1)
+    assert np.array_equal(stacks[0], array[[0, 0, 1]]) and np.array_equal(stacks[4], array[[3, 4, 4]])
+    with torch.inference_mode():
+        if patch is None:
+            expected = torch.softmax(net(torch.from_numpy(stacks)), 1).numpy()
+        else:
+            def network(windows):  # (1, 3, y, x): one slice's stack through the window
+                return net(torch.from_numpy(windows[0][None])).numpy()
+            expected = np.stack([run_to_end(sliding_window(stack, patch, card.input.overlap, network, 1))
+                                 for stack in stacks])
+            expected = torch.softmax(torch.from_numpy(expected), 1).numpy()
+    for runner in (TorchRunner(open_model(folder, prefer="state_dict"), batch_size=2, keep_probabilities=True),
+                   OnnxRunner(open_model(folder), batch_size=2, keep_probabilities=True)):
+        probabilities = run_to_end(runner.run(volume)).probabilities  # float16 (classes, slices, y, x)
+        assert np.abs(probabilities.astype(np.float32).transpose(1, 0, 2, 3) - expected).max() < 2e-3
+
+
 def test_labels_from_probabilities_is_argmax_with_ties_to_the_lower_channel():
     from app.core.inference import labels_from_probabilities
     from app.core.model_card import Label

@@ -72,6 +72,21 @@ def test_dims_and_axes_must_agree():
         card_from_dict(data)
 
 
+def test_a_2p5d_card_keeps_its_neighbouring_slices_and_one_slice_cards_read_as_before():
+    from dataclasses import replace
+
+    one = card_to_dict(segmentation_card())
+    assert "slice_context" not in one["input"]  # cards written before 2.5-D are unchanged
+    card = segmentation_card(channels=3)
+    card = replace(card, input=replace(card.input, slice_context=1))
+    data = card_to_dict(card)
+    assert data["input"]["slice_context"] == 1
+    assert card_from_dict(data).input == card.input
+    data["input"]["channels"] = 2  # 1 neighbour on each side is 3 slices
+    with pytest.raises(ModelError, match="slice_context 1 needs a 2D input of 3 channels"):
+        card_from_dict(data)
+
+
 def test_a_card_that_is_not_json_is_a_message(tmp_path):
     path = tmp_path / "card.json"
     path.write_text("{ not json")

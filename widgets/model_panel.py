@@ -57,6 +57,9 @@ def input_text(spec, roi=None) -> str:
     spacing = (f"resampled to {times(f'{v:g}' for v in spec.target_spacing)} mm" if spec.target_spacing
                else "native spacing")
     channels = f"{spec.channels} channel" + ("s" if spec.channels != 1 else "")
+    if spec.slice_context:  # 2.5-D: say what the channels are
+        k = spec.slice_context
+        channels += f": each slice with {k} neighbour{'s' if k > 1 else ''} on either side"
     return f"{spec.dims}D {extent}, {spacing}, {channels} (axes {spec.axes})"
 
 

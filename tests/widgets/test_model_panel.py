@@ -37,6 +37,8 @@ def test_input_is_described_in_words_for_slices_and_patches():
     from app.core.model_card import InputSpec, RoiSpec
 
     assert input_text(InputSpec("NCHW", 2, 1)) == "2D whole slices, native spacing, 1 channel (axes NCHW)"
+    assert input_text(InputSpec("NCHW", 2, 3, slice_context=1)) == (
+        "2D whole slices, native spacing, 3 channels: each slice with 1 neighbour on either side (axes NCHW)")
     patches = InputSpec("NCDHW", 3, 2, patch_size=(96, 96, 96), target_spacing=(1.5, 1.0, 1.0), overlap=0.5)
     assert input_text(patches) == "3D 96×96×96 patches (50% overlap), resampled to 1.5×1×1 mm, 2 channels (axes NCDHW)"
     around = input_text(InputSpec("NCHW", 2, 1, patch_size=(64, 64)), RoiSpec("lesion_centres", (64, 64)))

@@ -99,7 +99,8 @@ TECHNIQUES = (
               (Parameter("width", "student width", 0.5, minimum=0.1, maximum=1.0),
                Parameter("steps", "steps", 300, minimum=1, maximum=100000),
                Parameter("temperature", "temperature", 1.0, minimum=0.1, maximum=20.0),
-               Parameter("weight_bits", "weight bits (0: float)", 0, choices=(0, 4, 8)))),
+               Parameter("weight_bits", "weight bits (0: float)", 0, choices=(0, 4, 8)),
+               Parameter("slice_context", "neighbouring slices read on each side (2D)", 0, choices=(0, 1, 2, 3)))),
     Technique("cluster_weights", "Weight clustering",
               "Lets weights share a few values so the archive compresses well; speed is unchanged and "
               "too few clusters coarsen the output.",

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
 
     from app.core.models import load_torch_module, open_model
     from app.core.progress import run_to_end
-    from compression.cost import measure_latency, onnx_predictor, torch_predictor, variant_predictor
+    from compression.cost import measure_latency, onnx_predictor, shape_for, torch_predictor, variant_predictor
 
     original = open_model(args.model)
     variants = [open_model(card) for card in args.variants]
@@ -44,9 +44,12 @@ def main(argv=None) -> int:
         predictors = {"original, torch fp32 eager": torch_predictor(
                           load_torch_module(original.as_format("state_dict")), threads)[0],
                       "original, ONNX Runtime fp32": onnx_predictor(original.files["onnx"], threads)[0]}
-        for variant in variants:
-            predictors[f"{variant.card.name}"] = variant_predictor(variant, threads=threads)[0]
-        stats = run_to_end(measure_latency(predictors, batch, warmup=3, rounds=args.rounds))
+        batches = dict.fromkeys(predictors, batch)
+        for variant in variants:  # a 2.5-D variant reads its neighbouring slices too
+            predictors[variant.card.name] = variant_predictor(variant, threads=threads)[0]
+            batches[variant.card.name] = np.random.default_rng(0).random(shape_for(variant.card, batch.shape),
+                                                                         dtype=np.float32)
+        stats = run_to_end(measure_latency(predictors, batches, warmup=3, rounds=args.rounds))
         ort = stats["original, ONNX Runtime fp32"].median_ms
         for name, s in stats.items():
             print(f"{threads:>7}  {name:<40} {s.median_ms:9.1f} {s.p10_ms:7.1f} {s.p90_ms:7.1f} "

@@ -263,6 +263,12 @@ def default_input_shape(card, whole_slice: int = 512) -> tuple[int, ...]:
     return (1, spec.channels) + spatial
 
 
+def shape_for(card, shape: Sequence[int]) -> tuple[int, ...]:
+    """``shape`` with the channels ``card`` reads: a 2.5-D variant (``input.slice_context``) costs
+    its neighbouring slices too, where its one-slice original reads one."""
+    return (shape[0], card.input.channels) + tuple(shape[2:])
+
+
 def static_cost(variant, name: str, input_shape: Sequence[int] | None = None) -> Cost:
     """Size, parameters and MACs of a variant (no timing)."""
     shape = tuple(input_shape or default_input_shape(variant.card))
@@ -341,22 +347,24 @@ def variant_predictor(variant, device: str = "cpu", threads: int | None = None) 
     return torch_predictor(load_torch_module(variant, device), threads, device)
 
 
-def measure_latency(predictors: Mapping[str, Callable], batch: np.ndarray, *, warmup: int = 2,
-                    rounds: int = 10) -> Generator[Progress, None, dict[str, LatencyStats]]:
+def measure_latency(predictors: Mapping[str, Callable], batch: np.ndarray | Mapping[str, np.ndarray], *,
+                    warmup: int = 2, rounds: int = 10) -> Generator[Progress, None, dict[str, LatencyStats]]:
     """Median latency per contender, measured in interleaved rounds in this one process.
 
-    The first contender is the baseline every speed-up is relative to.
+    ``batch`` is every contender's input, or one per contender (by name: a 2.5-D variant reads
+    more channels than its original). The first contender is the baseline every speed-up is
+    relative to.
     """
-    batch = np.ascontiguousarray(batch, np.float32)
     names = list(predictors)
+    batches = {n: np.ascontiguousarray(batch[n] if isinstance(batch, Mapping) else batch, np.float32) for n in names}
     for _ in range(warmup):
         for name in names:
-            predictors[name](batch)
+            predictors[name](batches[name])
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names:
             start = time.perf_counter()
-            predictors[name](batch)
+            predictors[name](batches[name])
             samples[name].append((time.perf_counter() - start) * 1000.0)
         yield Progress((r + 1) / rounds, f"latency round {r + 1}/{rounds}")
     return _latency_stats(samples, names[0])
@@ -425,24 +433,26 @@ def _memory_probe(card_path: str, fmt: str, shape_json: str, threads: str) -> di
 def compare_costs(variants: Sequence, names: Sequence[str], *, input_shape: Sequence[int] | None = None,
                   device: str = "cpu", threads: int | None = None, rounds: int = 10, warmup: int = 2,
                   memory: bool = True) -> Generator[Progress, None, list[Cost]]:
-    """Size, parameters, MACs, side-by-side latency (and peak memory) of variants; the first is the baseline."""
+    """Size, parameters, MACs, side-by-side latency (and peak memory) of variants; the first is the
+    baseline. Each reads ``input_shape`` with its own card's channels (:func:`shape_for`)."""
     shape = tuple(input_shape or default_input_shape(variants[0].card))
+    shapes = [shape_for(variant.card, shape) for variant in variants]
     costs, predictors = [], {}
     for k, (variant, name) in enumerate(zip(variants, names)):
         yield Progress(0.2 * k / len(variants), f"sizing {name}")
-        cost = static_cost(variant, name, shape)
+        cost = static_cost(variant, name, shapes[k])
         predictors[name], cost.provider = variant_predictor(variant, device, threads)
         cost.threads = threads
         costs.append(cost)
     from app.core.progress import scaled
 
-    latency = yield from scaled(measure_latency(predictors, np.zeros(shape, np.float32), warmup=warmup,
-                                                rounds=rounds), 0.2, 0.8, "")
+    batches = {name: np.zeros(s, np.float32) for name, s in zip(names, shapes)}
+    latency = yield from scaled(measure_latency(predictors, batches, warmup=warmup, rounds=rounds), 0.2, 0.8, "")
     for k, cost in enumerate(costs):
         cost.latency = latency[cost.name]
         if memory:
             yield Progress(0.8 + 0.2 * k / len(costs), f"peak memory of {cost.name}")
-            cost.peak_memory_mb = peak_memory_mb(variants[k], shape, threads)
+            cost.peak_memory_mb = peak_memory_mb(variants[k], shapes[k], threads)
     return costs
 
 

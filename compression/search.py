@@ -244,14 +244,16 @@ def deployable_baseline(parent):
 
 def _latency_ratio(parent, variant, device, threads, shape, rounds) -> dict[str, float]:
     from app.core.progress import run_to_end
-    from compression.cost import default_input_shape, measure_latency, variant_predictor
+    from compression.cost import default_input_shape, measure_latency, shape_for, variant_predictor
 
     import numpy as np
 
     shape = tuple(shape or default_input_shape(parent.card))
     predictors = {"original": variant_predictor(deployable_baseline(parent), device, threads)[0],
                   "candidate": variant_predictor(variant, device, threads)[0]}
-    stats = run_to_end(measure_latency(predictors, np.zeros(shape, np.float32), warmup=1, rounds=rounds))
+    batches = {"original": np.zeros(shape, np.float32),
+               "candidate": np.zeros(shape_for(variant.card, shape), np.float32)}
+    stats = run_to_end(measure_latency(predictors, batches, warmup=1, rounds=rounds))
     return {"latency_ms": stats["candidate"].median_ms, "original_latency_ms": stats["original"].median_ms,
             "latency_ratio": stats["candidate"].median_ms / stats["original"].median_ms}
 

@@ -130,6 +130,23 @@ def test_compare_costs_runs_torch_and_onnx_side_by_side_with_peak_memory(tmp_pat
     assert large > small + 5  # activations of a 512² slice through 4–16 channels take tens of MB
 
 
+def test_a_2p5d_variant_is_costed_on_the_neighbouring_slices_it_reads(tmp_path):
+    from app.core.progress import run_to_end
+    from tests.core.model_fixtures import SMALL_UNET_2D, build, segmentation_card, write_model
+
+    arch = {**SMALL_UNET_2D, "in_channels": 3}
+    card = segmentation_card(channels=3, arch=arch)
+    card = replace(card, input=replace(card.input, slice_context=1))
+    three = open_model(write_model(tmp_path / "three", card, build("UNet", arch), (1, 3, 16, 16)))
+    one = open_model(small_unet(tmp_path / "one"))
+    costs = run_to_end(cost.compare_costs([one, three], ["one slice", "three slices"], input_shape=(1, 1, 16, 16),
+                                          threads=1, rounds=2, warmup=1, memory=False))
+    assert costs[1].latency.median_ms > 0
+    # Only the first convolutions read the input: 4 filters of 3×3 over 2 more channels, at 8×8
+    # outputs, in the first unit's conv and in its residual conv.
+    assert costs[1].macs - costs[0].macs == 2 * (4 * 8 * 8 * 9 * 2)
+
+
 def test_a_bf16_variant_runs_as_its_card_says_torch_under_autocast(tmp_path):
     import json
 

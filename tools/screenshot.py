@@ -33,7 +33,7 @@ def main() -> int:
     parser.add_argument("--path", help="folder/zip/DICOMDIR to open (default: the demo study)")
     parser.add_argument("--out", default="docs/screenshot.png")
     parser.add_argument("--run-models", action="store_true", help="run every opened model first")
-    parser.add_argument("--models", nargs="*", default=None, help="model cards to open")
+    parser.add_argument("--models", nargs="*", default=None, help="model cards to open (beside the demo's)")
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args()
     app = QApplication.instance() or QApplication([])
@@ -43,11 +43,13 @@ def main() -> int:
     window.show()
     session = window.session
     if args.path:
-        for card in args.models if args.models is not None else []:
+        for card in args.models or []:
             session.open_model(card)
         window.open_path(args.path)
     else:
         session.open_demo()
+        for card in args.models or []:  # beside the demo models
+            session.open_model(card)
     ok = wait(app, lambda: session.volume is not None and session.volume.is_complete, args.timeout)
     print("volume loaded" if ok else "volume did not load in time")
     wait(app, lambda: window.jobs.active_count() == 0, 60)

@@ -274,10 +274,9 @@ def _join(parts: list[np.ndarray]) -> np.ndarray:
     out = np.empty((sum(len(p) for p in parts),) + parts[0].shape[1:], parts[0].dtype)
     start = 0
     while parts:
-        part = parts.pop(0)
+        part = parts.pop(0)  # out of the list, so freed once copied
         out[start:start + len(part)] = part
         start += len(part)
-        del part
     return out
 
 

@@ -350,9 +350,9 @@ class _Runner:
         slices_total = array.shape[0]
         in_plane = self._in_plane_size(array.shape[1:])
         out = None
+        context = self.card.input.slice_context
         for first in range(0, slices_total, self.batch_size):
             t0 = time.perf_counter()
-            context = self.card.input.slice_context
             batch = (neighbour_slices(array, range(first, min(first + self.batch_size, slices_total)), context)
                      if context else array[first:first + self.batch_size, None])  # (N, 1 or 2·context + 1, y, x)
             self._batch_pre_s += time.perf_counter() - t0

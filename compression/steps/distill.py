@@ -78,6 +78,10 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
     train slices are held as float16 (three channels of 6000 whole slices: 9 GB). Starting from
     the teacher, the student's first layers read the centre slice with the teacher's weights and
     the neighbours with zeros: it begins as the pruned one-slice teacher and learns to use them.
+    On the demo UNet (bench/README.md, 30 Nov) `smallest`'s recipe with ``slice_context=1`` beat
+    the original's Dice against the labels (0.870 against 0.854), but lost as many of its
+    lesions: with labels it learnt that a one-slice blob is no nodule, and dropped the
+    original's one-slice false alarms more surely.
     """
     from app.core.models import build_network
 

@@ -128,6 +128,14 @@ TECHNIQUES = (
               "labels), so faint lesions it sees are not dropped as too small or too unsure; it may "
               "also bring back some of the original's false alarms.",
               (Parameter("foreground_weight", "weight of lesion pixels", 3.0, minimum=1.0, maximum=1000.0),)),
+    Technique("refit_filter", "Candidate-filter refit",
+              "Teaches the second network that drops false candidates to read the compressed model's "
+              "outputs, so that it keeps what the original keeps (no labels); it runs both models on "
+              "your scans, and keeps the filter as it was when the refit does worse on the calib scans.",
+              (Parameter("max_cases", "train scans read", 48, minimum=1, maximum=10000),
+               Parameter("epochs", "epochs", 8, minimum=1, maximum=200),
+               Parameter("gained_weight", "an added lesion counts as this share of a lost one", 0.2,
+                         minimum=0.0, maximum=10.0))),
     Technique("compress_filter", "Candidate-filter compression",
               "Shrinks the second network that drops false candidates, in models that have one: fewer of "
               "its ensemble members and int8 weights. A coarser filter may drop a faint nodule or keep "

@@ -40,6 +40,10 @@ def add_cli(subparsers) -> None:
                           help="recipe file, or a preset name: safe-int8, smallest, fastest")
     compress.add_argument("--out", required=True, metavar="DIR", help="folder the new variant is written into")
     compress.add_argument("--name", help="the new variant's folder name (default: model-recipe)")
+    compress.add_argument("--reference", metavar="CARD",
+                          help="the original to recover towards and judge against, when --model is already a "
+                               "variant of it (distillation's teacher, output calibration's and the filter refit's "
+                               "reference; default: --model itself)")
     compress.add_argument("--search", nargs="+", choices=("size", "latency"), metavar="OBJECTIVE",
                           help="search instead: try the recipe and candidate recipes within the recipe's budget, "
                                "and print the Pareto front for these objectives (size, latency)")
@@ -124,6 +128,10 @@ def _compress(args, bar: ProgressBar, out: TextIO) -> int:
     from compression.recipe import check_steps, resolve_recipe
 
     parent = open_model(args.model)
+    reference = open_model(args.reference) if getattr(args, "reference", None) else None
+    if reference is not None and getattr(args, "search", None):
+        raise ValueError("--reference compresses a variant further with one recipe; a search starts from the original "
+                         "(give it as --model)")
     recipe = resolve_recipe(args.recipe)
     check_steps(recipe)
     manifest = data_manifest(args.data, args.seed, bar)
@@ -131,7 +139,7 @@ def _compress(args, bar: ProgressBar, out: TextIO) -> int:
     splits = {"calib": load_split(manifest, "calib", bar),
               # read one at a time as a step cuts their slices, or as the verdict reaches them
               "train": LazyCases(manifest, "train"), "eval": LazyCases(manifest, "eval")}
-    data = StepData(train=splits["train"], calib=splits["calib"], teacher=None, device=args.device,
+    data = StepData(train=splits["train"], calib=splits["calib"], teacher=reference, device=args.device,
                     threads=args.threads, seed=args.seed)
     if getattr(args, "search", None):
         return _search(args, parent, recipe, data, splits["eval"], bar, out)
@@ -141,6 +149,7 @@ def _compress(args, bar: ProgressBar, out: TextIO) -> int:
                                      recipe=recipe.as_dict()), bar)
     print(f"variant written: {variant.card_path.parent}", file=out)
     audit = {"model": str(parent.card_path or parent.main_file), "parent_sha256": parent.weights_sha256,
+             "reference": str(reference.card_path or reference.main_file) if reference else None,
              "variant": str(variant.card_path.parent), "weights_sha256": variant.weights_sha256,
              "recipe": recipe.as_dict(), "data": str(args.data), "seed": args.seed, "device": args.device,
              "threads": args.threads, "seconds": round(time.perf_counter() - started, 1)}
@@ -148,7 +157,7 @@ def _compress(args, bar: ProgressBar, out: TextIO) -> int:
         print("no eval cases: the variant was not judged", file=out)
         append_audit("compress", **audit, verdict="not judged (no eval cases)")
         return EXIT_OK
-    failures, record = _judge(parent, variant, splits["eval"], manifest, recipe.budget, args, bar, out)
+    failures, record = _judge(reference or parent, variant, splits["eval"], manifest, recipe.budget, args, bar, out)
     append_audit("compress", **audit, verdict="within budget" if not failures else "over budget",
                  failures=failures, evaluation=record)
     return EXIT_OK if not failures else EXIT_OVER_BUDGET

@@ -114,6 +114,7 @@ _STEP_MODULES = {
     "distill": ("compression.steps.distill", "distill"),
     "compress_filter": ("compression.steps.compress_filter", "compress_filter"),
     "calibrate_output": ("compression.steps.calibrate_output", "calibrate_output"),
+    "refit_filter": ("compression.steps.refit_filter", "refit_filter"),
 }
 
 

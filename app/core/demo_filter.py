@@ -65,18 +65,20 @@ def ensemble(nets):
     return Ensemble().eval()
 
 
-def train_filter_net(x: np.ndarray, y: np.ndarray, seed: int, epochs: int = 30, threads: int = 2):
-    """One filter CNN; positives weighted by the class ratio; flips, quarter turns and the
-    through-plane reversal as augmentation (yields progress per epoch, returns the net)."""
+def train_filter_net(x: np.ndarray, y: np.ndarray, seed: int, epochs: int = 30, threads: int = 2, net=None,
+                     lr: float = 2e-3):
+    """One filter CNN (a fresh one, or ``net`` fine-tuned); positives weighted by the class ratio;
+    flips, quarter turns and the through-plane reversal as augmentation (yields progress per
+    epoch, returns the net)."""
     import torch
 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     rng = np.random.default_rng(seed)
-    net = filter_network(x.shape[1])
+    net = filter_network(x.shape[1]) if net is None else net
     batch = 64
-    optimiser = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-3)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, 2e-3, total_steps=epochs * (len(y) // batch + 1))
+    optimiser = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, lr, total_steps=epochs * (len(y) // batch + 1))
     pos_weight = torch.tensor((len(y) - y.sum()) / max(1.0, y.sum()), dtype=torch.float32)
     reverse = list(range(x.shape[1] - 2, -1, -1)) + [x.shape[1] - 1]  # slices reversed, probability kept
     for epoch in range(epochs):

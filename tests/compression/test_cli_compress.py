@@ -72,6 +72,30 @@ def test_compress_writes_the_variant_judges_it_and_audits_the_run(tmp_path, demo
     assert record["cases"] == len(read_manifest(demo_tiny / "manifest.csv").cases_in("eval"))
 
 
+def test_compress_judges_a_variant_compressed_further_against_the_reference(tmp_path, demo_tiny, tiny_model, capsys):
+    recipe = tmp_path / "sparse.yaml"
+    recipe.write_text(PRUNE_RECIPE, encoding="utf-8")
+    common = ["--data", str(demo_tiny), "--recipe", str(recipe), "--threads", "1", "--resamples", "100"]
+    _run(["compress", "--model", str(tiny_model), "--out", str(tmp_path / "a")] + common, capsys)
+    sparse = tmp_path / "a" / "test-unet2d-sparse50" / "card.json"
+    fidelity = {}
+    for name, extra in (("alone", []), ("reference", ["--reference", str(tiny_model)])):
+        code, _, err = _run(["compress", "--model", str(sparse), "--out", str(tmp_path / name)] + common + extra,
+                            capsys)
+        assert code in (cli.EXIT_OK, cli.EXIT_OVER_BUDGET), err
+        folder = next(p for p in (tmp_path / name).iterdir() if p.is_dir())
+        record = json.loads((tmp_path / name / f"{folder.name}.evaluation.json").read_text())
+        fidelity[name] = record["variants"][folder.name]["fidelity_dice"]["point"]
+        event = next(e for e in _events("compress") if e["variant"] == str(folder))
+        assert event["reference"] == (str(tiny_model) if extra else None)
+    # 50 % sparsity is the whole model's target, which the variant already meets: against itself
+    # nothing changed; against the original, half its weights are gone
+    assert fidelity["alone"] == 1.0 and fidelity["reference"] < 1.0
+    code, _, err = _run(["compress", "--model", str(sparse), "--out", str(tmp_path / "s"), "--search", "size",
+                         "--reference", str(tiny_model)] + common, capsys)
+    assert code == cli.EXIT_BAD_INPUT and "--reference" in err and "search" in err
+
+
 def test_compress_refuses_an_unfair_split_before_compressing_anything(tmp_path, demo_tiny, tiny_model, capsys):
     manifest = read_manifest(demo_tiny / "manifest.csv")
     eval_case = manifest.cases_in("eval")[0]

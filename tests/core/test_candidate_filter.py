@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from dataclasses import replace
 
 import numpy as np
@@ -346,3 +347,141 @@ def test_compress_filter_in_4_bits_is_half_the_int8_filter_and_reports_its_check
     spec = parent.card.postprocessing.candidate_filter
     float_scores, scores = _filter_scores(source, spec, demo_tiny), _filter_scores(reduced, spec, demo_tiny)
     assert np.abs(float_scores - scores).max() < 0.2 and not np.array_equal(float_scores, scores)
+
+
+# ---------------------------------------------------------------- refit_filter
+
+
+def test_the_filters_networks_come_back_into_torch_and_score_as_the_onnx_file(filtered_unet, demo_tiny, tmp_path):
+    import torch
+
+    from app.core.demo_filter import ensemble
+    from compression.pipeline import StepError
+    from compression.steps.refit_filter import filter_nets_from_onnx
+
+    folder, _ = filtered_unet
+    spec = load_card(folder / "card.json").postprocessing.candidate_filter
+    nets = filter_nets_from_onnx(folder / "candidate_filter.onnx", spec.channels)
+    assert len(nets) == 3  # the three seeds of the averaged ensemble
+    case_patches = _real_patches(spec, demo_tiny)
+    with torch.no_grad():
+        rebuilt = ensemble(nets)(torch.from_numpy(case_patches)).numpy().reshape(-1)
+    from app.core.candidate_filter import FilterSession
+
+    assert np.allclose(rebuilt, FilterSession(folder / "candidate_filter.onnx", spec).scores(case_patches), atol=1e-5)
+    _, int8 = _reduced_filter(filtered_unet, demo_tiny, tmp_path)
+    with pytest.raises(StepError, match="not plain float tensors"):  # a compressed filter is not refit
+        filter_nets_from_onnx(int8.files["candidate_filter"], spec.channels)
+
+
+def _real_patches(spec, demo_tiny):
+    from app.core.demo_models import read_demo_cases
+
+    case = next(c for c in read_demo_cases(demo_tiny, ("train", "calib", "eval")) if c.labels.any())
+    centres = np.argwhere(case.labels > 0)[::50].astype(float)
+    return candidate_patches(case.volume.voxels, case.labels.astype(np.float32), centres, case.volume.spacing, spec)
+
+
+def _scan(mm3, overlaps, original_sizes, large, patches=None):
+    from compression.steps.refit_filter import ScanCandidates
+
+    mm3 = np.asarray(mm3, float)
+    return ScanCandidates(patches=patches, mm3=mm3, peaks=np.ones(len(mm3)), elongation=None, overlaps=overlaps,
+                          original_sizes=original_sizes, candidate_sizes=np.r_[0, mm3].astype(int), large=large)
+
+
+def test_the_rule_counts_lost_and_added_lesions_with_the_evaluations_pairing():
+    from compression.steps.refit_filter import choose_rule, rule_counts
+
+    # The original reports lesions 1 (large) and 2 (small). The variant's candidate 1 lies on
+    # lesion 1 but scores 0.2; candidate 2 lies on lesion 2; candidates 3 (0.6) and 4 (5 mm³,
+    # 0.9) on nothing.
+    scan = _scan([200, 80, 300, 5], [(1, 1, 150), (2, 2, 60)], {1: 180, 2: 70}, {1})
+    scores = [np.array([0.2, 0.9, 0.6, 0.9])]
+    rule = Postprocessing(min_lesion_mm3=40.0, candidate_filter=CandidateFilter(threshold=0.35))
+    assert rule_counts([scan], scores, rule) == {"lost_large": 1, "lost": 1, "gained": 1}
+    chosen, counts = choose_rule([scan], scores, rule, gained_weight=0.2)
+    assert counts == {"lost_large": 0, "lost": 0, "gained": 1}  # 0.2 is kept at a lower threshold, and the
+    assert chosen.candidate_filter.threshold <= 0.2 and chosen.min_lesion_mm3 >= 10  # 5 mm³ piece still dropped
+    # when one added lesion weighs more than a lost one, it drops candidate 3 and loses lesion 1
+    assert choose_rule([scan], scores, rule, gained_weight=10.0) == (replace(
+        rule, min_lesion_mm3=10.0, candidate_filter=replace(rule.candidate_filter, threshold=0.65)),
+        {"lost_large": 1, "lost": 1, "gained": 0})
+    assert rule_counts([scan], scores, replace(rule, min_lesion_mm3=0.0,
+                                               candidate_filter=CandidateFilter(threshold=0.1))) == {
+        "lost_large": 0, "lost": 0, "gained": 2}
+
+
+def _with_rule(filtered_unet, folder: Path, rule) -> Path:
+    """A copy of the filtered UNet whose card has another lesion clean-up rule."""
+    from app.core.model_card import save_card
+
+    shutil.copytree(filtered_unet[0], folder)
+    save_card(replace(load_card(folder / "card.json"), postprocessing=rule), folder / "card.json")
+    return folder / "card.json"
+
+
+def _refit(parent_card, demo_tiny, out, teacher=None, **params):
+    from app.core.manifest import read_manifest
+    from app.core.models import open_model
+    from app.core.progress import run_to_end
+    from compression.data import load_cases
+    from compression.pipeline import StepData, run_steps
+
+    cases = run_to_end(load_cases(read_manifest(demo_tiny / "manifest.csv"), ("train", "calib", "eval")))
+    data = StepData(train=cases, calib=cases, threads=1, teacher=open_model(teacher) if teacher else None)
+    return run_to_end(run_steps(open_model(parent_card), [{"step": "refit_filter", "epochs": 1, **params}], data,
+                                out, name="refit"))
+
+
+# The tiny demo scans give the demo UNet a dozen candidates each and its one-epoch filter no
+# opinion (scores ~0.5): the tests set rules by size instead, so that the reference reports
+# the large candidates and not the small ones.
+BY_SIZE = Postprocessing(min_lesion_mm3=1000.0, candidate_filter=CandidateFilter(threshold=0.0))
+
+
+def test_refit_filter_keeps_the_filter_of_a_model_judged_against_itself(filtered_unet, demo_tiny, tmp_path):
+    from app.core.models import sha256_file
+
+    card = _with_rule(filtered_unet, tmp_path / "model", BY_SIZE)
+    before = sha256_file(card.parent / "candidate_filter.onnx")
+    variant = _refit(card, demo_tiny, tmp_path / "out")
+    assert sha256_file(card.parent / "candidate_filter.onnx") == before  # the parent's filter is never touched
+    record = variant.card.lineage.metrics["compression"]["candidate_filter_refit"]
+    table = record["calib (lost >= 6 mm, lost, gained)"]
+    assert table["as it was"]["lost"] == table["as it was"]["gained"] == 0  # nothing to win against itself
+    assert record["chosen"] == "as it was" and 0 < record["train_positives"] < record["train_candidates"]
+    assert sha256_file(variant.files["candidate_filter"]) == before
+    assert variant.card.postprocessing == BY_SIZE
+
+
+def test_refit_filter_brings_back_the_lesions_a_variants_rule_loses(filtered_unet, demo_tiny, tmp_path):
+    from app.core.models import sha256_file
+
+    # The variant drops every candidate (threshold 0.99 on ~0.5 scores); the reference keeps the large ones.
+    strict = replace(BY_SIZE, min_lesion_mm3=40.0, candidate_filter=CandidateFilter(threshold=0.99))
+    card = _with_rule(filtered_unet, tmp_path / "variant", strict)
+    teacher = _with_rule(filtered_unet, tmp_path / "original", BY_SIZE)
+    variant = _refit(card, demo_tiny, tmp_path / "out", teacher=teacher)
+    record = variant.card.lineage.metrics["compression"]["candidate_filter_refit"]
+    table = record["calib (lost >= 6 mm, lost, gained)"]
+    assert table["as it was"]["lost"] > 0 and table["as it was"]["gained"] == 0
+    chosen = table[record["chosen"]]
+    assert record["chosen"] != "as it was" and chosen["lost"] < table["as it was"]["lost"]
+    assert variant.card.postprocessing.candidate_filter.threshold == chosen["threshold"] < 0.99
+    assert variant.card.postprocessing.min_lesion_mm3 == chosen["min_lesion_mm3"]
+    refit = sha256_file(variant.files["candidate_filter"]) != sha256_file(card.parent / "candidate_filter.onnx")
+    assert refit == (record["chosen"] == "refit")  # a new filter only when the refit one won
+    assert any("Candidate filter refit" in note for note in variant.card.lineage.metrics["compression"]["notes"])
+
+
+def test_refit_filter_skips_a_model_without_a_filter(tmp_path):
+    from app.core.models import open_model
+    from app.core.progress import run_to_end
+    from compression.pipeline import StepData, run_steps
+
+    parent = open_model(DEMO_MODELS / "nodule-type-densenet" / "card.json")
+    variant = run_to_end(run_steps(parent, [{"step": "refit_filter"}], StepData(train=[], calib=[], threads=1),
+                                   tmp_path, name="no-filter"))
+    assert ["candidate_filter", "the model has no candidate filter; nothing to refit"] in (
+        variant.card.lineage.metrics["compression"]["skipped"])

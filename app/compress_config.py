@@ -129,12 +129,11 @@ TECHNIQUES = (
               "also bring back some of the original's false alarms.",
               (Parameter("foreground_weight", "weight of lesion pixels", 3.0, minimum=1.0, maximum=1000.0),)),
     Technique("refit_filter", "Candidate-filter refit",
-              "Teaches the second network that drops false candidates to read the compressed model's "
-              "outputs, so that it keeps what the original keeps (no labels); it runs both models on "
-              "your scans, and keeps the filter as it was when the refit does worse on the calib scans.",
+              "Retrains the second network, which drops false candidates, on the compressed model's "
+              "outputs so it keeps what the original keeps (no labels); kept only if it does better on calib.",
               (Parameter("max_cases", "train scans read", 48, minimum=1, maximum=10000),
                Parameter("epochs", "epochs", 8, minimum=1, maximum=200),
-               Parameter("gained_weight", "an added lesion counts as this share of a lost one", 0.2,
+               Parameter("gained_weight", "weight of an added lesion", 0.2,
                          minimum=0.0, maximum=10.0))),
     Technique("compress_filter", "Candidate-filter compression",
               "Shrinks the second network that drops false candidates, in models that have one: fewer of "

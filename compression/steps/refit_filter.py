@@ -36,12 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
+from app.core.demo_filter import THRESHOLDS
 from app.core.progress import Progress, scaled
 
 from compression.pipeline import StepData, StepError, WorkingModel
 
 FILTER_ROLE = "candidate_filter"
-THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
 
 
 @dataclass

@@ -28,11 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from app.core.candidate_filter import FILE_ROLE as FILTER_ROLE
 from app.core.progress import Progress
 
 from compression.pipeline import StepData, StepError, WorkingModel
-
-FILTER_ROLE = "candidate_filter"
 
 
 def compress_filter(model: WorkingModel, data: StepData, *, members: int | None = None, int8: bool = True,

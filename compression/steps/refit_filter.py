@@ -23,10 +23,11 @@ fewer added ones: on calib it lost as many with 2 added instead of 9 (threshold 
 and on the 40 eval scans it lost 9 instead of 6, so a refit must now win back lesions.
 
 Measured on the demo UNet's `smallest` student (30 Nov, bench/README.md): it does not. Of the
-student's six lost lesions ≥ 6 mm, four have no candidate; the other two are candidates that
-merge the lesion with its surroundings (1405 mm³ around a 4156-voxel lesion, 380 mm³ of which
-150 voxels lie on it), and every filter scores them 0.01–0.15: the original's, the student's
-4-bit copy and the refit one (48 train scans, 76 positives among 1573 candidates). The refit
+student's six lost lesions ≥ 6 mm, four have no candidate or one of 1–6 mm³; of the other two,
+one covers half of the original's lesion (1991 of a 4156-voxel lesion) and one merges the lesion
+with its surroundings (380 mm³, 150 voxels on it), and every filter scores them 0.01–0.15: the
+original's, the student's 4-bit copy and the refit one (48 train scans, 76 positives among 1573
+candidates). The refit
 ranked the eval candidates no better (AUC 0.951 against 0.961), so the step keeps the filter.
 """
 from __future__ import annotations
@@ -36,12 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
+from app.core.candidate_filter import FILE_ROLE as FILTER_ROLE
 from app.core.demo_filter import THRESHOLDS
 from app.core.progress import Progress, scaled
 
 from compression.pipeline import StepData, StepError, WorkingModel
-
-FILTER_ROLE = "candidate_filter"
 
 
 @dataclass
@@ -100,7 +100,7 @@ def refit_filter(model: WorkingModel, data: StepData, *, max_cases: int = 48, ca
         yield Progress(1.0, "candidate filter kept")
         return model
 
-    nets = filter_nets_from_onnx(Path(reference.files[FILTER_ROLE]), spec.channels)
+    nets = filter_nets_from_onnx(Path(reference.files[FILTER_ROLE]), spec)
     for i, net in enumerate(nets):
         nets[i] = yield from scaled(train_filter_net(x, y, data.seed + i, epochs, data.threads or 2, net=net, lr=lr),
                                     0.6 + 0.25 * i / len(nets), 0.6 + 0.25 * (i + 1) / len(nets), "")
@@ -163,8 +163,8 @@ def _collect(runners, cases, limit: int, card, lo: float, hi: float, split: str)
 
 def scan_candidates(runners, volume, card) -> ScanCandidates:
     from app.core.candidate_filter import lesion_patches
-    from app.core.inference import lesion_peaks
-    from app.core.lesions import _overlaps, _sizes, label_instances, lesion_elongation
+    from app.core.inference import candidate_measures
+    from app.core.lesions import _overlaps, _sizes, label_instances
     from app.core.progress import run_to_end
 
     from compression.evaluate import lesion_map
@@ -174,14 +174,17 @@ def scan_candidates(runners, volume, card) -> ScanCandidates:
     found = run_to_end(variant_runner.run(volume))
     foreground = found.probabilities[-1].astype(np.float32)
     instances, count = label_instances((found.labels > 0).astype(np.uint8))
-    spec, rule = card.postprocessing.candidate_filter, card.postprocessing
-    sizes = np.bincount(instances.ravel(), minlength=count + 1)
+    in_ids = instances.reshape(-1)[np.flatnonzero(instances.reshape(-1))]
+    rule = card.postprocessing
+    # what the runner's clean-up measures of each candidate, the filter's score left to the caller
+    mm3, peaks, elongation, _ = candidate_measures(instances, in_ids, count, (slice(None),) * instances.ndim,
+                                                   foreground, volume, replace(rule, candidate_filter=None))
     return ScanCandidates(
-        patches=lesion_patches(volume.voxels, foreground, instances, count, volume.spacing, spec).astype(np.float16),
-        mm3=sizes[1:] * volume.voxel_volume_ml * 1000.0, peaks=lesion_peaks(foreground, instances, count),
-        elongation=lesion_elongation(instances, count, volume.spacing) if rule.max_elongation is not None else None,
+        patches=lesion_patches(volume.voxels, foreground, instances, count, volume.spacing,
+                               rule.candidate_filter).astype(np.float16),
+        mm3=mm3, peaks=peaks, elongation=elongation,
         overlaps=_overlaps(original.instances, instances), original_sizes=_sizes(original.instances),
-        candidate_sizes=sizes, large=set(original.large))
+        candidate_sizes=np.bincount(in_ids, minlength=count + 1), large=set(original.large))
 
 
 # ---------------------------------------------------------------- the rule
@@ -233,7 +236,7 @@ def _scores(path: Path, spec, scans, threads) -> list[np.ndarray]:
 # ---------------------------------------------------------------- the filter's networks back in torch
 
 
-def filter_nets_from_onnx(path: Path, channels: int) -> list:
+def filter_nets_from_onnx(path: Path, spec) -> list:
     """The averaged filter's member networks as torch modules (the demo filter's layout, batch
     norm folded into the convolutions by the export), checked against the ONNX file's scores."""
     import onnx
@@ -260,7 +263,7 @@ def filter_nets_from_onnx(path: Path, channels: int) -> list:
         if not convs or any(c.input[1] not in weights or len(c.input) < 3 for c in convs):
             raise StepError(f"{path}: the filter's convolution weights are not plain float tensors (already "
                             "compressed?); refit the original's float filter, before compress_filter")
-        net = filter_network(channels, widths=[weights[c.input[1]].shape[0] for c in convs])
+        net = filter_network(spec.channels, widths=[weights[c.input[1]].shape[0] for c in convs])
         layers = [m for m in net if isinstance(m, torch.nn.Conv2d)]
         for i, module in enumerate(net):
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -275,19 +278,17 @@ def filter_nets_from_onnx(path: Path, channels: int) -> list:
         nets.append(net.eval())
     if not nets:
         raise StepError(f"{path}: no member network found in the candidate filter")
-    _check_rebuilt(path, ensemble(nets), channels)
+    _check_rebuilt(path, ensemble(nets), spec)
     return nets
 
 
-def _check_rebuilt(path: Path, module, channels: int) -> None:
-    import onnxruntime as ort
+def _check_rebuilt(path: Path, module, spec) -> None:
     import torch
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    shape = session.get_inputs()[0].shape
-    size = shape[-1] if isinstance(shape[-1], int) else 32
-    x = np.random.default_rng(0).random((4, channels, size, size), dtype=np.float32)
-    expected = session.run(None, {session.get_inputs()[0].name: x})[0].reshape(-1)
+    from app.core.candidate_filter import FilterSession
+
+    x = np.random.default_rng(0).random((4, spec.channels, spec.patch_px, spec.patch_px), dtype=np.float32)
+    expected = FilterSession(path, spec, threads=1).scores(x)
     with torch.no_grad():
         got = module(torch.from_numpy(x)).numpy().reshape(-1)
     if not np.allclose(got, expected, atol=1e-4):

@@ -361,7 +361,7 @@ def test_the_filters_networks_come_back_into_torch_and_score_as_the_onnx_file(fi
 
     folder, _ = filtered_unet
     spec = load_card(folder / "card.json").postprocessing.candidate_filter
-    nets = filter_nets_from_onnx(folder / "candidate_filter.onnx", spec.channels)
+    nets = filter_nets_from_onnx(folder / "candidate_filter.onnx", spec)
     assert len(nets) == 3  # the three seeds of the averaged ensemble
     case_patches = _real_patches(spec, demo_tiny)
     with torch.no_grad():
@@ -371,7 +371,7 @@ def test_the_filters_networks_come_back_into_torch_and_score_as_the_onnx_file(fi
     assert np.allclose(rebuilt, FilterSession(folder / "candidate_filter.onnx", spec).scores(case_patches), atol=1e-5)
     _, int8 = _reduced_filter(filtered_unet, demo_tiny, tmp_path)
     with pytest.raises(StepError, match="not plain float tensors"):  # a compressed filter is not refit
-        filter_nets_from_onnx(int8.files["candidate_filter"], spec.channels)
+        filter_nets_from_onnx(int8.files["candidate_filter"], spec)
 
 
 def _real_patches(spec, demo_tiny):

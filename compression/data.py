@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generator, Sequence
+from typing import Callable, Generator, Sequence
 
 import numpy as np
 
@@ -184,16 +184,17 @@ def _first_line(exc: BaseException) -> str:
 
 
 def slice_tensors(cases: Sequence[CaseData], card: ModelCard, *, with_labels: bool, max_slices: int | None = None,
-                  foreground_fraction: float = 0.5, seed: int = 0,
-                  dtype=np.float32) -> tuple[np.ndarray, np.ndarray | None]:
+                  foreground_fraction: float = 0.5, seed: int = 0, dtype=np.float32,
+                  guide: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """:func:`cut_slices` without its progress."""
     return run_to_end(cut_slices(cases, card, with_labels=with_labels, max_slices=max_slices,
-                                 foreground_fraction=foreground_fraction, seed=seed, dtype=dtype))
+                                 foreground_fraction=foreground_fraction, seed=seed, dtype=dtype, guide=guide))
 
 
 def cut_slices(cases: Sequence[CaseData], card: ModelCard, *, with_labels: bool, max_slices: int | None = None,
-               foreground_fraction: float = 0.5, seed: int = 0,
-               dtype=np.float32) -> Generator[Progress, None, tuple[np.ndarray, np.ndarray | None]]:
+               foreground_fraction: float = 0.5, seed: int = 0, dtype=np.float32,
+               guide: Callable[[np.ndarray], np.ndarray] | None = None,
+               ) -> Generator[Progress, None, tuple[np.ndarray, np.ndarray | None]]:
     """Axial slices pre-processed exactly as inference does: x (N, C, H, W) of ``dtype``, y (N, H, W) uint8;
     one progress tick per case (reading a lazy split's 184 scans takes minutes). A 2.5-D card
     (``input.slice_context``) gets each slice with its neighbours as the channels, as its runner
@@ -204,6 +205,12 @@ def cut_slices(cases: Sequence[CaseData], card: ModelCard, *, with_labels: bool,
     cases are read one after another and only the kept slices stay in memory: each case's share
     is what is left of the budget over the cases left, so a short case hands its share on.
     With ``with_labels`` every case must be labelled; ``y`` is None otherwise.
+
+    ``guide`` stands in for the labels of a case that has none: given all its slices as the card
+    reads them, (N, C, H, W), it says per slice whether a reference model sees a lesion there, and
+    ``max_slices`` draws that case's lesion share from those slices. A distillation uses the
+    teacher: where it raises an alarm on a scan it never saw is what a student must learn to copy,
+    and a random sample of an unlabelled scan holds few of those slices.
     """
     if card.input.dims != 2:
         raise ValueError(f"{card.name}: compression data are axial slices; this card is {card.input.dims}D")
@@ -212,14 +219,21 @@ def cut_slices(cases: Sequence[CaseData], card: ModelCard, *, with_labels: bool,
         if len(missing):
             names = ", ".join(c.case for c in (missing.cases if isinstance(missing, LazyCases) else missing))
             raise DataError(f"labels are needed but these cases have none: {names}")
-    images, labels = yield from _prepared_slices(cases, card, max_slices, foreground_fraction, seed, dtype)
-    x = _pad_to_divisor(images, card.input.size_divisor)
+    images, labels = yield from _prepared_slices(cases, card, max_slices, foreground_fraction, seed, dtype, guide)
+    x = _as_input(images, card)
     del images
+    y = _pad_to_divisor(labels, card.input.size_divisor) if with_labels else None
+    return np.ascontiguousarray(x, dtype), y
+
+
+def _as_input(images: np.ndarray, card: ModelCard) -> np.ndarray:
+    """Prepared slices (N, y, x), or (N, 2k + 1, y, x) with their neighbours, as the network reads
+    them: padded to its size divisor, with its channel axis."""
+    x = _pad_to_divisor(images, card.input.size_divisor)
     if not card.input.slice_context:
         x = x[:, None]
         x = np.repeat(x, card.input.channels, axis=1) if card.input.channels > 1 else x
-    y = _pad_to_divisor(labels, card.input.size_divisor) if with_labels else None
-    return np.ascontiguousarray(x, dtype), y
+    return x
 
 
 def reference_input(x: np.ndarray, channels: int) -> np.ndarray:
@@ -234,7 +248,8 @@ def reference_input(x: np.ndarray, channels: int) -> np.ndarray:
 
 
 def _prepared_slices(cases: Sequence[CaseData], card: ModelCard, max_slices: int | None, foreground_fraction: float,
-                     seed: int, dtype=np.float32) -> Generator[Progress, None, tuple[np.ndarray, np.ndarray]]:
+                     seed: int, dtype=np.float32, guide: Callable | None = None,
+                     ) -> Generator[Progress, None, tuple[np.ndarray, np.ndarray]]:
     from app.core.inference import neighbour_slices, prepare
 
     rng = np.random.default_rng(seed)
@@ -247,13 +262,16 @@ def _prepared_slices(cases: Sequence[CaseData], card: ModelCard, max_slices: int
         prepared = prepare(case.volume, card)
         grid_labels = _labels_on_grid(case, prepared, card)
         keep = np.arange(len(grid_labels))
+        context = card.input.slice_context
         if max_slices is not None:
             left = len(cases) - number
-            keep = _choose_slices(grid_labels, -(-want_fg // left), -(-want_bg // left), rng, substitute=left == 1)
-            has_fg = _has_lesion(grid_labels[keep])
-            want_fg -= int(has_fg.sum())
-            want_bg -= int((~has_fg).sum())
-        context = card.input.slice_context
+            has_fg = _has_lesion(grid_labels)
+            if case.labels is None and guide is not None:  # where the reference sees lesion, for want of labels
+                whole = neighbour_slices(prepared.array, keep, context) if context else prepared.array
+                has_fg = np.asarray(guide(_as_input(whole, card)), bool)
+            keep = _choose_slices(has_fg, -(-want_fg // left), -(-want_bg // left), rng, substitute=left == 1)
+            want_fg -= int(has_fg[keep].sum())
+            want_bg -= int((~has_fg[keep]).sum())
         images.append(np.ascontiguousarray(neighbour_slices(prepared.array, keep, context) if context
                                            else prepared.array[keep], dtype))
         labels.append(grid_labels[keep])
@@ -298,12 +316,11 @@ def _crop(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return array[..., y0:y0 + size[0], x0:x0 + size[1]]
 
 
-def _choose_slices(labels: np.ndarray, n_fg: int, n_bg: int, rng, substitute: bool = True) -> np.ndarray:
-    """Up to ``n_fg`` slices with a nodule and ``n_bg`` without, drawn at random. With
-    ``substitute`` (the last case of a budget), a kind that runs short is made up by the other;
-    before that, the shortfall is left to the cases still to come."""
-    everything = np.arange(len(labels))
-    has_fg = _has_lesion(labels)
+def _choose_slices(has_fg: np.ndarray, n_fg: int, n_bg: int, rng, substitute: bool = True) -> np.ndarray:
+    """Up to ``n_fg`` of the slices ``has_fg`` marks (a nodule) and ``n_bg`` of the others,
+    drawn at random. With ``substitute`` (the last case of a budget), a kind that runs short is
+    made up by the other; before that, the shortfall is left to the cases still to come."""
+    everything = np.arange(len(has_fg))
     fg, bg = everything[has_fg], everything[~has_fg]
     n_fg, n_bg = max(0, n_fg), max(0, n_bg)
     take_fg, take_bg = min(len(fg), n_fg), min(len(bg), n_bg)

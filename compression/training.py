@@ -250,6 +250,11 @@ def train_loop(module, arrays: dict[str, np.ndarray], loss_fn: Callable, config:
             "seconds": round(time.perf_counter() - start, 2), "amp": str(dtype).replace("torch.", "") if dtype else "fp32"}
 
 
+def lesion_on_slice(logits: np.ndarray) -> np.ndarray:
+    """Per slice of a segmenter's (N, 2, H, W) logits: does it call any pixel lesion."""
+    return (logits[:, 1] > logits[:, 0]).any(axis=(1, 2))
+
+
 class DisagreementSampler:
     """Online hard-example mining for distillation: ``share`` of every batch comes from the train
     slices where the student, as it is now, misses most of the teacher's lesion pixels.
@@ -265,8 +270,7 @@ class DisagreementSampler:
     def __init__(self, x: np.ndarray, teacher: np.ndarray, share: float = 0.5, every: int = 2000,
                  device: str = "cpu", chunk: int = 64):
         self.x, self.teacher, self.share, self.every, self.device = x, teacher, float(share), int(every), device
-        lesion = [np.flatnonzero((teacher[i:i + chunk, 1] > teacher[i:i + chunk, 0]).any(axis=(1, 2))) + i
-                  for i in range(0, len(teacher), chunk)]
+        lesion = [np.flatnonzero(lesion_on_slice(teacher[i:i + chunk])) + i for i in range(0, len(teacher), chunk)]
         self.lesion_slices = np.concatenate(lesion) if lesion else np.zeros(0, int)
         self.weights: np.ndarray | None = None
         self.history: list[dict] = []  # per re-scoring: step, slices scored, mean missed share

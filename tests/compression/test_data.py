@@ -94,6 +94,31 @@ def test_a_seeded_sample_keeps_lesion_slices_in_the_asked_proportion():
     assert np.array_equal(x, again)
 
 
+def test_an_unlabelled_case_draws_its_lesion_share_where_the_guide_sees_lesion():
+    labelled = phantom_case(0, slices=8)
+    unlabelled = dataclasses.replace(labelled, labels=None)
+    seen = np.isin(np.arange(8), [2, 5])  # where a reference model sees lesion
+    calls = []
+
+    def guide(x):
+        calls.append(x.shape)
+        return seen
+
+    whole = prepare(unlabelled.volume, tiny_card()).array
+
+    def drawn(x):
+        return sorted(next(k for k in range(8) if np.array_equal(whole[k], s)) for s in x[:, 0])
+
+    x, _ = slice_tensors([unlabelled], tiny_card(), with_labels=False, max_slices=4, seed=0, guide=guide)
+    assert calls == [(8, 1, 64, 64)]  # every slice, as the network reads them
+    assert len(drawn(x)) == 4 and {2, 5} <= set(drawn(x))
+    blind = [drawn(slice_tensors([unlabelled], tiny_card(), with_labels=False, max_slices=4, seed=s)[0])
+             for s in range(5)]
+    assert any(not {2, 5} <= set(d) for d in blind)  # unguided, the draw is blind to them
+    slice_tensors([labelled], tiny_card(), with_labels=True, max_slices=4, seed=0, guide=guide)
+    assert len(calls) == 1  # a labelled case is drawn by its labels
+
+
 def test_slices_of_a_lazy_split_match_the_loaded_split_and_labels_are_known_without_reading(demo_tiny):
     cases = read_manifest(demo_tiny / "manifest.csv").cases  # all three as train, the last without labels
     manifest = Manifest([dataclasses.replace(c, split="train") for c in cases[:-1]]

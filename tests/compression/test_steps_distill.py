@@ -148,3 +148,25 @@ def test_a_2p5d_student_learns_to_read_its_neighbours_and_its_variant_runs_as_wr
     assert run_to_end(OnnxRunner(variant, threads=1).run(case.volume)).labels.shape == case.volume.shape
     with pytest.raises(ValueError, match="slice_context is for 2D segmenters"):
         _student_card(dataclasses.replace(parent().card, task="classification"), parent().card.architecture, 1)
+
+
+def test_unlabelled_scans_are_sampled_where_the_teacher_sees_lesion_as_its_onnx_export_reads_them():
+    import numpy as np
+
+    from compression.data import slice_tensors
+    from compression.steps.distill import _TeacherGuide
+    from compression.training import lesion_on_slice, predict_logits
+
+    model = fresh_model()
+    x, _ = slice_tensors(list(train_cases()), model.card, with_labels=False)
+    guide = _TeacherGuide(model, step_data())
+    seen = guide(x)
+    assert guide.path is not None and guide.path.exists()  # the torch teacher ran as ONNX
+    assert np.array_equal(seen, lesion_on_slice(predict_logits(model.module, x)))
+    assert 0 < seen.sum() < len(x)
+    model = fresh_model()
+    run_to_end(distill(model, step_data(train=scarce_labels()), steps=2, max_slices=4))
+    assert (model.work_dir / "teacher_guide.onnx").exists()  # three unlabelled scans drawn by the teacher
+    model = fresh_model()
+    run_to_end(distill(model, step_data(train=scarce_labels()), steps=2, max_slices=4, guided=False))
+    assert not (model.work_dir / "teacher_guide.onnx").exists()

@@ -102,6 +102,8 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
     guide = _TeacherGuide(model, data) if guided else None
     arrays = yield from scaled(_training_arrays(card, data, use, max_slices, guide), 0.0, 0.02,
                                "reading train slices: ")
+    if guide is not None and guide.note():
+        model.notes.append(guide.note())
     if use != "labels":
         yield Progress(0.02, "teacher outputs on the train slices")
         arrays["teacher"] = _teacher(model, data, arrays["x"], scratch=True)
@@ -289,8 +291,20 @@ class _TeacherGuide:
 
     def __init__(self, model: WorkingModel, data: StepData):
         self.model, self.data, self.path = model, data, None
+        self.scans = self.slices = self.seen = 0
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        seen = self._lesion_slices(x)
+        self.scans, self.slices, self.seen = self.scans + 1, self.slices + len(x), self.seen + int(seen.sum())
+        return seen
+
+    def note(self) -> str | None:
+        if not self.scans:
+            return None
+        return (f"The unlabelled scans' share of the train slices was drawn where the teacher sees lesion: "
+                f"it did on {self.seen} of the {self.slices} slices of {self.scans} unlabelled scans.")
+
+    def _lesion_slices(self, x: np.ndarray) -> np.ndarray:
         from compression.data import reference_input
         from compression.export import export_onnx
         from compression.training import lesion_on_slice, onnx_logits

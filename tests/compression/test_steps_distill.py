@@ -167,6 +167,7 @@ def test_unlabelled_scans_are_sampled_where_the_teacher_sees_lesion_as_its_onnx_
     model = fresh_model()
     run_to_end(distill(model, step_data(train=scarce_labels()), steps=2, max_slices=4))
     assert (model.work_dir / "teacher_guide.onnx").exists()  # three unlabelled scans drawn by the teacher
+    assert any("where the teacher sees lesion" in note and "3 unlabelled scans" in note for note in model.notes)
     model = fresh_model()
     run_to_end(distill(model, step_data(train=scarce_labels()), steps=2, max_slices=4, guided=False))
     assert not (model.work_dir / "teacher_guide.onnx").exists()

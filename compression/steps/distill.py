@@ -104,8 +104,9 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
     guide = _TeacherGuide(model, data) if guided else None
     arrays = yield from scaled(_training_arrays(card, data, use, max_slices, guide), 0.0, 0.02,
                                "reading train slices: ")
-    if guide is not None and guide.note():
-        model.notes.append(guide.note())
+    guided_note = guide.note() if guide is not None else None
+    if guided_note:
+        model.notes.append(guided_note)
     if use != "labels":
         yield Progress(0.02, "teacher outputs on the train slices")
         arrays["teacher"] = _teacher(model, data, arrays["x"], scratch=True)

@@ -27,8 +27,8 @@ student's six lost lesions ≥ 6 mm, four have no candidate or one of 1–6 mm³
 one covers half of the original's lesion (1991 of a 4156-voxel lesion) and one merges the lesion
 with its surroundings (380 mm³, 150 voxels on it), and every filter scores them 0.01–0.15: the
 original's, the student's 4-bit copy and the refit one (48 train scans, 76 positives among 1573
-candidates). The refit
-ranked the eval candidates no better (AUC 0.951 against 0.961), so the step keeps the filter.
+candidates). The refit ranked the eval candidates no better (AUC 0.951 against 0.961), so the
+step keeps the filter.
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def calibrate_output(model: WorkingModel, data: StepData, *, foreground_weight: 
     to the original's on the calib slices (see the module's docstring)."""
     from compression.steps._common import teacher_logits
     from compression.steps.quantize_ort import float_onnx
-    from compression.training import onnx_logits
+    from compression.training import lesion_on_slice, onnx_logits
 
     if model.card.task != "segmentation" or model.card.output_activation != "softmax" or len(model.card.labels) != 2:
         raise StepError("calibrate_output needs a two-class softmax segmentation model "
@@ -52,7 +52,7 @@ def calibrate_output(model: WorkingModel, data: StepData, *, foreground_weight: 
     x, _ = data.slices("calib", model.card, with_labels=False, max_slices=calib_slices)
     yield Progress(0.3, f"the original on {len(x)} calib slices")
     reference = teacher_logits(model, data, x, dtype=np.float16)
-    if not (reference[:, 1] > reference[:, 0]).any():  # nothing to be sure of: a fit would only push to background
+    if not lesion_on_slice(reference).any():  # nothing to be sure of: a fit would only push to background
         reason = f"the original marks no lesion pixel on the {len(x)} calib slices: nothing to calibrate to"
         model.skipped.append(("output calibration", reason))
         model.notes.append(f"Output left uncalibrated: {reason}.")

@@ -90,7 +90,7 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
     """
     from app.core.models import build_network
 
-    from compression.training import DisagreementSampler, seed_all
+    from compression.training import DisagreementSampler, scratch_array, seed_all
 
     if weight_bits and not (2 <= weight_bits <= 8 and 0 < qat_share <= 1):  # None or 0: float
         raise ValueError(f"weight_bits must be 2…8 and qat_share in (0, 1]; not {weight_bits} and {qat_share}")
@@ -101,7 +101,8 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
     use = ("both" if labelled else "teacher") if use == "auto" else use
     if use in ("labels", "both") and not labelled:
         raise ValueError(f"distillation with {use!r} needs labels on at least one train case")
-    guide = _TeacherGuide(model, data) if guided else None
+    teacher = _Teacher(model, data)
+    guide = _TeacherGuide(teacher) if guided else None
     arrays = yield from scaled(_training_arrays(card, data, use, max_slices, guide), 0.0, 0.02,
                                "reading train slices: ")
     guided_note = guide.note() if guide is not None else None
@@ -109,7 +110,8 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
         model.notes.append(guided_note)
     if use != "labels":
         yield Progress(0.02, "teacher outputs on the train slices")
-        arrays["teacher"] = _teacher(model, data, arrays["x"], scratch=True)
+        # every train slice: memory-mapped, so it takes page cache, not memory (4.3 GB for 4,277 slices)
+        arrays["teacher"] = teacher(arrays["x"], allocate=scratch_array(model.scratch("teacher_logits.npy")))
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=data.seed if seed is None else seed,
                          device=data.device, amp=amp, crop=crop, threads=data.threads)
     seed_all(config.seed, data.threads)
@@ -285,19 +287,56 @@ def _convs(module) -> list:
     return [layer for layer in module.modules() if isinstance(layer, torch.nn.modules.conv._ConvNd)]
 
 
-class _TeacherGuide:
-    """Per slice of an unlabelled scan: does the teacher see lesion there (``cut_slices``'s guide).
+class _Teacher:
+    """The teacher's logits (float16) on slices as the student reads them, for one ``distill``.
 
-    It reads every slice of those scans, so a torch teacher on the CPU runs as ONNX, exported
-    once and checked against torch: ONNX Runtime ran the demo UNet 2.3–2.4× as fast as eager torch
-    (25–27 against 60–63 ms a slice in batches of 8, 2 threads; ``bench/bench_teacher_pass.py``)."""
+    A torch teacher on the CPU runs as its ONNX export, made once and checked against torch: the
+    guide reads every slice of the unlabelled scans with it, and the student's targets come from
+    it. ONNX Runtime ran the demo UNet 2.3–2.5× as fast as eager torch (25–27 against 60–63 ms a
+    slice in batches of 8, 2 threads; ``bench/bench_teacher_pass.py``). Stored as float16, the two
+    give the same targets but for rounding: on 96 slices of demo scans, 99.97 % of the logits were
+    equal, the rest one float16 step apart (foreground probability within 2e-4), and no mask
+    pixel differed (bench/README.md, 30 Nov). On a GPU, or with a given teacher variant, the
+    teacher runs as it always did."""
 
     def __init__(self, model: WorkingModel, data: StepData):
         self.model, self.data, self.path = model, data, None
+
+    def __call__(self, x: np.ndarray, allocate=None) -> np.ndarray:
+        from compression.data import reference_input
+        from compression.steps._common import teacher_logits
+        from compression.training import onnx_logits, predict_logits
+
+        model, data = self.model, self.data
+        if data.teacher is not None:
+            return teacher_logits(model, data, x, dtype=np.float16, allocate=allocate)
+        x = reference_input(x, model.card.input.channels)  # a 2.5-D student's slices: the teacher reads the centre
+        if model.module is not None and data.device != "cpu":
+            return predict_logits(model.module, x, device=data.device, dtype=np.float16, allocate=allocate)
+        return onnx_logits(self._onnx(), x, threads=data.threads, dtype=np.float16, allocate=allocate)
+
+    def _onnx(self):
+        from compression.export import export_onnx
+
+        if self.model.module is None:
+            return self.model.onnx_path
+        if self.path is None:
+            self.path = self.model.scratch("teacher.onnx")
+            export_onnx(self.model.module, self.path, self.model.example_shape)
+        return self.path
+
+
+class _TeacherGuide:
+    """Per slice of an unlabelled scan: does the teacher see lesion there (``cut_slices``'s guide)."""
+
+    def __init__(self, teacher: _Teacher):
+        self.teacher = teacher
         self.scans = self.slices = self.seen = 0
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        seen = self._lesion_slices(x)
+        from compression.training import lesion_on_slice
+
+        seen = lesion_on_slice(self.teacher(x))
         self.scans, self.slices, self.seen = self.scans + 1, self.slices + len(x), self.seen + int(seen.sum())
         return seen
 
@@ -306,37 +345,6 @@ class _TeacherGuide:
             return None
         return (f"The unlabelled scans' share of the train slices was drawn where the teacher sees lesion: "
                 f"it did on {self.seen} of the {self.slices} slices of {self.scans} unlabelled scans.")
-
-    def _lesion_slices(self, x: np.ndarray) -> np.ndarray:
-        from compression.data import reference_input
-        from compression.export import export_onnx
-        from compression.training import lesion_on_slice, onnx_logits
-
-        model, data = self.model, self.data
-        if data.teacher is not None or model.module is None or data.device != "cpu":
-            return lesion_on_slice(_teacher(model, data, x))
-        if self.path is None:
-            self.path = model.scratch("teacher_guide.onnx")
-            export_onnx(model.module, self.path, model.example_shape)
-        x = reference_input(x, model.card.input.channels)
-        return lesion_on_slice(onnx_logits(self.path, x, threads=data.threads, dtype=np.float16))
-
-
-def _teacher(model: WorkingModel, data: StepData, x: np.ndarray, scratch: bool = False) -> np.ndarray:
-    """The teacher's logits on ``x`` as float16; with ``scratch`` (every train slice) in a
-    memory-mapped scratch file: 4.3 GB for the 4,277 slices of 24 full scans, which then take page
-    cache, not memory."""
-    from compression.data import reference_input
-    from compression.steps._common import teacher_logits
-    from compression.training import onnx_logits, predict_logits, scratch_array
-
-    allocate = scratch_array(model.scratch("teacher_logits.npy")) if scratch else None
-    if data.teacher is not None:
-        return teacher_logits(model, data, x, dtype=np.float16, allocate=allocate)
-    x = reference_input(x, model.card.input.channels)  # a 2.5-D student's slices: the teacher reads the centre
-    if model.module is not None:
-        return predict_logits(model.module, x, device=data.device, dtype=np.float16, allocate=allocate)
-    return onnx_logits(model.onnx_path, x, threads=data.threads, dtype=np.float16, allocate=allocate)
 
 
 def _adopt_student(model: WorkingModel, net, card: ModelCard, use: str, stats: dict, temperature: float) -> None:

@@ -150,24 +150,36 @@ def test_a_2p5d_student_learns_to_read_its_neighbours_and_its_variant_runs_as_wr
         _student_card(dataclasses.replace(parent().card, task="classification"), parent().card.architecture, 1)
 
 
-def test_unlabelled_scans_are_sampled_where_the_teacher_sees_lesion_as_its_onnx_export_reads_them():
+def test_the_teacher_runs_as_its_onnx_export_and_gives_torch_s_targets_and_lesion_slices():
     import numpy as np
 
     from compression.data import slice_tensors
-    from compression.steps.distill import _TeacherGuide
+    from compression.export import ONNX_ATOL, ONNX_RTOL
+    from compression.steps.distill import _Teacher, _TeacherGuide
     from compression.training import lesion_on_slice, predict_logits
 
     model = fresh_model()
     x, _ = slice_tensors(list(train_cases()), model.card, with_labels=False)
-    guide = _TeacherGuide(model, step_data())
+    teacher = _Teacher(model, step_data())
+    got = teacher(x)
+    assert teacher.path is not None and teacher.path.exists()  # the torch teacher ran as ONNX
+    expected = predict_logits(model.module, x, dtype=np.float16)
+    assert got.dtype == np.float16 and got.shape == expected.shape
+    expected32 = expected.astype(np.float32)  # the export's tolerance, and one float16 step for the rounding
+    allowed = ONNX_ATOL + ONNX_RTOL * np.abs(expected32) + np.spacing(np.abs(expected)).astype(np.float32)
+    assert np.all(np.abs(got.astype(np.float32) - expected32) <= allowed)
+    assert np.array_equal(got[:, 1] > got[:, 0], expected[:, 1] > expected[:, 0])
+    guide = _TeacherGuide(teacher)
     seen = guide(x)
-    assert guide.path is not None and guide.path.exists()  # the torch teacher ran as ONNX
-    assert np.array_equal(seen, lesion_on_slice(predict_logits(model.module, x)))
-    assert 0 < seen.sum() < len(x)
+    assert np.array_equal(seen, lesion_on_slice(expected)) and 0 < seen.sum() < len(x)
+    assert (guide.scans, guide.slices, guide.seen) == (1, len(x), int(seen.sum()))
+
+
+def test_unlabelled_scans_are_sampled_where_the_teacher_sees_lesion_unless_unguided():
     model = fresh_model()
     run_to_end(distill(model, step_data(train=scarce_labels()), steps=2, max_slices=4))
-    assert (model.work_dir / "teacher_guide.onnx").exists()  # three unlabelled scans drawn by the teacher
+    assert (model.work_dir / "teacher.onnx").exists()
     assert any("where the teacher sees lesion" in note and "3 unlabelled scans" in note for note in model.notes)
     model = fresh_model()
     run_to_end(distill(model, step_data(train=scarce_labels()), steps=2, max_slices=4, guided=False))
-    assert not (model.work_dir / "teacher_guide.onnx").exists()
+    assert not any("where the teacher sees lesion" in note for note in model.notes)

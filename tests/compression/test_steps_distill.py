@@ -150,7 +150,7 @@ def test_a_2p5d_student_learns_to_read_its_neighbours_and_its_variant_runs_as_wr
         _student_card(dataclasses.replace(parent().card, task="classification"), parent().card.architecture, 1)
 
 
-def test_the_teacher_runs_as_its_onnx_export_and_gives_torch_s_targets_and_lesion_slices():
+def test_the_guide_runs_the_teacher_as_its_onnx_export_and_the_targets_in_torch():
     import numpy as np
 
     from compression.data import slice_tensors
@@ -169,6 +169,7 @@ def test_the_teacher_runs_as_its_onnx_export_and_gives_torch_s_targets_and_lesio
     allowed = ONNX_ATOL + ONNX_RTOL * np.abs(expected32) + np.spacing(np.abs(expected)).astype(np.float32)
     assert np.all(np.abs(got.astype(np.float32) - expected32) <= allowed)
     assert np.array_equal(got[:, 1] > got[:, 0], expected[:, 1] > expected[:, 0])
+    assert np.array_equal(teacher.targets(x), expected)  # the student's targets: torch itself, bit for bit
     guide = _TeacherGuide(teacher)
     seen = guide(x)
     assert np.array_equal(seen, lesion_on_slice(expected)) and 0 < seen.sum() < len(x)

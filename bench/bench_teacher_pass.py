@@ -6,8 +6,8 @@
 ``distill(guided=True)`` runs the teacher over every slice of the unlabelled train scans. On the
 CPU it runs a torch teacher as an ONNX export (``compression.export.export_onnx``, checked against
 torch) through ``compression.training.onnx_logits``, in batches of 8, instead of
-``predict_logits`` in eager torch. (The student's targets stay in eager torch: see
-bench/README.md, "The teacher's targets from its ONNX export".) This times both on the same random 512×512 slices, in
+``predict_logits`` in eager torch (the student's targets stay in eager torch: bench/README.md,
+"The teacher's targets from its ONNX export"). This times both on the same 512×512 slices, in
 interleaved rounds after a warm-up, in one process, and prints the median per slice and the
 ratio. It also prints how far the two sets of float16 logits (what the student learns from)
 differ: the share that are equal, the largest gap in foreground probability, and the mask pixels

@@ -33,7 +33,7 @@ from compression.steps import distill as dm  # noqa: E402
 
 NEAR = (3, 7, 7)  # slices, pixels, pixels: a lesion this close to a labelled nodule is on it
 FOUND = {"false_positives": 0, "scans": 0, "slices": 0, "alarm_slices": 0, "alarm_voxels": 0}
-_state = {"grid": None, "alarm": None, "labels": {}, "runner": None, "model": None}
+_state = {"grid": None, "alarm": None, "labels": {}, "runner": None, "model": None, "threads": None}
 _labels_on_grid, _choose_slices = cd._labels_on_grid, cd._choose_slices
 
 

@@ -304,6 +304,24 @@ class _Teacher:
         self.model, self.data, self.path = model, data, None
 
     def __call__(self, x: np.ndarray, allocate=None) -> np.ndarray:
+        """The guide's pass: a torch teacher on the CPU as its ONNX export; else as ``targets``."""
+        from compression.data import reference_input
+        from compression.training import onnx_logits
+
+        model, data = self.model, self.data
+        if data.teacher is not None or model.module is None or data.device != "cpu":
+            return self.targets(x, allocate)
+        if self.path is None:
+            from compression.export import export_onnx
+
+            self.path = model.scratch("teacher.onnx")
+            export_onnx(model.module, self.path, model.example_shape)
+        x = reference_input(x, model.card.input.channels)
+        return onnx_logits(self.path, x, threads=data.threads, dtype=np.float16, allocate=allocate)
+
+    def targets(self, x: np.ndarray, allocate=None) -> np.ndarray:
+        """The student's targets: a given teacher variant as it is deployed, a torch teacher in
+        torch (on the CPU too), else the model's ONNX file."""
         from compression.data import reference_input
         from compression.steps._common import teacher_logits
         from compression.training import onnx_logits, predict_logits
@@ -312,30 +330,9 @@ class _Teacher:
         if data.teacher is not None:
             return teacher_logits(model, data, x, dtype=np.float16, allocate=allocate)
         x = reference_input(x, model.card.input.channels)  # a 2.5-D student's slices: the teacher reads the centre
-        if model.module is not None and data.device != "cpu":
+        if model.module is not None:
             return predict_logits(model.module, x, device=data.device, dtype=np.float16, allocate=allocate)
-        return onnx_logits(self._onnx(), x, threads=data.threads, dtype=np.float16, allocate=allocate)
-
-    def targets(self, x: np.ndarray, allocate=None) -> np.ndarray:
-        """As calling it, but a torch teacher runs in torch (on the CPU too): the student's targets."""
-        from compression.data import reference_input
-        from compression.training import predict_logits
-
-        model, data = self.model, self.data
-        if data.teacher is not None or model.module is None:
-            return self(x, allocate)
-        x = reference_input(x, model.card.input.channels)
-        return predict_logits(model.module, x, device=data.device, dtype=np.float16, allocate=allocate)
-
-    def _onnx(self):
-        from compression.export import export_onnx
-
-        if self.model.module is None:
-            return self.model.onnx_path
-        if self.path is None:
-            self.path = self.model.scratch("teacher.onnx")
-            export_onnx(self.model.module, self.path, self.model.example_shape)
-        return self.path
+        return onnx_logits(model.onnx_path, x, threads=data.threads, dtype=np.float16, allocate=allocate)
 
 
 class _TeacherGuide:

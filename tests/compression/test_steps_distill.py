@@ -184,3 +184,4 @@ def test_unlabelled_scans_are_sampled_where_the_teacher_sees_lesion_unless_ungui
     model = fresh_model()
     run_to_end(distill(model, step_data(train=scarce_labels()), steps=2, max_slices=4, guided=False))
     assert not any("where the teacher sees lesion" in note for note in model.notes)
+    assert not (model.work_dir / "teacher.onnx").exists()  # unguided, the teacher runs in torch only

@@ -48,7 +48,7 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
             temperature: float = 1.0, label_weight: float = 0.5, use: str = "auto", amp: str = "auto",
             max_slices: int | None = None, foreground_weight: float = 10.0, seed: int | None = None,
             init: str = "auto", focus: float = 0.0, focus_every: int = 2000, weight_bits: int | None = None,
-            qat_share: float = 0.25, slice_context: int = 0, guided: bool = True):
+            qat_share: float = 0.25, slice_context: int = 0, guided: bool = True, hint_weight: float = 0.0):
     """Train a fresh student; it replaces the model (the teacher stays the reference).
 
     ``use``: "teacher" (label-free), "both" (teacher everywhere + labels where a case has them,
@@ -87,6 +87,11 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
     the original's Dice against the labels (0.870 against 0.854), but lost as many of its
     lesions: with labels it learnt that a one-slice blob is no nodule, and dropped the
     original's one-slice false alarms more surely.
+    ``hint_weight`` (> 0; a torch teacher of the student's architecture): feature distillation
+    (FitNets' hints). The teacher runs beside the student on every batch, and a 1 × 1 convolution
+    per block maps the student's features onto the teacher's at the same place
+    (:class:`_Hints`): the student learns how the teacher sees the whole slice, not only where
+    it ends up calling lesion. Each step then costs a teacher pass too.
     """
     from app.core.models import build_network
 
@@ -94,6 +99,9 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
 
     if weight_bits and not (2 <= weight_bits <= 8 and 0 < qat_share <= 1):  # None or 0: float
         raise ValueError(f"weight_bits must be 2…8 and qat_share in (0, 1]; not {weight_bits} and {qat_share}")
+    if hint_weight > 0 and (model.module is None or data.teacher is not None):
+        raise ValueError("hint_weight needs the model being compressed as the teacher, in torch: its features "
+                         "are what the student learns")
     arch = student_architecture(model.card.architecture, width, student)
     card = _student_card(model.card, arch, slice_context)
     arch = card.architecture
@@ -123,12 +131,22 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
     sampler = (DisagreementSampler(arrays["x"], arrays["teacher"], focus, focus_every, data.device)
                if focus > 0 and "teacher" in arrays else None)
     quantized = _QuantizeFrom(net, weight_bits, steps - int(round(qat_share * steps))) if weight_bits else None
+    hints = _Hints(model, net, hint_weight, data.device) if hint_weight > 0 else None
     try:
-        stats = yield from scaled(train_loop(net, arrays, loss, config, sampler=sampler, after_step=quantized,
+        groups = [{"params": list(net.parameters()) + hints.parameters()}] if hints else None
+        stats = yield from scaled(train_loop(net, arrays, hints.loss(loss) if hints else loss, config,
+                                             param_groups=groups, sampler=sampler, after_step=quantized,
                                              label="distillation"), 0.05, 1.0)
     finally:
         if quantized is not None:
             quantized.bake()
+        if hints is not None:
+            hints.close()
+    if hints is not None:
+        stats["hints"] = hints.summary()
+        model.notes.append(f"Feature distillation: the student's {len(hints.layers)} blocks learnt the teacher's "
+                           f"features there too (weight {hint_weight}; normalised error "
+                           f"{stats['hints']['first']:.3f} at the start, {stats['hints']['last']:.3f} at the end).")
     if quantized is not None:
         stats["weight_bits"] = {"bits": weight_bits, "from_step": quantized.start, "layers": len(quantized.layers)}
         model.notes.append(f"Quantization-aware: from step {quantized.start} of {steps} the student's "
@@ -333,6 +351,100 @@ class _Teacher:
         if model.module is not None:
             return predict_logits(model.module, x, device=data.device, dtype=np.float16, allocate=allocate)
         return onnx_logits(model.onnx_path, x, threads=data.threads, dtype=np.float16, allocate=allocate)
+
+
+class _Hints:
+    """FitNets' hints for ``distill``: a 1 × 1 convolution per block (an adapter) maps the
+    student's features onto the teacher's, and ``loss`` adds their error to the task's.
+
+    The blocks are the modules both networks name alike, of one class (MONAI's ResidualUnit, else
+    its Convolution), not inside another such block, and not the last (its output is the logits,
+    which the distillation loss already compares). Forward hooks keep each block's output; at each
+    step ``loss`` runs the frozen teacher on the batch (the centre slice of a 2.5-D input) and adds
+    ``weight`` × the mean over blocks of the adapter's squared error against the teacher's features
+    over their variance, so each block counts alike whatever its scale. The adapters train with
+    the student (``parameters``) and are dropped with the hooks at ``close``."""
+
+    BLOCKS = ("ResidualUnit", "Convolution")
+
+    def __init__(self, model: WorkingModel, net, weight: float, device: str):
+        import torch
+
+        self.weight, self.history = float(weight), []
+        self.teacher = model.module.to(device).eval()
+        teacher_blocks, student_blocks = self._blocks(self.teacher), self._blocks(net)
+        self.layers = [name for name in teacher_blocks if name in student_blocks][:-1]
+        if not self.layers:
+            raise ValueError(f"hint_weight: the student {type(net).__name__} names no block as the teacher does")
+        self.features: dict[str, dict] = {"teacher": {}, "student": {}}
+        self.hooks = [blocks[name].register_forward_hook(self._keep(side, name))
+                      for side, blocks in (("teacher", teacher_blocks), ("student", student_blocks))
+                      for name in self.layers]
+        self.teacher_channels = model.card.input.channels
+        example = torch.zeros((1, _input_channels(net)) + tuple(model.example_shape[2:]), device=device)
+        with torch.no_grad():
+            net.to(device).eval()(example)
+            self.teacher(self._centre(example))
+        conv = torch.nn.Conv2d if example.dim() == 4 else torch.nn.Conv3d
+        self.adapters = torch.nn.ModuleList(
+            conv(self.features["student"][n].shape[1], self.features["teacher"][n].shape[1], 1)
+            for n in self.layers).to(device)
+
+    @classmethod
+    def _blocks(cls, module) -> dict:
+        for kind in cls.BLOCKS:
+            found = [n for n, m in module.named_modules() if type(m).__name__ == kind]
+            outer = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
+            if outer:
+                modules = dict(module.named_modules())
+                return {n: modules[n] for n in outer}
+        return {}
+
+    def _keep(self, side: str, name: str):
+        def hook(_module, _inputs, output):
+            self.features[side][name] = output
+        return hook
+
+    def _centre(self, x):
+        """The batch as the teacher reads it: the middle channels of a 2.5-D student's input."""
+        extra = (x.shape[1] - self.teacher_channels) // 2
+        return x[:, extra:extra + self.teacher_channels] if extra > 0 else x
+
+    def parameters(self) -> list:
+        return list(self.adapters.parameters())
+
+    def loss(self, task_loss):
+        import torch
+
+        def loss(logits, batch):
+            with torch.no_grad():
+                self.teacher(self._centre(batch["x"]))
+            errors = []
+            for name, adapter in zip(self.layers, self.adapters):
+                t = self.features["teacher"][name].float()
+                s = adapter(self.features["student"][name]).float()
+                errors.append(((s - t) ** 2).mean() / (t.var() + 1e-6))
+            hint = torch.stack(errors).mean()
+            self.history.append(float(hint.detach()))
+            return task_loss(logits, batch) + self.weight * hint
+        return loss
+
+    def summary(self) -> dict:
+        tail = max(1, len(self.history) // 10)
+        return {"weight": self.weight, "layers": self.layers,
+                "first": float(np.mean(self.history[:tail])) if self.history else float("nan"),
+                "last": float(np.mean(self.history[-tail:])) if self.history else float("nan")}
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.features = {"teacher": {}, "student": {}}
+        self.teacher.to("cpu")
+
+
+def _input_channels(net) -> int:
+    """The input channels of ``net``: those its first convolution reads."""
+    return _convs(net)[0].in_channels
 
 
 class _TeacherGuide:

@@ -185,3 +185,29 @@ def test_unlabelled_scans_are_sampled_where_the_teacher_sees_lesion_unless_ungui
     run_to_end(distill(model, step_data(train=scarce_labels()), steps=2, max_slices=4, guided=False))
     assert not any("where the teacher sees lesion" in note for note in model.notes)
     assert not (model.work_dir / "teacher.onnx").exists()  # unguided, the teacher runs in torch only
+
+
+def test_hints_teach_the_students_blocks_the_teachers_features_and_leave_the_teacher_as_it_was():
+    import torch
+
+    model = fresh_model()
+    teacher = model.module
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    model = run_to_end(distill(model, step_data(), steps=40, width=0.5, lr=1e-2, hint_weight=1.0))
+    hints = model.metrics["distillation"]["hints"]
+    # the tiny UNet's down blocks and its bottom, not the last up block (its output is the logits)
+    assert len(hints["layers"]) >= 3 and "model.2.1" not in hints["layers"]
+    assert hints["last"] < 0.7 * hints["first"]
+    assert any("Feature distillation" in note for note in model.notes)
+    assert not teacher._forward_hooks and not any(m._forward_hooks for m in teacher.modules())
+    assert not any(m._forward_hooks for m in model.module.modules())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    # the student is the plain network: no adapter went into its weights
+    assert set(model.module.state_dict()) == set(before)
+
+
+def test_hints_need_a_torch_teacher_of_a_known_architecture():
+    model = fresh_model()
+    model.module = None
+    with pytest.raises(ValueError, match="teacher, in torch"):
+        run_to_end(distill(model, step_data(), steps=1, hint_weight=1.0))

@@ -87,7 +87,8 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
     the original's Dice against the labels (0.870 against 0.854), but lost as many of its
     lesions: with labels it learnt that a one-slice blob is no nodule, and dropped the
     original's one-slice false alarms more surely.
-    ``hint_weight`` (> 0; a torch teacher of the student's architecture): feature distillation
+    ``hint_weight`` (> 0; the model being compressed, in torch, teaches a student whose blocks
+    are named as its own, e.g. its architecture narrower): feature distillation
     (FitNets' hints). The teacher runs beside the student on every batch, and a 1 × 1 convolution
     per block maps the student's features onto the teacher's at the same place
     (:class:`_Hints`): the student learns how the teacher sees the whole slice, not only where
@@ -134,7 +135,7 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
     sampler = (DisagreementSampler(arrays["x"], arrays["teacher"], focus, focus_every, data.device)
                if focus > 0 and "teacher" in arrays else None)
     quantized = _QuantizeFrom(net, weight_bits, steps - int(round(qat_share * steps))) if weight_bits else None
-    hints = _Hints(model, net, hint_weight, data.device) if hint_weight > 0 else None
+    hints = _Hints(model, net, card.input.channels, hint_weight, data.device) if hint_weight > 0 else None
     try:
         groups = [{"params": list(net.parameters()) + hints.parameters()}] if hints else None
         stats = yield from scaled(train_loop(net, arrays, hints.loss(loss) if hints else loss, config,
@@ -370,8 +371,11 @@ class _Hints:
 
     BLOCKS = ("ResidualUnit", "Convolution")
 
-    def __init__(self, model: WorkingModel, net, weight: float, device: str):
+    def __init__(self, model: WorkingModel, net, channels: int, weight: float, device: str):
+        """``channels``: those the student reads (its card's; more than the teacher's when 2.5-D)."""
         import torch
+
+        from compression.data import reference_input
 
         self.weight, self.history = float(weight), []
         self.teacher = model.module.to(device).eval()
@@ -384,10 +388,10 @@ class _Hints:
                       for side, blocks in (("teacher", teacher_blocks), ("student", student_blocks))
                       for name in self.layers]
         self.teacher_channels = model.card.input.channels
-        example = torch.zeros((1, _input_channels(net)) + tuple(model.example_shape[2:]), device=device)
+        example = torch.zeros((1, channels) + tuple(model.example_shape[2:]), device=device)
         with torch.no_grad():
             net.to(device).eval()(example)
-            self.teacher(self._centre(example))
+            self.teacher(reference_input(example, self.teacher_channels))
         conv = torch.nn.Conv2d if example.dim() == 4 else torch.nn.Conv3d
         self.adapters = torch.nn.ModuleList(
             conv(self.features["student"][n].shape[1], self.features["teacher"][n].shape[1], 1)
@@ -395,11 +399,11 @@ class _Hints:
 
     @classmethod
     def _blocks(cls, module) -> dict:
+        modules = dict(module.named_modules())
         for kind in cls.BLOCKS:
-            found = [n for n, m in module.named_modules() if type(m).__name__ == kind]
+            found = [n for n, m in modules.items() if type(m).__name__ == kind]
             outer = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
             if outer:
-                modules = dict(module.named_modules())
                 return {n: modules[n] for n in outer}
         return {}
 
@@ -408,20 +412,17 @@ class _Hints:
             self.features[side][name] = output
         return hook
 
-    def _centre(self, x):
-        """The batch as the teacher reads it: the middle channels of a 2.5-D student's input."""
-        extra = (x.shape[1] - self.teacher_channels) // 2
-        return x[:, extra:extra + self.teacher_channels] if extra > 0 else x
-
     def parameters(self) -> list:
         return list(self.adapters.parameters())
 
     def loss(self, task_loss):
         import torch
 
+        from compression.data import reference_input
+
         def loss(logits, batch):
             with torch.no_grad():
-                self.teacher(self._centre(batch["x"]))
+                self.teacher(reference_input(batch["x"], self.teacher_channels))
             errors = []
             for name, adapter in zip(self.layers, self.adapters):
                 t = self.features["teacher"][name].float()
@@ -443,11 +444,6 @@ class _Hints:
             hook.remove()
         self.features = {"teacher": {}, "student": {}}
         self.teacher.to("cpu")
-
-
-def _input_channels(net) -> int:
-    """The input channels of ``net``: those its first convolution reads."""
-    return _convs(net)[0].in_channels
 
 
 class _TeacherGuide:

@@ -206,8 +206,15 @@ def test_hints_teach_the_students_blocks_the_teachers_features_and_leave_the_tea
     assert set(model.module.state_dict()) == set(before)
 
 
-def test_hints_need_a_torch_teacher_of_a_known_architecture():
+def test_hints_need_the_model_being_compressed_in_torch_as_the_teacher():
     model = fresh_model()
     model.module = None
     with pytest.raises(ValueError, match="teacher, in torch"):
         run_to_end(distill(model, step_data(), steps=1, hint_weight=1.0))
+
+
+def test_hints_give_a_2p5d_students_teacher_the_centre_slice():
+    model = run_to_end(distill(fresh_model(), step_data(), steps=3, width=0.5, slice_context=1, hint_weight=1.0))
+    assert model.card.input.channels == 3
+    hints = model.metrics["distillation"]["hints"]
+    assert len(hints["layers"]) >= 3 and hints["first"] > 0

@@ -16,7 +16,7 @@ Then the issue's targets for the best recipe, each marked met or not with the re
 
     python bench/bench_compression.py [--model CARD] [--data DIR] [--threads 1 2] [--rounds 5]
                                       [--latency-rounds 30] [--finetune-steps 30]
-                                      [--recipe-finetune-steps 600] [--out DIR]
+                                      [--recipe-finetune-steps 600] [--variant CARD ...] [--out DIR]
     python bench/bench_compression.py --quick      # the harness on tiny data and an untrained UNet
 
 ``--data`` is the demo data the model was trained on (its manifest's train/calib/eval split);
@@ -25,8 +25,12 @@ and reuses them on later runs. Each eval case is judged on the slices that decid
 verdicts (see :func:`lesion_slices`) so that a dozen contenders can be judged within minutes on
 2 CPU cores. Those slices leave out most of a scan's false positives, and so most of what a
 variant can lose or gain there: the best recipe's target verdict (Dice drop, lost lesions) is
-therefore judged again on the whole eval scans, beside the original (``--no-whole-scans`` skips
-it). The end-to-end figure runs a contiguous piece of a real eval scan.
+therefore judged again on the whole eval scans, beside the original and ORT's default int8
+(``--no-whole-scans`` skips it). The end-to-end figure runs a contiguous piece of a real eval scan.
+
+The bench's own recipes train on a few scans for minutes. ``--variant`` judges presets built
+from the same model by ``main.py compress`` on the whole train split instead (e.g. ``smallest``),
+beside the techniques and baselines of the same run.
 """
 from __future__ import annotations
 
@@ -220,13 +224,29 @@ def build_contenders(parent, train, calib, out: Path, args) -> list[Contender]:
     contenders = [Contender("fp32 torch eager", "baseline", parent),
                   Contender("ORT fp32", "baseline", parent.as_format("onnx"))]
     contenders.append(ort_default_quantize(parent, calib, out))
-    for kind, recipes in (("technique", technique_recipes(args.finetune_steps)),
-                          ("recipe", best_recipes(args.recipe_finetune_steps))):
-        for name, steps in recipes.items():
+    recipes = {} if args.variant else best_recipes(args.recipe_finetune_steps)
+    for kind, steps_by_name in (("technique", technique_recipes(args.finetune_steps)), ("recipe", recipes)):
+        for name, steps in steps_by_name.items():
             if args.only and not any(o in name for o in args.only):
                 continue
             contenders.append(compress(parent, name, kind, steps, train, calib, out, args))
+    contenders += [prebuilt(card, parent) for card in args.variant]
     return contenders
+
+
+def prebuilt(card: str, parent) -> Contender:
+    """A variant built elsewhere (a preset run through ``main.py compress`` on many more scans than
+    this bench trains on), judged as a recipe. It must descend from the bench's model: its verdicts
+    compare it with that network."""
+    from app.core.models import open_model, sha256_file
+
+    variant = open_model(card)
+    own = {sha256_file(path) for role, path in parent.files.items() if role in ("weights", "onnx")}
+    if variant.card.lineage.parent_sha256 not in own:
+        raise SystemExit(f"{card}: its parent (SHA-256 {str(variant.card.lineage.parent_sha256)[:12]}…) "
+                         f"is not this bench's model, {parent.card.name} {parent.card.version}")
+    log(f"judging a variant built elsewhere: {card}")
+    return Contender(f"recipe: {variant.card.name} (built by main.py compress)", "recipe", variant)
 
 
 def ort_default_quantize(parent, calib, out: Path) -> Contender:
@@ -369,10 +389,12 @@ def accuracy(contenders: list[Contender], eval_cases: list, threads: int, seed: 
                                threads=threads, seed=seed))
 
 
-def whole_scan_accuracy(original: Contender, best: Contender, data_dir: Path, args):
-    """The original (ORT fp32 when built: the same weights as eager, judged faster) and the best
-    recipe on the whole eval scans, read one more time (the lesion-slice copies replaced them)."""
-    return accuracy([original, best], load_split(data_dir, "eval", args.eval_cases), max(args.threads), args.seed)
+def whole_scan_accuracy(contenders: list[Contender], data_dir: Path, args):
+    """``contenders`` on the whole eval scans, read one more time (the lesion-slice copies replaced
+    them); the first is the original (ORT fp32 when built: the same weights as eager, judged faster),
+    which the evaluation compares the others with. The off-the-shelf baseline goes along, so that
+    "ahead of it at equal accuracy" is judged where the original's false positives are."""
+    return accuracy(contenders, load_split(data_dir, "eval", args.eval_cases), max(args.threads), args.seed)
 
 
 def end_to_end(original, best, case, threads: int, rounds: int = 2) -> dict[str, float]:
@@ -495,6 +517,9 @@ def parse(argv=None):
     parser.add_argument("--finetune-steps", type=int, default=30, help="recovery steps of a technique alone")
     parser.add_argument("--recipe-finetune-steps", type=int, default=600, help="recovery steps of a recipe")
     parser.add_argument("--only", nargs="*", help="only contenders whose name contains one of these")
+    parser.add_argument("--variant", nargs="+", default=[], metavar="CARD",
+                        help="variants already built from the same model (e.g. a preset by main.py compress), "
+                             "judged as the recipes in place of the bench's own")
     parser.add_argument("--out", help="where the variants and results go (default: a scratch folder)")
     parser.add_argument("--reuse", action="store_true", help="open variants already built in --out instead of rebuilding")
     parser.add_argument("--no-whole-scans", dest="whole_scans", action="store_false",
@@ -537,10 +562,11 @@ def main(argv=None) -> int:
         e2e, e2e_slices = end_to_end(contenders[0], best, scan, max(args.threads), args.rounds), scan.volume.shape[0]
     whole = None
     if best is not None and args.whole_scans:
-        log(f"accuracy on the whole eval scans: the original and {best.name}")
+        log(f"accuracy on the whole eval scans: the original, ORT's default int8 and {best.name}")
         del eval_cases  # the lesion-slice copies: the whole scans take their place
         original = next((c for c in contenders if c.name == "ORT fp32" and c.variant is not None), contenders[0])
-        whole = whole_scan_accuracy(original, best, data_dir, args)
+        baseline = next(c for c in contenders if c.name == "ORT default quantize_static")
+        whole = whole_scan_accuracy([original, baseline, best], data_dir, args)
     report(contenders, size, latency, comparison, best, e2e, out, args, time.perf_counter() - started, e2e_slices,
            whole)
     return 0
@@ -561,10 +587,13 @@ def report(contenders, size, latency, comparison, best, e2e, out, args, seconds,
               + f" → {e2e['fp32 eager pipeline'] / e2e[best.name]:.2f}×")
         met = targets(best, size, latency, comparison, e2e, whole)
         if whole is not None:
-            print(f"\nwhole eval scans ({len(whole.cases)} cases, {whole.large_lesions} lesions ≥ 6 mm), {best.name}: "
-                  + ", ".join(f"{m} {verdict_text(whole, best.name, m)}"
-                              for m in ("dice_drop", "fidelity_dice", "lesions_lost_large",
-                                        "lesions_lost_large_true", "nodules_missed_large", "lesions_gained_large")))
+            print(f"\nwhole eval scans ({len(whole.cases)} cases, {whole.large_lesions} lesions ≥ 6 mm):")
+            for judged in (v for v in whole.variants if not v.is_reference):
+                print(f"  {judged.name}: " + ", ".join(
+                    f"{m} {verdict_text(whole, judged.name, m)}"
+                    for m in ("dice", "dice_drop", "sensitivity_large", "false_positives_per_case", "fidelity_dice",
+                              "lesions_lost_large", "lesions_lost_large_true", "nodules_missed_large",
+                              "lesions_gained_large")))
         print(f"\nbest recipe: {best.name}")
         for name, ok in met.items():
             print(f"  {'MET    ' if ok else 'NOT MET'} {name}")

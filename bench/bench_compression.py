@@ -296,7 +296,7 @@ def compress(parent, name, kind, steps, train, calib, out: Path, args) -> Conten
         from app.core.models import open_model
 
         log(f"reusing {out / folder_name} for: {name}")
-        return Contender(name, kind, open_model(out / folder_name / "card.json"))
+        return Contender(name, kind, open_model(out / folder_name / "card.json", trust=True))  # this bench's own
     log(f"compressing: {name}")
     try:
         variant = run_to_end(run_steps(parent, steps, data, out, name=folder_name))
@@ -305,7 +305,8 @@ def compress(parent, name, kind, steps, train, calib, out: Path, args) -> Conten
         log(f"  {name}: not measured ({reason})")
         return Contender(name, kind, error=reason, build_s=time.perf_counter() - start)
     log(f"  built in {time.perf_counter() - start:.0f} s")
-    return Contender(name, kind, variant, build_s=time.perf_counter() - start)
+    # Built by this run, so trusted: a torch int8 variant is judged and timed as its AOTInductor package.
+    return Contender(name, kind, replace(variant, trusted=True), build_s=time.perf_counter() - start)
 
 
 def e2e_scan(data_dir: Path, slices: int):
@@ -323,25 +324,10 @@ def e2e_scan(data_dir: Path, slices: int):
 
 
 def predictor(contender: Contender, threads: int):
+    """The network as the application runs it (the torch int8 variant: its AOTInductor package)."""
     from compression.cost import variant_predictor
 
-    package = contender.variant.files.get("aoti_package")
-    if package is not None:  # the torch int8 artifact: an AOTInductor package stock torch loads
-        return aoti_predictor(package, threads)
     return variant_predictor(contender.variant, "cpu", threads)[0]
-
-
-def aoti_predictor(package: Path, threads: int):
-    import torch
-
-    compiled = torch._inductor.aoti_load_package(str(package))
-
-    def predict(batch: np.ndarray):
-        torch.set_num_threads(threads)
-        with torch.inference_mode():
-            return compiled(torch.from_numpy(batch))
-
-    return predict
 
 
 def latencies(contenders: list[Contender], threads: int, rounds: int) -> dict[str, float]:
@@ -364,11 +350,6 @@ def judgeable(contenders: list[Contender], threads: int) -> list[Contender]:
     ok = []
     for c in contenders:
         if c.variant is None:
-            continue
-        if "aoti_package" in c.variant.files:
-            c.notes.append("not judged: the runners cannot run an AOTInductor package; the step measured "
-                           "its mask Dice against float on calibration slices (see the card's notes)")
-            log(f"  {c.name}: {c.notes[-1]}")
             continue
         try:
             if not torch_autocast_hint(c.variant):
@@ -425,9 +406,7 @@ def sizes(contenders: list[Contender]) -> dict[str, dict]:
     for c in contenders:
         if c.variant is not None:
             archive, kind = archive_size(c.variant)
-            package = c.variant.files.get("aoti_package")
-            deployed = package.stat().st_size if package is not None else deployed_size(c.variant)
-            out[c.name] = {"deployed": deployed, "archive": archive, "archive_kind": kind}
+            out[c.name] = {"deployed": deployed_size(c.variant), "archive": archive, "archive_kind": kind}
     return out
 
 

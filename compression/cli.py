@@ -56,6 +56,9 @@ def add_cli(subparsers) -> None:
                           help="variants to compare; the first is the original the others are judged against")
     _data_arguments(evaluate)
     evaluate.add_argument("--json", metavar="FILE", help="also write the comparison as JSON")
+    evaluate.add_argument("--trust", action="store_true",
+                          help="run torch int8 variants through their AOTInductor packages (compiled native code) "
+                               "rather than their float files: only for variants you built or trust")
     evaluate.set_defaults(handler=run_evaluate)
 
 
@@ -229,7 +232,7 @@ def _evaluate(args, bar: ProgressBar, out: TextIO) -> int:
     from compression import evaluate as ev
     from compression.data import LazyCases
 
-    variants = [open_model(m) for m in args.models]
+    variants = [open_model(m, trust=args.trust) for m in args.models]
     manifest = data_manifest(args.data, args.seed, bar)
     ev.check_eval_split(manifest)
     cases = LazyCases(manifest, "eval")  # one scan in memory at a time

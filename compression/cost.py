@@ -71,10 +71,12 @@ class Cost:
 def deployed_files(variant, with_filter: bool = True) -> list[Path]:
     """The files a stock runtime reads to run this variant as its format says (with the
     candidate filter of its lesion clean-up, when it has one and ``with_filter``: findings
-    need it too)."""
+    need it too). A torch int8 variant deploys its AOTInductor package, which stock torch loads."""
     main = Path(variant.main_file)
     extra = ([Path(variant.files["candidate_filter"])] if with_filter and "candidate_filter" in variant.files
              else [])
+    if "aoti_package" in variant.files:
+        return [Path(variant.files["aoti_package"]), *extra]
     if variant.format == "onnx":
         return [main, *onnx_external_files(main), *extra]
     if variant.format == "bundle":
@@ -330,7 +332,13 @@ def torch_autocast_hint(variant) -> str | None:
 
 
 def variant_predictor(variant, device: str = "cpu", threads: int | None = None) -> tuple[Callable, str]:
-    """How the application runs this variant: ONNX Runtime for ONNX, torch (with its autocast hint) otherwise."""
+    """How the application runs this variant: its AOTInductor package on the CPU when it carries one
+    and is trusted, ONNX Runtime for ONNX, torch (with its autocast hint) otherwise."""
+    if "aoti_package" in variant.files and device == "cpu" and variant.trusted:
+        from app.core.inference import AotiRunner
+
+        runner = AotiRunner(variant, threads=threads)
+        return runner.predict_batch, runner.provider
     autocast = torch_autocast_hint(variant)
     if autocast:
         from app.core.models import load_torch_module

@@ -270,6 +270,10 @@ class _Runner:
     def _predict(self, batch: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        """The network alone on one prepared batch (N, C, *spatial): what latency is measured on."""
+        return self._predict(np.ascontiguousarray(batch, np.float32))
+
     def _check_io(self) -> None:
         """Dry run on a minimal input: the model's real output against the card."""
         shape = self._dry_run_shape()
@@ -905,6 +909,74 @@ class TorchRunner(_Runner):
         return out.float().cpu().numpy()
 
 
+class AotiRunner(_Runner):
+    """A torch int8 variant run as what it deploys: its AOTInductor package (files role
+    ``aoti_package``), which stock torch loads and which was compiled for one input shape, recorded
+    on the card by ``quantize_int8_torch``. Slices run one at a time; smaller ones are edge-padded
+    to that shape and cropped back, as the ONNX path pads to its size divisor, and larger ones run
+    window by window (that shape, the card's overlap, Gaussian blending), as a patch model does."""
+
+    backend = "torch-aoti"
+
+    def __init__(self, variant: ModelVariant, threads: int | None = None, batch_size: int = 4,
+                 keep_probabilities: bool = False):
+        super().__init__(variant, threads, batch_size, keep_probabilities)
+        import torch
+
+        self.package = variant.files.get("aoti_package")
+        if self.package is None:
+            raise ModelError(f"{variant.card_path or self.card.name}: the card lists no AOTInductor package "
+                             "(role 'aoti_package')")
+        self.input_shape = package_input_shape(self.card)
+        if self.input_shape is None:
+            raise ModelError(f"{self.package}: the card does not record the input shape the package was compiled "
+                             "for (lineage metrics compression.int8_torch.package_input)")
+        start = time.perf_counter()
+        if threads:
+            torch.set_num_threads(int(threads))
+        try:
+            self.module = torch._inductor.aoti_load_package(str(self.package))
+        except Exception as exc:  # another torch, another CPU, a damaged file: all say the same to the user
+            raise ModelError(f"{self.package}: torch {torch.__version__} could not load this AOTInductor package "
+                             f"({_first_line(exc)}); it runs only with the torch and CPU it was compiled for") from exc
+        self.provider = "torch-aoti-cpu"
+        self._check_io()
+        self._load_s = time.perf_counter() - start
+
+    def _predict_slices(self, batch: np.ndarray, patch: tuple[int, int] | None) -> np.ndarray:
+        want, spatial = self.input_shape[2:], batch.shape[2:]
+        if patch is not None or all(n <= w for n, w in zip(spatial, want)):
+            return super()._predict_slices(batch, patch)
+        grown = [(0, 0), (0, 0)] + [(0, max(0, w - n)) for n, w in zip(spatial, want)]  # a side under the window
+        probabilities = super()._predict_slices(np.pad(batch, grown, mode="edge"), tuple(want))
+        return probabilities[(slice(None), slice(None)) + tuple(slice(0, n) for n in spatial)]
+
+    def _predict(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        channels, want = self.input_shape[1], self.input_shape[2:]
+        spatial = batch.shape[2:]
+        if batch.shape[1] != channels or len(spatial) != len(want) or any(n > w for n, w in zip(spatial, want)):
+            raise ModelError(f"{self.package}: compiled for {channels} channel(s) of {'×'.join(map(str, want))}, "
+                             f"which cannot hold {batch.shape[1]} of {'×'.join(map(str, spatial))}")
+        pads = [(0, 0), (0, 0)] + [(0, w - n) for n, w in zip(spatial, want)]
+        padded = np.pad(batch, pads, mode="edge") if any(p for _, p in pads) else batch
+        if self.threads:
+            torch.set_num_threads(int(self.threads))
+        outs = []
+        with torch.inference_mode():
+            for item in padded:
+                out = self.module(torch.from_numpy(np.ascontiguousarray(item[None])))
+                outs.append((out[0] if isinstance(out, (tuple, list)) else out).float().numpy())
+        return np.concatenate(outs)[(slice(None), slice(None)) + tuple(slice(0, n) for n in spatial)]
+
+
+def package_input_shape(card: ModelCard) -> tuple[int, ...] | None:
+    """The input shape an AOTInductor package was compiled for, as ``quantize_int8_torch`` recorded it."""
+    shape = card.lineage.metrics.get("compression", {}).get("int8_torch", {}).get("package_input")
+    return tuple(int(n) for n in shape) if shape else None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -912,8 +984,20 @@ def _first_line(exc: BaseException) -> str:
 
 def make_runner(variant: ModelVariant, device: str = "cpu", threads: int | None = None, batch_size: int = 4,
                 backend: str | None = None, **options) -> _Runner:
-    """ONNX Runtime when the variant is ONNX (or ``backend='onnxruntime'``), else torch."""
-    backend = backend or ("onnxruntime" if variant.format == "onnx" else "torch")
+    """ONNX Runtime when the variant is ONNX, else torch; on the CPU, a trusted variant's AOTInductor
+    package when it carries one (the torch int8 artifact it stands for: compiled native code, so
+    only with trust, as a pickled model). ``backend`` ('onnxruntime', 'torch', 'torch-aoti') chooses."""
+    default = ("torch-aoti" if "aoti_package" in variant.files and device == "cpu" and variant.trusted
+               else "onnxruntime" if variant.format == "onnx" else "torch")
+    backend = backend or default
+    if backend == "torch-aoti":
+        where = variant.card_path or variant.card.name
+        if device != "cpu":
+            raise ModelError(f"{where}: its AOTInductor package is compiled for the CPU, not {device}")
+        if not variant.trusted:
+            raise ModelError(f"{where}: its AOTInductor package is compiled native code; refusing to load it "
+                             "(open it with trust only if you built it or trust where it came from)")
+        return AotiRunner(variant, threads=threads, batch_size=batch_size, **options)
     if backend == "onnxruntime":
         return OnnxRunner(variant, providers=device_providers(device), threads=threads,
                           batch_size=batch_size, **options)

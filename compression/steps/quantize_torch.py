@@ -6,8 +6,11 @@ as a deployable artifact (an AOTInductor ``.pt2``, loaded by plain torch with
 ``torch._inductor.aoti_load_package``), with its compile and load times reported. The package is
 compiled for one input shape. When torchao is not installed the step is skipped with the reason.
 
-MedCompress's runners cannot run a ``.pt2`` yet, so the variant keeps its float files to run
-and carries the package beside them (role ``aoti_package``); the notes say so.
+The variant carries the package beside its float files (role ``aoti_package``). The package is
+compiled native code, so it runs only when the variant is opened with trust (``main.py evaluate
+--trust``, ``main.py infer --trust``): then, on the CPU, the int8 network is what is judged and timed
+(``app.core.inference.AotiRunner``; slices larger than its input run window by window). Untrusted,
+or on another device, the float files run, as before.
 """
 from __future__ import annotations
 
@@ -35,7 +38,9 @@ def _torchao():
 def quantize_int8_torch(model: WorkingModel, data: StepData, *, calib_slices: int = 16, package: bool = True,
                         input_size: int | None = None):
     """PT2E static int8 calibrated on the calib scans; with ``package``, an AOTInductor package for
-    one slice of ``input_size`` (default: the card's patch, else 512) pixels square."""
+    one slice of one size: the card's patch, else ``input_size`` pixels square, else the size of the
+    calibration slices (the user's own scans). The int8 graph is exported for that size, so the
+    calibration slices are edge-padded or cut to it first."""
     import torch
 
     module = model.require_module("quantize_int8_torch")
@@ -47,6 +52,7 @@ def quantize_int8_torch(model: WorkingModel, data: StepData, *, calib_slices: in
     prepare_pt2e, convert_pt2e, quantizer = tools
     split = "calib" if data.calib else "train"
     x, _ = data.slices(split, model.card, with_labels=False, max_slices=calib_slices)
+    x = _to_size(x, _export_size(model.card, input_size, x.shape[2:]))
     example = torch.from_numpy(x[:1])
     exported = torch.export.export(module.eval(), (example,)).module()
     prepared = prepare_pt2e(exported, quantizer)
@@ -58,13 +64,14 @@ def quantize_int8_torch(model: WorkingModel, data: StepData, *, calib_slices: in
     record = {"fidelity_dice_calib": _fidelity(module, converted, x)}
     if package:
         yield Progress(0.45, "compiling the AOTInductor package (minutes on a small CPU)")
-        record.update(_package(model, converted, input_size))
+        record.update(_package(model, converted, example))
     model.metrics["int8_torch"] = record
     model.notes.append(f"torch int8 (PT2E, X86InductorQuantizer): mask Dice vs float on calibration slices "
                        f"{record['fidelity_dice_calib']:.4f}."
-                       + (f" AOTInductor package for {record['package_input']} input: {record['package_bytes']} bytes, "
-                          f"compiled in {record['compile_s']:.0f} s, loads in {record['load_s']:.2f} s. The variant's "
-                          "ONNX/weights stay float (our runners cannot run a .pt2 yet); the package is the int8 artifact."
+                       + (f" AOTInductor package for {record['package_input']} input: {record['package_bytes']} "
+                          f"bytes, compiled in {record['compile_s']:.0f} s, loads in {record['load_s']:.2f} s. It is "
+                          "what the variant runs on the CPU when opened with trust (compiled native code); "
+                          "untrusted, or on another device, its float ONNX/weights run."
                           if package else " No package was built, so nothing deployable runs in int8."))
     yield Progress(1.0, "torch int8 done")
     return model
@@ -83,13 +90,25 @@ def _fidelity(module, converted, x) -> float:
     return mask_dice(masks_from_logits(np.concatenate(ref)), masks_from_logits(np.concatenate(got)))
 
 
-def _package(model: WorkingModel, converted, input_size: int | None) -> dict:
+def _export_size(card, input_size: int | None, calib_size) -> tuple[int, ...]:
+    if card.input.patch_size:
+        return tuple(card.input.patch_size)
+    return (input_size,) * card.input.dims if input_size else tuple(calib_size)
+
+
+def _to_size(x, size):
+    """(N, C, *spatial) cut, then edge-padded, at the far edges to ``size``."""
+    import numpy as np
+
+    cut = x[(slice(None), slice(None)) + tuple(slice(0, n) for n in size)]
+    pads = [(0, 0), (0, 0)] + [(0, n - m) for m, n in zip(cut.shape[2:], size)]
+    return np.pad(cut, pads, mode="edge") if any(p for _, p in pads) else cut
+
+
+def _package(model: WorkingModel, converted, example) -> dict:
     import torch
     import torch._inductor.config as inductor_config
 
-    spec = model.card.input
-    spatial = tuple(spec.patch_size) if spec.patch_size else (input_size or 512,) * spec.dims
-    example = torch.zeros((1, spec.channels) + spatial)
     path = model.scratch("model.int8.pt2")
     start = time.perf_counter()
     with torch.no_grad():

@@ -38,3 +38,73 @@ def test_pt2e_int8_keeps_the_masks():
     # The AOTInductor package takes about a minute to compile even for a tiny net: bench/ builds it.
     model = run_to_end(quantize_torch.quantize_int8_torch(fresh_model(), step_data(), package=False))
     assert model.metrics["int8_torch"]["fidelity_dice_calib"] > 0.95
+
+
+@pytest.fixture(scope="module")
+def pt2e_variant(tmp_path_factory):
+    """The tiny model through quantize_int8_torch with its AOTInductor package (about 15 s here),
+    compiled for the calibration slices' 64×64."""
+    if quantize_torch._torchao()[0] is None:
+        pytest.skip("torchao is not installed")
+    from compression.pipeline import run_steps
+    from tests.compression.steps_support import parent
+
+    from dataclasses import replace
+
+    out = tmp_path_factory.mktemp("pt2e")
+    variant = run_to_end(run_steps(parent(), [{"step": "quantize_int8_torch"}], step_data(), out, name="pt2e"))
+    return replace(variant, trusted=True)  # built here: its compiled code may load
+
+
+def test_the_pt2e_package_is_what_the_variant_runs_and_it_finds_what_float_finds(pt2e_variant):
+    from app.core.inference import make_runner, prepare
+    from compression.cost import deployed_files, variant_predictor
+    from compression.training import mask_dice
+    from tests.compression.tiny import eval_cases
+
+    runner = make_runner(pt2e_variant, threads=1)
+    assert runner.provider == "torch-aoti-cpu" and runner.input_shape == (1, 1, 64, 64)
+    assert variant_predictor(pt2e_variant, "cpu", 1)[1] == "torch-aoti-cpu"  # what latency is measured on
+    assert deployed_files(pt2e_variant) == [pt2e_variant.files["aoti_package"]]  # and what size counts
+    float_runner = make_runner(pt2e_variant, threads=1, backend="onnxruntime")
+    for case in eval_cases():
+        int8 = run_to_end(runner.run(case.volume)).labels
+        assert int8.shape == case.volume.shape and (int8 > 0).any()
+        assert mask_dice(int8 > 0, run_to_end(float_runner.run(case.volume)).labels > 0) > 0.9
+    slices = prepare(eval_cases()[0].volume, runner.card).array[:, None]
+    whole = runner._predict_slices(slices, None)
+    # Smaller slices are edge-padded into the package's 64×64: as float finds on the same padding.
+    cut = slices[:, :, :48, :40]
+    padded = np.pad(cut, [(0, 0), (0, 0), (0, 16), (0, 24)], mode="edge")
+    int8 = runner._predict_slices(cut, None)
+    assert int8.shape[2:] == (48, 40)
+    assert mask_dice(int8 > 0.5, float_runner._predict_slices(padded, None)[:, :, :48, :40] > 0.5) > 0.97
+    # Larger ones run window by window: where they hold the same pixels, as the whole slice.
+    taller = np.pad(slices, [(0, 0), (0, 0), (0, 16), (0, 0)], mode="reflect")
+    windows = runner._predict_slices(taller, None)
+    assert windows.shape[2:] == (80, 64)
+    assert mask_dice(windows[:, :, :64] > 0.5, whole > 0.5) > 0.97
+
+def test_the_pt2e_package_refuses_what_it_cannot_run_and_says_why(pt2e_variant, tmp_path):
+    import shutil
+
+    from app.core.inference import make_runner
+    from app.core.model_card import ModelError
+    from app.core.models import open_model
+
+    runner = make_runner(pt2e_variant, threads=1)
+    with pytest.raises(ModelError, match=r"compiled for 1 channel\(s\) of 64×64, which cannot hold 3 of 64×64"):
+        runner._predict(np.zeros((1, 3, 64, 64), np.float32))
+    with pytest.raises(ModelError, match="compiled for the CPU"):
+        make_runner(pt2e_variant, device="cuda", backend="torch-aoti")
+    # Opened from disk without trust, the compiled code is not loaded: the float files run.
+    untrusted = open_model(pt2e_variant.card_path)
+    assert make_runner(untrusted, threads=1).backend == "onnxruntime"
+    with pytest.raises(ModelError, match="compiled native code; refusing to load it"):
+        make_runner(untrusted, threads=1, backend="torch-aoti")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(pt2e_variant.card_path.parent, damaged)
+    package = damaged / pt2e_variant.files["aoti_package"].name
+    package.write_bytes(package.read_bytes()[:4096])  # a download cut short
+    with pytest.raises(ModelError, match=f"{package.name}: torch .* could not load"):
+        make_runner(open_model(damaged / "card.json", trust=True), threads=1)

@@ -1,7 +1,7 @@
 """Network latency of compressed variants against the original as fp32 torch eager and ORT fp32.
 
     .venv/bin/python bench/bench_network_latency.py --variants CARD [CARD ...] [--model CARD]
-        [--rounds 100] [--threads 1 2]
+        [--rounds 100] [--threads 1 2] [--trust]
 
 One 512×512 slice through each network, median of interleaved rounds after a warm-up, every
 contender in the same rounds (``compression.cost.measure_latency``), at each thread count.
@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", required=True, metavar="CARD")
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--trust", action="store_true",
+                        help="run torch int8 variants as their AOTInductor packages (compiled code you built)")
     args = parser.parse_args(argv)
 
     from app.core.models import load_torch_module, open_model
@@ -37,7 +39,7 @@ def main(argv=None) -> int:
     from compression.cost import measure_latency, onnx_predictor, shape_for, torch_predictor, variant_predictor
 
     original = open_model(args.model)
-    variants = [open_model(card) for card in args.variants]
+    variants = [open_model(card, trust=args.trust) for card in args.variants]
     batch = np.random.default_rng(0).random((1, 1, 512, 512), dtype=np.float32)
     print(f"{'threads':>7}  {'contender':<40} {'median ms':>9} {'p10':>7} {'p90':>7} {'vs eager':>8} {'vs ORT':>7}")
     for threads in args.threads:

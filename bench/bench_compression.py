@@ -305,8 +305,7 @@ def compress(parent, name, kind, steps, train, calib, out: Path, args) -> Conten
         log(f"  {name}: not measured ({reason})")
         return Contender(name, kind, error=reason, build_s=time.perf_counter() - start)
     log(f"  built in {time.perf_counter() - start:.0f} s")
-    # Built by this run, so trusted: a torch int8 variant is judged and timed as its AOTInductor package.
-    return Contender(name, kind, replace(variant, trusted=True), build_s=time.perf_counter() - start)
+    return Contender(name, kind, variant, build_s=time.perf_counter() - start)
 
 
 def e2e_scan(data_dir: Path, slices: int):

@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--trust", action="store_true",
-                        help="run torch int8 variants as their AOTInductor packages (compiled code you built)")
+                        help="run AOTInductor packages this machine's audit log did not see compiled (e.g. built "
+                             "before packages were recorded there)")
     args = parser.parse_args(argv)
 
     from app.core.models import load_torch_module, open_model

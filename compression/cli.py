@@ -57,8 +57,8 @@ def add_cli(subparsers) -> None:
     _data_arguments(evaluate)
     evaluate.add_argument("--json", metavar="FILE", help="also write the comparison as JSON")
     evaluate.add_argument("--trust", action="store_true",
-                          help="run torch int8 variants through their AOTInductor packages (compiled native code) "
-                               "rather than their float files: only for variants you built or trust")
+                          help="also run AOTInductor packages this machine did not compile (torch int8; "
+                               "compiled native code), rather than their float files: only for variants you trust")
     evaluate.set_defaults(handler=run_evaluate)
 
 

@@ -332,9 +332,12 @@ def torch_autocast_hint(variant) -> str | None:
 
 
 def variant_predictor(variant, device: str = "cpu", threads: int | None = None) -> tuple[Callable, str]:
-    """How the application runs this variant: its AOTInductor package on the CPU when it carries one
-    and is trusted, ONNX Runtime for ONNX, torch (with its autocast hint) otherwise."""
-    if "aoti_package" in variant.files and device == "cpu" and variant.trusted:
+    """How the application runs this variant: on the CPU its AOTInductor package when it carries one
+    that may load (``app.core.inference.package_trusted``), ONNX Runtime for ONNX, torch (with its
+    autocast hint) otherwise."""
+    from app.core.inference import package_trusted
+
+    if device == "cpu" and package_trusted(variant):
         from app.core.inference import AotiRunner
 
         runner = AotiRunner(variant, threads=threads)

@@ -31,8 +31,8 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the network")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", choices=("onnxruntime", "torch", "torch-aoti"),
-                        help="default: on the CPU with --trust, the AOTInductor package when the card has one "
-                             "(torch int8); else ONNX Runtime when it has an ONNX file, else torch")
+                        help="default: on the CPU, the card's AOTInductor package (torch int8) when this machine "
+                             "compiled it or with --trust; else ONNX Runtime when it has an ONNX file, else torch")
     parser.add_argument("--trust", action="store_true", help="allow pickled models / non-MONAI bundle code (only for files you trust)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.set_defaults(handler=run_cli)

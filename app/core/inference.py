@@ -971,6 +971,23 @@ class AotiRunner(_Runner):
         return np.concatenate(outs)[(slice(None), slice(None)) + tuple(slice(0, n) for n in spatial)]
 
 
+def package_trusted(variant: ModelVariant) -> bool:
+    """Whether a variant's AOTInductor package may load. It is compiled native code, so only when
+    the variant is opened with trust, or when this machine compiled that very file: its SHA-256
+    is in the local audit log's ``compile`` events (``quantize_int8_torch`` writes them). A
+    package from anywhere else needs trust, as a pickled model does."""
+    package = variant.files.get("aoti_package")
+    if package is None:
+        return False
+    if variant.trusted:
+        return True
+    from app.core.audit import read_audit
+    from app.core.models import sha256_file
+
+    digest = sha256_file(package)
+    return any(e.get("event") == "compile" and e.get("sha256") == digest for e in read_audit())
+
+
 def package_input_shape(card: ModelCard) -> tuple[int, ...] | None:
     """The input shape an AOTInductor package was compiled for, as ``quantize_int8_torch`` recorded it."""
     shape = card.lineage.metrics.get("compression", {}).get("int8_torch", {}).get("package_input")
@@ -984,19 +1001,19 @@ def _first_line(exc: BaseException) -> str:
 
 def make_runner(variant: ModelVariant, device: str = "cpu", threads: int | None = None, batch_size: int = 4,
                 backend: str | None = None, **options) -> _Runner:
-    """ONNX Runtime when the variant is ONNX, else torch; on the CPU, a trusted variant's AOTInductor
-    package when it carries one (the torch int8 artifact it stands for: compiled native code, so
-    only with trust, as a pickled model). ``backend`` ('onnxruntime', 'torch', 'torch-aoti') chooses."""
-    default = ("torch-aoti" if "aoti_package" in variant.files and device == "cpu" and variant.trusted
+    """ONNX Runtime when the variant is ONNX, else torch; on the CPU, the variant's AOTInductor
+    package when it carries one that may load (the torch int8 artifact it stands for; see
+    :func:`package_trusted`). ``backend`` ('onnxruntime', 'torch', 'torch-aoti') chooses."""
+    default = ("torch-aoti" if device == "cpu" and package_trusted(variant)
                else "onnxruntime" if variant.format == "onnx" else "torch")
     backend = backend or default
     if backend == "torch-aoti":
         where = variant.card_path or variant.card.name
         if device != "cpu":
             raise ModelError(f"{where}: its AOTInductor package is compiled for the CPU, not {device}")
-        if not variant.trusted:
-            raise ModelError(f"{where}: its AOTInductor package is compiled native code; refusing to load it "
-                             "(open it with trust only if you built it or trust where it came from)")
+        if not package_trusted(variant):
+            raise ModelError(f"{where}: its AOTInductor package is compiled native code that this machine did not "
+                             "compile; refusing to load it (open it with trust only if you trust where it came from)")
         return AotiRunner(variant, threads=threads, batch_size=batch_size, **options)
     if backend == "onnxruntime":
         return OnnxRunner(variant, providers=device_providers(device), threads=threads,

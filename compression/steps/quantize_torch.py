@@ -7,15 +7,18 @@ as a deployable artifact (an AOTInductor ``.pt2``, loaded by plain torch with
 compiled for one input shape. When torchao is not installed the step is skipped with the reason.
 
 The variant carries the package beside its float files (role ``aoti_package``). The package is
-compiled native code, so it runs only when the variant is opened with trust (``main.py evaluate
---trust``, ``main.py infer --trust``): then, on the CPU, the int8 network is what is judged and timed
-(``app.core.inference.AotiRunner``; slices larger than its input run window by window). Untrusted,
-or on another device, the float files run, as before.
+compiled native code, so it runs only where this machine compiled it (the compile is recorded,
+with the file's SHA-256, in the local audit log) or when the variant is opened with trust
+(``main.py evaluate --trust``, ``main.py infer --trust``). Then, on the CPU, the int8 network is
+what is judged and timed (``app.core.inference.AotiRunner``; slices larger than its input run
+window by window). Otherwise, or on another device, the float files run.
 """
 from __future__ import annotations
 
 import time
 
+from app.core.audit import append_audit
+from app.core.models import sha256_file
 from app.core.progress import Progress
 
 from compression.pipeline import StepData, WorkingModel
@@ -70,8 +73,8 @@ def quantize_int8_torch(model: WorkingModel, data: StepData, *, calib_slices: in
                        f"{record['fidelity_dice_calib']:.4f}."
                        + (f" AOTInductor package for {record['package_input']} input: {record['package_bytes']} "
                           f"bytes, compiled in {record['compile_s']:.0f} s, loads in {record['load_s']:.2f} s. It is "
-                          "what the variant runs on the CPU when opened with trust (compiled native code); "
-                          "untrusted, or on another device, its float ONNX/weights run."
+                          "what the variant runs on the CPU, on this machine or opened with trust (compiled native "
+                          "code); elsewhere, or on another device, its float ONNX/weights run."
                           if package else " No package was built, so nothing deployable runs in int8."))
     yield Progress(1.0, "torch int8 done")
     return model
@@ -118,6 +121,10 @@ def _package(model: WorkingModel, converted, example) -> dict:
         finally:
             inductor_config.freezing = False
     compile_s = time.perf_counter() - start
+    # The package is native code: the runners load it without trust only if this machine's audit
+    # log says this machine compiled this very file (app.core.inference.package_trusted).
+    append_audit("compile", kind="AOTInductor package", sha256=sha256_file(path), model=model.card.name,
+                 path=str(path))
     start = time.perf_counter()
     torch._inductor.aoti_load_package(str(path))
     model.extra_files["aoti_package"] = path

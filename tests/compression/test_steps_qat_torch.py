@@ -49,11 +49,8 @@ def pt2e_variant(tmp_path_factory):
     from compression.pipeline import run_steps
     from tests.compression.steps_support import parent
 
-    from dataclasses import replace
-
     out = tmp_path_factory.mktemp("pt2e")
-    variant = run_to_end(run_steps(parent(), [{"step": "quantize_int8_torch"}], step_data(), out, name="pt2e"))
-    return replace(variant, trusted=True)  # built here: its compiled code may load
+    return run_to_end(run_steps(parent(), [{"step": "quantize_int8_torch"}], step_data(), out, name="pt2e"))
 
 
 def test_the_pt2e_package_is_what_the_variant_runs_and_it_finds_what_float_finds(pt2e_variant):
@@ -62,7 +59,7 @@ def test_the_pt2e_package_is_what_the_variant_runs_and_it_finds_what_float_finds
     from compression.training import mask_dice
     from tests.compression.tiny import eval_cases
 
-    runner = make_runner(pt2e_variant, threads=1)
+    runner = make_runner(pt2e_variant, threads=1)  # not opened with trust: this machine compiled it
     assert runner.provider == "torch-aoti-cpu" and runner.input_shape == (1, 1, 64, 64)
     assert variant_predictor(pt2e_variant, "cpu", 1)[1] == "torch-aoti-cpu"  # what latency is measured on
     assert deployed_files(pt2e_variant) == [pt2e_variant.files["aoti_package"]]  # and what size counts
@@ -85,7 +82,7 @@ def test_the_pt2e_package_is_what_the_variant_runs_and_it_finds_what_float_finds
     assert windows.shape[2:] == (80, 64)
     assert mask_dice(windows[:, :, :64] > 0.5, whole > 0.5) > 0.97
 
-def test_the_pt2e_package_refuses_what_it_cannot_run_and_says_why(pt2e_variant, tmp_path):
+def test_the_pt2e_package_refuses_what_it_cannot_run_and_says_why(pt2e_variant, tmp_path, monkeypatch):
     import shutil
 
     from app.core.inference import make_runner
@@ -97,11 +94,13 @@ def test_the_pt2e_package_refuses_what_it_cannot_run_and_says_why(pt2e_variant, 
         runner._predict(np.zeros((1, 3, 64, 64), np.float32))
     with pytest.raises(ModelError, match="compiled for the CPU"):
         make_runner(pt2e_variant, device="cuda", backend="torch-aoti")
-    # Opened from disk without trust, the compiled code is not loaded: the float files run.
-    untrusted = open_model(pt2e_variant.card_path)
-    assert make_runner(untrusted, threads=1).backend == "onnxruntime"
-    with pytest.raises(ModelError, match="compiled native code; refusing to load it"):
-        make_runner(untrusted, threads=1, backend="torch-aoti")
+    # On a machine whose audit log never saw it compiled, the package loads only with trust.
+    monkeypatch.setenv("MEDCOMPRESS_HOME", str(tmp_path / "another-machine"))
+    foreign = open_model(pt2e_variant.card_path)
+    assert make_runner(foreign, threads=1).backend == "onnxruntime"  # the float files run
+    with pytest.raises(ModelError, match="this machine did not compile; refusing to load it"):
+        make_runner(foreign, threads=1, backend="torch-aoti")
+    assert make_runner(open_model(pt2e_variant.card_path, trust=True), threads=1).backend == "torch-aoti"
     damaged = tmp_path / "damaged"
     shutil.copytree(pt2e_variant.card_path.parent, damaged)
     package = damaged / pt2e_variant.files["aoti_package"].name

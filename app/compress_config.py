@@ -37,7 +37,9 @@ PRESETS = (
            "smaller, no retraining; risks a small loss of contrast detail."),
     Preset("smallest", "Smallest within budget",
            "Tries int8, channel pruning with fine-tuning and sparsity, cheapest first, until the time "
-           "limit; recommends the smallest variant within your budget. Pruning risks faint nodules.",
+           "limit; recommends the smallest variant within your budget. Pruning risks faint nodules. "
+           "The distilled 4-bit student of resources/recipes/smallest.yaml (about 26× smaller, "
+           "most of an hour of training on 2 cores) is not among them: load that file with the Load recipe… button.",
            "size"),
     Preset("fastest", "Fastest on this machine",
            "Tries int8 and channel pruning with fine-tuning, timed on this machine, until the time "

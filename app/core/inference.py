@@ -1004,14 +1004,13 @@ def make_runner(variant: ModelVariant, device: str = "cpu", threads: int | None 
     """ONNX Runtime when the variant is ONNX, else torch; on the CPU, the variant's AOTInductor
     package when it carries one that may load (the torch int8 artifact it stands for; see
     :func:`package_trusted`). ``backend`` ('onnxruntime', 'torch', 'torch-aoti') chooses."""
-    default = ("torch-aoti" if device == "cpu" and package_trusted(variant)
-               else "onnxruntime" if variant.format == "onnx" else "torch")
-    backend = backend or default
+    loadable = device == "cpu" and package_trusted(variant)  # hashes the package: once per runner
+    backend = backend or ("torch-aoti" if loadable else "onnxruntime" if variant.format == "onnx" else "torch")
     if backend == "torch-aoti":
         where = variant.card_path or variant.card.name
         if device != "cpu":
             raise ModelError(f"{where}: its AOTInductor package is compiled for the CPU, not {device}")
-        if not package_trusted(variant):
+        if not loadable:
             raise ModelError(f"{where}: its AOTInductor package is compiled native code that this machine did not "
                              "compile; refusing to load it (open it with trust only if you trust where it came from)")
         return AotiRunner(variant, threads=threads, batch_size=batch_size, **options)

@@ -131,7 +131,7 @@ def search_recipes(plan: dict, sensitivity=None) -> list[dict]:
     found = candidate_recipes(plan["search"]["objectives"], sensitivity,
                               finetune_steps=int(plan["search"].get("finetune_steps", 200)),
                               candidate_filter="candidate_filter" in open_model(plan["model"]).files)
-    return [{"name": c.name, "steps": c.steps, "why": c.why} for c in found]
+    return [{"name": c.name, "steps": c.steps, "why": c.why, "time_share": c.time_share} for c in found]
 
 
 def source_fingerprint(variant) -> str:
@@ -248,7 +248,7 @@ class Run:
         from compression.search import Candidate, pipeline_runner, search
 
         recipes = self.plan["recipes"]
-        candidates = [Candidate(r["name"], r["steps"], r.get("why", "")) for r in recipes]
+        candidates = [Candidate(r["name"], r["steps"], r.get("why", ""), r.get("time_share", 0.0)) for r in recipes]
         runner = pipeline_runner(original, data, eval_cases, out_dir, Budget(**self.plan["budget"]),
                                  device=self.plan["device"], threads=self.plan.get("threads"),
                                  seed=data.seed, latency_rounds=LATENCY_ROUNDS)
@@ -260,7 +260,9 @@ class Run:
         self.recommended = {t.candidate.name for t in result.front}
         by_name = {r["name"]: r for r in recipes}
         self.phase += len(recipes)
-        return [(by_name[t.candidate.name], t.variant) for t in result.trials if t.variant is not None]
+        # as each ran: a student's training carries the time limit the search gave it
+        return [({**by_name[t.candidate.name], "steps": t.candidate.steps, "why": t.candidate.why}, t.variant)
+                for t in result.trials if t.variant is not None]
 
     def spread(self, gen, count: int):
         """A generator over ``count`` equal parts (the search's candidates), as that many phases."""

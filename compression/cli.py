@@ -47,7 +47,9 @@ def add_cli(subparsers) -> None:
     compress.add_argument("--search", nargs="+", choices=("size", "latency"), metavar="OBJECTIVE",
                           help="search instead: try the recipe and candidate recipes within the recipe's budget, "
                                "and print the Pareto front for these objectives (size, latency)")
-    compress.add_argument("--time-limit", type=float, metavar="S", help="search: start no candidate after S seconds")
+    compress.add_argument("--time-limit", type=float, metavar="S",
+                          help="search: start no candidate after S seconds; the distilled student trains in "
+                               "half of the seconds left when it starts")
     compress.add_argument("--candidates", type=int, metavar="N", help="search: try at most N candidates")
     compress.add_argument("--finetune-steps", type=int, default=200, help="search: recovery steps of the candidates")
     compress.set_defaults(handler=run_compress)

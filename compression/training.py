@@ -8,6 +8,7 @@ the same weights.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Generator
@@ -30,6 +31,7 @@ class TrainConfig:
     lesion_crops: float = 0.7  # share of crops centred (±crop/3) on a lesion pixel of the labels or the teacher
     augment: bool = True  # flips: nodules have no preferred left/right or up/down
     threads: int | None = None
+    time_limit_s: float | None = None  # train fewer steps when the planned ones would not end in time
 
 
 def seed_all(seed: int, threads: int | None = None) -> None:
@@ -198,7 +200,8 @@ def _crop_window(lesions: LesionPixels, i: int, c: int, size: tuple[int, int], r
 def train_loop(module, arrays: dict[str, np.ndarray], loss_fn: Callable, config: TrainConfig, *,
                penalty: Callable | None = None, after_backward: Callable | None = None,
                after_step: Callable | None = None, param_groups: list[dict] | None = None,
-               sampler: Callable | None = None, label: str = "fine-tune") -> Generator[Progress, None, dict]:
+               sampler: Callable | None = None, label: str = "fine-tune", on_cut: Callable[[int], None] | None = None,
+               clock: Callable[[], float] = time.perf_counter) -> Generator[Progress, None, dict]:
     """Train ``module`` in place on ``arrays`` (``x`` plus targets) for ``config.steps`` steps.
 
     ``loss_fn(logits, batch_tensors)`` gives the task loss; ``penalty(module)`` adds a
@@ -207,6 +210,11 @@ def train_loop(module, arrays: dict[str, np.ndarray], loss_fn: Callable, config:
     shrinkage, projections). ``sampler(module, step, rng, n, batch_size)`` picks each batch's
     slices (default: uniformly; see :class:`DisagreementSampler`). Yields a progress tick with
     the loss per step.
+
+    ``config.time_limit_s``: the first few steps are timed, and when the planned steps would not
+    end within the limit the run is cut to as many as fit: the learning rate's cosine then ends
+    at the cut, and ``on_cut(steps)`` tells the caller (quantization-aware training starts its
+    last share earlier). The stats say how many steps were planned and how many ran.
     """
     import torch
 
@@ -219,10 +227,13 @@ def train_loop(module, arrays: dict[str, np.ndarray], loss_fn: Callable, config:
     # param_groups: e.g. channel scales learning faster than the weights (sparsity training).
     optimiser = torch.optim.AdamW(param_groups or module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(1, config.steps))
-    losses, start = [], time.perf_counter()
+    losses, start = [], clock()
     n = len(arrays["x"])
     lesions = LesionPixels(arrays)
-    for step in range(config.steps):
+    total, timed = config.steps, _timed_steps(config)
+    step = -1
+    while step + 1 < total:
+        step += 1
         idx = (rng.choice(n, min(config.batch_size, n), replace=False) if sampler is None
                else sampler(module, step, rng, n, min(config.batch_size, n)))
         batch = {k: torch.from_numpy(v).to(config.device) for k, v in _batch(arrays, idx, rng, config, lesions).items()}
@@ -242,12 +253,34 @@ def train_loop(module, arrays: dict[str, np.ndarray], loss_fn: Callable, config:
             after_step(module, optimiser.param_groups[0]["lr"])
         schedule.step()
         losses.append(float(loss.detach()))
-        yield Progress((step + 1) / config.steps, f"{label} step {step + 1}/{config.steps} loss {losses[-1]:.4f}",
+        if step + 1 == timed:
+            fits = _steps_that_fit(config, timed, clock() - start)
+            if fits < total:
+                total = schedule.T_max = fits
+                for group, base in zip(optimiser.param_groups, schedule.base_lrs):  # onto the shorter cosine
+                    group["lr"] = base * (1 + math.cos(math.pi * schedule.last_epoch / total)) / 2
+                if on_cut is not None:
+                    on_cut(total)
+        yield Progress((step + 1) / total, f"{label} step {step + 1}/{total} loss {losses[-1]:.4f}",
                        {"loss": losses[-1], "step": step + 1})
     module.eval()
-    return {"steps": config.steps, "loss_first": losses[0] if losses else None,
-            "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])) if losses else None,
-            "seconds": round(time.perf_counter() - start, 2), "amp": str(dtype).replace("torch.", "") if dtype else "fp32"}
+    stats = {"steps": total, "loss_first": losses[0] if losses else None,
+             "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])) if losses else None,
+             "seconds": round(clock() - start, 2), "amp": str(dtype).replace("torch.", "") if dtype else "fp32"}
+    if total < config.steps:
+        stats.update(steps_planned=config.steps, time_limit_s=config.time_limit_s)
+    return stats
+
+
+def _timed_steps(config: TrainConfig) -> int:
+    """After how many steps a time-limited run decides how many fit (0: no limit)."""
+    return 0 if config.time_limit_s is None else max(1, min(20, config.steps // 20))
+
+
+def _steps_that_fit(config: TrainConfig, done: int, elapsed: float) -> int:
+    """The steps a run can take in its time limit, at the pace of its first ``done`` steps."""
+    per_step = max(elapsed / done, 1e-9)
+    return max(done, min(config.steps, done + int(max(0.0, config.time_limit_s - elapsed) / per_step)))
 
 
 def lesion_on_slice(logits: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ tiny students here) and lesion pixels weighted ×10.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -48,7 +49,8 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
             temperature: float = 1.0, label_weight: float = 0.5, use: str = "auto", amp: str = "auto",
             max_slices: int | None = None, foreground_weight: float = 10.0, seed: int | None = None,
             init: str = "auto", focus: float = 0.0, focus_every: int = 2000, weight_bits: int | None = None,
-            qat_share: float = 0.25, slice_context: int = 0, guided: bool = True, hint_weight: float = 0.0):
+            qat_share: float = 0.25, slice_context: int = 0, guided: bool = True, hint_weight: float = 0.0,
+            time_limit_s: float | None = None):
     """Train a fresh student; it replaces the model (the teacher stays the reference).
 
     ``use``: "teacher" (label-free), "both" (teacher everywhere + labels where a case has them,
@@ -96,11 +98,17 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
     (bench/README.md, 30 Nov) `smallest`'s recipe with weight 0.5 trained 1.55× as long and lost
     more of the original's lesions (8 against 6, 3 of them nodules): at 0.35 of the width the
     hints compete with the output for the student's few channels.
+    ``time_limit_s``: the whole step ends within about this many seconds. Reading the slices and
+    the teacher's outputs come first; training then takes as many of ``steps`` as fit in what is
+    left, at the pace of its first steps, with the learning rate's schedule and the
+    quantization-aware share fitted to that count (the search gives its student a share of its
+    time limit this way). It fails when nothing is left to train in.
     """
     from app.core.models import build_network
 
     from compression.training import DisagreementSampler, scratch_array, seed_all
 
+    began = time.perf_counter()
     if weight_bits and not (2 <= weight_bits <= 8 and 0 < qat_share <= 1):  # None or 0: float
         raise ValueError(f"weight_bits must be 2…8 and qat_share in (0, 1]; not {weight_bits} and {qat_share}")
     if hint_weight > 0 and (model.module is None or data.teacher is not None):
@@ -125,7 +133,8 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
         # every train slice: memory-mapped, so it takes page cache, not memory (4.3 GB for 4,277 slices)
         arrays["teacher"] = teacher.targets(arrays["x"], allocate=scratch_array(model.scratch("teacher_logits.npy")))
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=data.seed if seed is None else seed,
-                         device=data.device, amp=amp, crop=crop, threads=data.threads)
+                         device=data.device, amp=amp, crop=crop, threads=data.threads,
+                         time_limit_s=_time_left(time_limit_s, began))
     seed_all(config.seed, data.threads)
     net = build_network(arch, "distillation student")
     if init == "teacher" or (init == "auto" and use != "labels"):
@@ -134,13 +143,14 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
             make_distillation_loss(temperature, label_weight if use == "both" else 0.0, foreground_weight))
     sampler = (DisagreementSampler(arrays["x"], arrays["teacher"], focus, focus_every, data.device)
                if focus > 0 and "teacher" in arrays else None)
-    quantized = _QuantizeFrom(net, weight_bits, steps - int(round(qat_share * steps))) if weight_bits else None
+    quantized = _QuantizeFrom(net, weight_bits, steps - int(round(qat_share * steps)), qat_share) if weight_bits else None
     hints = _Hints(model, net, card.input.channels, hint_weight, data.device) if hint_weight > 0 else None
     try:
         groups = [{"params": list(net.parameters()) + hints.parameters()}] if hints else None
         stats = yield from scaled(train_loop(net, arrays, hints.loss(loss) if hints else loss, config,
                                              param_groups=groups, sampler=sampler, after_step=quantized,
-                                             label="distillation"), 0.05, 1.0)
+                                             label="distillation", on_cut=quantized and quantized.retarget),
+                                  0.05, 1.0)
     finally:
         if quantized is not None:
             quantized.bake()
@@ -153,7 +163,7 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
                            f"{stats['hints']['first']:.3f} at the start, {stats['hints']['last']:.3f} at the end).")
     if quantized is not None:
         stats["weight_bits"] = {"bits": weight_bits, "from_step": quantized.start, "layers": len(quantized.layers)}
-        model.notes.append(f"Quantization-aware: from step {quantized.start} of {steps} the student's "
+        model.notes.append(f"Quantization-aware: from step {quantized.start} of {stats['steps']} the student's "
                            f"{len(quantized.layers)} convolutions trained on {weight_bits}-bit weights (per output "
                            f"channel); its weights end on that grid.")
     if sampler is not None:
@@ -166,8 +176,22 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
                 f"the teacher sees lesion, weighted by the share of its lesion pixels the student missed "
                 f"(mean {first['missed_mean']:.3f} at step {first['step']}, {last['missed_mean']:.3f} at step "
                 f"{last['step']}).")
+    if "steps_planned" in stats:
+        model.notes.append(f"The time limit ({time_limit_s:.0f} s for the whole step) cut training to "
+                           f"{stats['steps']} of the {steps} steps planned; a longer limit trains further.")
     _adopt_student(model, net.to("cpu").eval(), card, use, stats, temperature)
     return model
+
+
+def _time_left(time_limit_s: float | None, began: float) -> float | None:
+    """Seconds left to train in, of a whole step's limit; fails when none are."""
+    if time_limit_s is None:
+        return None
+    left = time_limit_s - (time.perf_counter() - began)
+    if left <= 0:
+        raise ValueError(f"the time limit ({time_limit_s:.0f} s) ran out before the student could train: reading "
+                         f"the train slices and the teacher's outputs took {time.perf_counter() - began:.0f} s")
+    return left
 
 
 def _student_card(teacher: ModelCard, arch: Architecture, slice_context: int) -> ModelCard:
@@ -190,19 +214,27 @@ def _student_card(teacher: ModelCard, arch: Architecture, slice_context: int) ->
 class _QuantizeFrom:
     """``after_step`` hook: from step ``start`` on, the weights are fake-quantized to ``bits``."""
 
-    def __init__(self, net, bits: int, start: int):
-        self.net, self.bits, self.start, self.step, self.layers = net, bits, max(0, start), 0, []
+    def __init__(self, net, bits: int, start: int, share: float):
+        self.net, self.bits, self.start, self.share, self.step, self.layers = net, bits, max(0, start), share, 0, []
+        self.begun = False
         if self.start == 0:
             self._begin()
 
     def _begin(self) -> None:
         from compression.steps.qat import fake_quantize_weights
 
+        self.begun = True
         self.layers = fake_quantize_weights(_convs(self.net), self.bits)
 
     def __call__(self, _module, _lr) -> None:
         self.step += 1
-        if self.step == self.start:
+        if self.step >= self.start and not self.begun:
+            self._begin()
+
+    def retarget(self, steps: int) -> None:
+        """Training was cut to ``steps``: the quantized share is its last ``share`` of those."""
+        self.start = max(0, steps - int(round(self.share * steps)))
+        if self.step >= self.start and not self.begun:
             self._begin()
 
     def bake(self) -> None:

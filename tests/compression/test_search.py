@@ -188,10 +188,45 @@ def test_candidates_read_the_sensitivity_module_s_own_table():
 
 
 def test_a_model_with_a_candidate_filter_gets_it_in_int8_in_every_size_candidate():
-    plain = se.candidate_recipes(("size",))
-    with_filter = se.candidate_recipes(("size",), candidate_filter=True)
+    plain = se.candidate_recipes(("size",), student=False)
+    with_filter = se.candidate_recipes(("size",), candidate_filter=True, student=False)
     assert [c.name + "+filter-int8" for c in plain] == [c.name for c in with_filter]
     assert all(c.steps[-1] == {"step": "compress_filter"} and c.steps[:-1] == p.steps
                for c, p in zip(with_filter, plain))
-    latency_only = se.candidate_recipes(("latency",), candidate_filter=True)
+    student = next(c for c in se.candidate_recipes(("size",), candidate_filter=True) if c.name == "student-4bit")
+    assert student.steps[-1] == {"step": "compress_filter", "weight_bits": 4}  # its own, in 4 bits: not twice
+    latency_only = se.candidate_recipes(("latency",), candidate_filter=True, student=False)
     assert not any(s["step"] == "compress_filter" for c in latency_only for s in c.steps)  # speed: the filter is ms
+
+
+def test_the_student_candidate_is_the_smallest_preset_after_the_int8_ones():
+    from compression.recipe import load_preset
+
+    names = [c.name for c in se.candidate_recipes(("size",))]
+    assert names.index("student-4bit") == 2 and names[:2] == ["int8-percentile", "int8-minmax"]
+    student = se.candidate_recipes(("latency",))[2]
+    assert student.steps == load_preset("smallest").steps and student.time_share == 0.5
+    assert "student-4bit" not in [c.name for c in se.candidate_recipes(("size",), student=False)]
+
+
+def test_under_a_time_limit_the_student_trains_in_its_share_of_the_time_left():
+    now, given = [0.0], {}
+
+    def run_candidate(candidate):  # each candidate takes 30 s of the simulated clock
+        yield from ()
+        given[candidate.name] = candidate
+        now[0] += 30.0
+        return {"deployed_bytes": 1.0, "latency_ratio": 1.0, "dice_drop": 0.0}, [], None
+
+    steps = [{"step": "distill", "steps": 20000}, {"step": "quantize_int8_ort", "mode": "weights"}]
+    candidates = [se.Candidate("int8", [{"step": "quantize_int8_ort"}]), se.Candidate("student", steps, "a student",
+                                                                                      time_share=0.5)]
+    result = run_to_end(se.search(candidates, run_candidate, BUDGET, time_limit_s=600, clock=lambda: now[0]))
+    student = given["student"]
+    # It starts at 30 s: half of the 570 s left, for its distillation only.
+    assert student.steps == [{"step": "distill", "steps": 20000, "time_limit_s": 285}, steps[1]]
+    assert "training limited to 285 s" in student.why
+    assert result.trials[1].candidate is student and candidates[1].steps[0] == {"step": "distill", "steps": 20000}
+    assert given["int8"] is candidates[0]
+    run_to_end(se.search(candidates, run_candidate, BUDGET, clock=lambda: now[0]))  # no limit: as written
+    assert given["student"] is candidates[1]

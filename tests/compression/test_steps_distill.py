@@ -85,6 +85,20 @@ def test_labels_are_required_for_label_modes():
         run_to_end(distill(fresh_model(), step_data(train=unlabelled), steps=1, use="labels"))
 
 
+def on_4bit_grid(module) -> bool:
+    """Every convolution's weights on the per-channel 4-bit grid: ±7 steps of its channel's largest / 7."""
+    import numpy as np
+    import torch
+
+    for layer in [m for m in module.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]:
+        w = layer.weight.detach().numpy()
+        w = np.moveaxis(w, 1 if layer.transposed else 0, 0).reshape(w.shape[1 if layer.transposed else 0], -1)
+        steps = w / (np.abs(w).max(axis=1, keepdims=True) / 7)
+        if np.abs(steps - np.round(steps)).max() >= 1e-4:
+            return False
+    return True
+
+
 def test_quantization_aware_distillation_ends_on_the_4bit_grid_that_4bit_weights_store_exactly():
     import numpy as np
     import torch
@@ -97,11 +111,7 @@ def test_quantization_aware_distillation_ends_on_the_4bit_grid_that_4bit_weights
     student = model.module
     convs = [m for m in student.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
     assert model.metrics["distillation"]["weight_bits"] == {"bits": 4, "from_step": 3, "layers": len(convs)}
-    for layer in convs:
-        w = layer.weight.detach().numpy()
-        w = np.moveaxis(w, 1 if layer.transposed else 0, 0).reshape(w.shape[1 if layer.transposed else 0], -1)
-        steps = w / (np.abs(w).max(axis=1, keepdims=True) / 7)
-        assert np.abs(steps - np.round(steps)).max() < 1e-4  # on the per-channel 4-bit grid, ±7 steps
+    assert on_4bit_grid(student)
     x = data.slices("calib", model.card, with_labels=False, max_slices=3)[0]
     float_logits = predict_logits(student, x)
     model = run_to_end(quantize_int8_ort(model, data, mode="weights", bits=4))
@@ -218,3 +228,19 @@ def test_hints_give_a_2p5d_students_teacher_the_centre_slice():
     assert model.card.input.channels == 3
     hints = model.metrics["distillation"]["hints"]
     assert len(hints["layers"]) >= 3 and hints["first"] > 0
+
+
+def test_a_time_limit_trains_what_fits_and_the_student_still_ends_on_its_4bit_grid():
+    model = run_to_end(distill(fresh_model(), step_data(), steps=10**6, width=0.5, weight_bits=4, qat_share=0.25,
+                               time_limit_s=6.0))
+    stats = model.metrics["distillation"]
+    ran = stats["steps"]
+    assert stats["steps_planned"] == 10**6 and 20 <= ran < 10**6
+    assert stats["weight_bits"]["from_step"] == ran - round(0.25 * ran)  # the last quarter of what ran
+    assert any("cut training to" in note for note in model.notes)
+    assert on_4bit_grid(model.module)
+
+
+def test_a_time_limit_spent_before_training_fails_the_step_with_why():
+    with pytest.raises(ValueError, match="ran out before the student could train"):
+        run_to_end(distill(fresh_model(), step_data(), steps=10, time_limit_s=1e-6))

@@ -198,3 +198,42 @@ def test_distillation_with_focus_reports_what_the_mining_saw():
     focus = model.metrics["distillation"]["focus"]
     assert focus["lesion_slices"] > 0 and [r["step"] for r in focus["rescored"]] == [2]
     assert any(note.startswith("Hard-example mining") for note in model.notes)
+
+
+def test_a_time_limit_cuts_the_steps_to_what_fits_and_ends_the_learning_rate_there():
+    import torch
+
+    now, seen = [0.0], []
+    net = fresh_net()
+    config = TrainConfig(steps=400, lr=1e-2, threads=THREADS, time_limit_s=60.0)
+    lrs = []
+    gen = train_loop(net, arrays(), make_labels_loss(10.0), config, on_cut=seen.append, clock=lambda: now[0],
+                     after_step=lambda _module, lr: lrs.append(lr))
+    ticks = []
+    try:
+        while True:
+            ticks.append(next(gen))
+            now[0] += 1.0  # each step takes one simulated second, counted when its tick arrives
+    except StopIteration as done:
+        stats = done.value
+    # The pace is read after 20 steps, of which 19 have been counted: 0.95 s a step, and 41 s left.
+    assert stats["steps"] == 20 + int(41 / 0.95) == 63 and seen == [63]
+    assert stats["steps_planned"] == 400 and stats["time_limit_s"] == 60.0
+    assert len(ticks) == 63 and ticks[-1].fraction == 1.0 and "step 63/63" in ticks[-1].message
+    # after_step sees the rate each step used: cosine from 1e-2, reaching its floor at step 63, not 400.
+    assert lrs[0] == pytest.approx(1e-2) and all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[31] == pytest.approx(0.5e-2, rel=0.05) and lrs[-1] < 1e-5
+
+
+def test_a_time_limit_that_the_planned_steps_fit_in_changes_nothing():
+    import torch
+
+    results = []
+    for limit in (None, 1e6):
+        net = fresh_net()
+        stats = run_to_end(train_loop(net, arrays(), make_labels_loss(10.0),
+                                      TrainConfig(steps=30, lr=1e-2, threads=THREADS, time_limit_s=limit)))
+        results.append((stats, [p.detach().clone() for p in net.parameters()]))
+    (plain, plain_weights), (limited, limited_weights) = results
+    assert plain["steps"] == limited["steps"] == 30 and "steps_planned" not in limited
+    assert all(torch.equal(a, b) for a, b in zip(plain_weights, limited_weights))

@@ -338,10 +338,9 @@ def _has_lesion(labels: np.ndarray) -> np.ndarray:
 
 def _pad_to_divisor(array: np.ndarray, divisor: int) -> np.ndarray:
     """Pad (N, [C,] y, x) at the far edges, as the runners do for whole slices."""
-    pads = [(-n) % max(1, divisor) for n in array.shape[-2:]]
-    if not any(pads):
-        return array
-    return np.pad(array, [(0, 0)] * (array.ndim - 2) + [(0, p) for p in pads], mode="edge")
+    from app.core.inference import pad_far
+
+    return pad_far(array, [n + (-n) % max(1, divisor) for n in array.shape[-2:]])
 
 
 def cases_from_arrays(volumes: Sequence[Volume], labels: Sequence[np.ndarray | None], patients=None) -> list[CaseData]:

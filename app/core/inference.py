@@ -381,8 +381,9 @@ class _Runner:
 
     def _predict_slices(self, batch: np.ndarray, patch: tuple[int, int] | None) -> np.ndarray:
         if patch is None:
-            padded, crop = _pad_to_multiple(batch, self.card.input.size_divisor)
-            logits = self._network(padded)[(slice(None), slice(None)) + crop]
+            divisor = max(1, self.card.input.size_divisor)
+            logits = crop_far(self._network(pad_far(batch, [n + (-n) % divisor for n in batch.shape[2:]])),
+                              batch.shape[2:])
         elif tuple(batch.shape[2:]) == tuple(patch):
             logits = self._network(batch)
         else:
@@ -558,15 +559,18 @@ def neighbour_slices(array: np.ndarray, indices, context: int) -> np.ndarray:
     return array[rows]
 
 
-def _pad_to_multiple(batch: np.ndarray, divisor: int):
-    """Pad (N, C, y, x) at the far edges to a multiple of ``divisor``; return the crop back."""
-    if divisor <= 1:
-        return batch, (slice(None), slice(None))
-    pads = [(-n) % divisor for n in batch.shape[2:]]
-    if not any(pads):
-        return batch, (slice(None), slice(None))
-    padded = np.pad(batch, [(0, 0), (0, 0)] + [(0, p) for p in pads], mode="edge")
-    return padded, tuple(slice(0, n) for n in batch.shape[2:])
+def pad_far(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """``array``'s last ``len(size)`` axes edge-padded at their far ends up to ``size`` (sides
+    already as long or longer stay as they are): the padding every runner and step uses, undone
+    by :func:`crop_far`."""
+    spatial = array.shape[array.ndim - len(size):]
+    pads = [(0, 0)] * (array.ndim - len(size)) + [(0, max(0, w - n)) for n, w in zip(spatial, size)]
+    return np.pad(array, pads, mode="edge") if any(p for _, p in pads) else array
+
+
+def crop_far(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """``array``'s last ``len(size)`` axes cut to ``size`` from their near ends (undoes :func:`pad_far`)."""
+    return array[(Ellipsis,) + tuple(slice(0, n) for n in size)]
 
 
 def extract_patch(array: np.ndarray, centre: Sequence[int], size: Sequence[int]) -> np.ndarray:
@@ -947,9 +951,8 @@ class AotiRunner(_Runner):
         want, spatial = self.input_shape[2:], batch.shape[2:]
         if patch is not None or all(n <= w for n, w in zip(spatial, want)):
             return super()._predict_slices(batch, patch)
-        grown = [(0, 0), (0, 0)] + [(0, max(0, w - n)) for n, w in zip(spatial, want)]  # a side under the window
-        probabilities = super()._predict_slices(np.pad(batch, grown, mode="edge"), tuple(want))
-        return probabilities[(slice(None), slice(None)) + tuple(slice(0, n) for n in spatial)]
+        probabilities = super()._predict_slices(pad_far(batch, want), tuple(want))  # a side under the window grows
+        return crop_far(probabilities, spatial)
 
     def _predict(self, batch: np.ndarray) -> np.ndarray:
         import torch
@@ -959,8 +962,7 @@ class AotiRunner(_Runner):
         if batch.shape[1] != channels or len(spatial) != len(want) or any(n > w for n, w in zip(spatial, want)):
             raise ModelError(f"{self.package}: compiled for {channels} channel(s) of {'×'.join(map(str, want))}, "
                              f"which cannot hold {batch.shape[1]} of {'×'.join(map(str, spatial))}")
-        pads = [(0, 0), (0, 0)] + [(0, w - n) for n, w in zip(spatial, want)]
-        padded = np.pad(batch, pads, mode="edge") if any(p for _, p in pads) else batch
+        padded = pad_far(batch, want)
         if self.threads:
             torch.set_num_threads(int(self.threads))
         outs = []
@@ -968,7 +970,7 @@ class AotiRunner(_Runner):
             for item in padded:
                 out = self.module(torch.from_numpy(np.ascontiguousarray(item[None])))
                 outs.append((out[0] if isinstance(out, (tuple, list)) else out).float().numpy())
-        return np.concatenate(outs)[(slice(None), slice(None)) + tuple(slice(0, n) for n in spatial)]
+        return crop_far(np.concatenate(outs), spatial)
 
 
 def package_trusted(variant: ModelVariant) -> bool:

@@ -101,11 +101,9 @@ def _export_size(card, input_size: int | None, calib_size) -> tuple[int, ...]:
 
 def _to_size(x, size):
     """(N, C, *spatial) cut, then edge-padded, at the far edges to ``size``."""
-    import numpy as np
+    from app.core.inference import crop_far, pad_far
 
-    cut = x[(slice(None), slice(None)) + tuple(slice(0, n) for n in size)]
-    pads = [(0, 0), (0, 0)] + [(0, n - m) for m, n in zip(cut.shape[2:], size)]
-    return np.pad(cut, pads, mode="edge") if any(p for _, p in pads) else cut
+    return pad_far(crop_far(x, size), size)
 
 
 def _package(model: WorkingModel, converted, example) -> dict:

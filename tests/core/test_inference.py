@@ -284,3 +284,16 @@ def test_two_class_fast_path_gives_the_full_softmax_and_its_argmax(tmp_path):
     assert np.abs(findings.probabilities.astype(np.float64) - softmax).max() < 1e-3  # float16 storage
     assert np.array_equal(findings.labels, np.argmax(softmax, axis=0).astype(np.uint8))
     assert len(np.unique(findings.labels)) > 1  # random weights: both classes appear, the test can fail
+
+
+def test_padding_at_the_far_edges_repeats_the_edge_and_the_crop_undoes_it():
+    from app.core.inference import crop_far, pad_far
+
+    batch = np.arange(2 * 3 * 5 * 6, dtype=np.float32).reshape(2, 3, 5, 6)
+    padded = pad_far(batch, (8, 6))
+    assert padded.shape == (2, 3, 8, 6)
+    assert np.array_equal(padded[:, :, 5:], np.repeat(batch[:, :, 4:5], 3, axis=2))  # the last row, repeated
+    assert np.array_equal(crop_far(padded, (5, 6)), batch)
+    assert pad_far(batch, (4, 4)) is batch  # sides already longer stay as they are
+    labels = np.ones((4, 7, 7), np.uint8)  # (N, y, x): only the last two axes are spatial
+    assert pad_far(labels, (8, 8)).shape == (4, 8, 8)

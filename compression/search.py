@@ -12,6 +12,12 @@ Runtime when it has one); latency as a ratio measured side by side in the same r
 candidate (the machine's load drifts between candidates; a ratio taken in one run does not).
 When a per-layer sensitivity table is given (``compression.sensitivity``), the layers that
 suffer most from quantization are kept in float in extra candidates.
+
+The time limit stops new candidates; it cannot stop one that has started. A candidate that
+trains for long (the distilled student: 35 minutes on 2 cores for the demo UNet's) therefore
+carries a ``time_share``: its training gets that share of the time left when it starts, and
+trains as many of its steps as fit (``TrainConfig.time_limit_s``). The trial records the limit
+it ran under, so its variant's recipe says how it was made.
 """
 from __future__ import annotations
 

@@ -38,14 +38,15 @@ PRESETS = (
     Preset("smallest", "Smallest within budget",
            "Tries int8, a small student distilled from your model and stored in 4 bits, channel pruning "
            "with fine-tuning and sparsity, cheapest first, until the time limit; recommends the smallest "
-           "variant within your budget. The student trains in half of the time left when it starts: the "
-           "demo's 26× smaller student took about 35 minutes on 2 cores, and a shorter run learns less. "
+           "variant within your budget. The student trains in half of the time left when it starts, if that "
+           "is 10 minutes or more: the demo's 26× smaller student took about 35 minutes on 2 cores, and a "
+           "shorter run learns less. "
            "Students and pruning risk faint nodules.",
            "size"),
     Preset("fastest", "Fastest on this machine",
            "Tries int8, a distilled student and channel pruning with fine-tuning, timed on this machine, "
            "until the time limit; recommends the fastest variant within your budget. The student trains "
-           "in half of the time left when it starts.",
+           "in half of the time left when it starts, if that is 10 minutes or more.",
            "latency"),
 )
 

@@ -131,7 +131,8 @@ def search_recipes(plan: dict, sensitivity=None) -> list[dict]:
     found = candidate_recipes(plan["search"]["objectives"], sensitivity,
                               finetune_steps=int(plan["search"].get("finetune_steps", 200)),
                               candidate_filter="candidate_filter" in open_model(plan["model"]).files)
-    return [{"name": c.name, "steps": c.steps, "why": c.why, "time_share": c.time_share} for c in found]
+    return [{"name": c.name, "steps": c.steps, "why": c.why, "time_share": c.time_share, "min_seconds": c.min_seconds}
+            for c in found]
 
 
 def source_fingerprint(variant) -> str:
@@ -248,7 +249,8 @@ class Run:
         from compression.search import Candidate, pipeline_runner, search
 
         recipes = self.plan["recipes"]
-        candidates = [Candidate(r["name"], r["steps"], r.get("why", ""), r.get("time_share", 0.0)) for r in recipes]
+        candidates = [Candidate(r["name"], r["steps"], r.get("why", ""), r.get("time_share", 0.0),
+                                r.get("min_seconds", 0.0)) for r in recipes]
         runner = pipeline_runner(original, data, eval_cases, out_dir, Budget(**self.plan["budget"]),
                                  device=self.plan["device"], threads=self.plan.get("threads"),
                                  seed=data.seed, latency_rounds=LATENCY_ROUNDS)
@@ -256,7 +258,10 @@ class Run:
                                                objectives=self.plan["search"]["objectives"],
                                                time_limit_s=self.plan.get("time_limit_s")), len(recipes))
         self.notes += [f"{t.candidate.name} could not run: {t.error}" for t in result.trials if t.error]
-        self.notes += [f"{c.name} was not tried: the time limit came first" for c in result.not_tried]
+        self.notes += [f"{c.name} was not tried: " + (f"what was left of the time limit could not give its training "
+                                                      f"the {c.min_seconds / 60:.0f} minutes it needs"
+                                                      if c.min_seconds else "the time limit came first")
+                       for c in result.not_tried]
         self.recommended = {t.candidate.name for t in result.front}
         by_name = {r["name"]: r for r in recipes}
         self.phase += len(recipes)

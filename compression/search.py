@@ -37,6 +37,8 @@ OBJECTIVES = {"size": "deployed_bytes", "latency": "latency_ratio", "accuracy": 
 
 # Steps that take a ``time_limit_s`` and train as much as fits in it (compression.steps.distill).
 TIMED_STEPS = frozenset({"distill"})
+# The least time the student's distillation is started with in a time-limited search.
+STUDENT_MIN_SECONDS = 600.0
 
 
 @dataclass
@@ -47,6 +49,9 @@ class Candidate:
     # Under a search time limit, the share of the time left when it starts that its training
     # (TIMED_STEPS) may take; 0: it runs as written. Without a limit it always runs as written.
     time_share: float = 0.0
+    # ... and the least that share may be: with less, it is not started (too little training to
+    # be worth judging) and the search goes on with the next candidate.
+    min_seconds: float = 0.0
 
 
 @dataclass
@@ -143,7 +148,7 @@ def candidate_recipes(objectives: Sequence[str] = ("size", "latency"), sensitivi
     return candidates
 
 
-def student_candidate(time_share: float = 0.5) -> Candidate:
+def student_candidate(time_share: float = 0.5, min_seconds: float = STUDENT_MIN_SECONDS) -> Candidate:
     """The ``smallest`` preset's recipe as a candidate: a 0.35-width student distilled from the
     original (quantization-aware), stored in 4 bits, its output calibrated, its filter in 4 bits."""
     from compression.recipe import load_preset
@@ -151,7 +156,7 @@ def student_candidate(time_share: float = 0.5) -> Candidate:
     recipe = load_preset("smallest")
     return Candidate("student-4bit", recipe.steps,
                      "a narrow student distilled from the original and stored in 4 bits (the smallest preset)",
-                     time_share=time_share)
+                     time_share=time_share, min_seconds=min_seconds)
 
 
 def _stores_filter(candidate: Candidate) -> bool:
@@ -202,22 +207,30 @@ def search(candidates: Sequence[Candidate], run_candidate: Callable[[Candidate],
         raise ValueError(f"unknown objective {unknown[0]!r} (choose from {', '.join(OBJECTIVES)})")
     start = clock()
     trials: list[Trial] = []
+    skipped: list[Candidate] = []  # too little time left for their training
     for index, candidate in enumerate(candidates):
         if time_limit_s is not None and clock() - start >= time_limit_s:
-            return _result(trials, objectives, list(candidates[index:]), clock() - start)
+            return _result(trials, objectives, skipped + list(candidates[index:]), clock() - start)
         span = (index / len(candidates), (index + 1) / len(candidates))
         if time_limit_s is not None:
-            candidate = fitted_to_time(candidate, time_limit_s - (clock() - start))
+            fitted = fitted_to_time(candidate, time_limit_s - (clock() - start))
+            if fitted is None:
+                skipped.append(candidate)
+                continue
+            candidate = fitted
         trials.append((yield from _trial(candidate, run_candidate, clock, span, f"{candidate.name}: ")))
     yield Progress(1.0, f"{len(trials)} candidates tried")
-    return _result(trials, objectives, [], clock() - start)
+    return _result(trials, objectives, skipped, clock() - start)
 
 
-def fitted_to_time(candidate: Candidate, seconds_left: float) -> Candidate:
-    """The candidate with its training limited to its share of the time left (see Candidate.time_share)."""
+def fitted_to_time(candidate: Candidate, seconds_left: float) -> Candidate | None:
+    """The candidate with its training limited to its share of the time left (see Candidate.time_share);
+    None when that share is under its ``min_seconds``."""
     if candidate.time_share <= 0:
         return candidate
     limit = max(1, round(candidate.time_share * seconds_left))
+    if limit < candidate.min_seconds:
+        return None
     steps = [{**s, "time_limit_s": limit} if s.get("step") in TIMED_STEPS else s for s in candidate.steps]
     return replace(candidate, steps=steps, why=f"{candidate.why}; training limited to {limit} s "
                                              f"({candidate.time_share:.0%} of the time left)")

@@ -206,6 +206,7 @@ def test_the_student_candidate_is_the_smallest_preset_after_the_int8_ones():
     assert names.index("student-4bit") == 2 and names[:2] == ["int8-percentile", "int8-minmax"]
     student = se.candidate_recipes(("latency",))[2]
     assert student.steps == load_preset("smallest").steps and student.time_share == 0.5
+    assert student.min_seconds == se.STUDENT_MIN_SECONDS == 600
     assert "student-4bit" not in [c.name for c in se.candidate_recipes(("size",), student=False)]
 
 
@@ -230,3 +231,20 @@ def test_under_a_time_limit_the_student_trains_in_its_share_of_the_time_left():
     assert given["int8"] is candidates[0]
     run_to_end(se.search(candidates, run_candidate, BUDGET, clock=lambda: now[0]))  # no limit: as written
     assert given["student"] is candidates[1]
+
+
+def test_a_student_whose_share_would_be_too_short_is_not_started_and_the_search_goes_on():
+    now, ran = [0.0], []
+
+    def run_candidate(candidate):
+        yield from ()
+        ran.append(candidate.name)
+        now[0] += 100.0
+        return {"deployed_bytes": 1.0, "latency_ratio": 1.0, "dice_drop": 0.0}, [], None
+
+    candidates = [se.Candidate("int8", []), se.Candidate("student", [{"step": "distill"}], time_share=0.5,
+                                                         min_seconds=300), se.Candidate("prune", [])]
+    result = run_to_end(se.search(candidates, run_candidate, BUDGET, time_limit_s=600, clock=lambda: now[0]))
+    # At 100 s, half of the 500 s left is 250 s, under the student's 300: it is skipped, pruning runs.
+    assert ran == ["int8", "prune"] and [c.name for c in result.not_tried] == ["student"]
+    assert "student" in result.table() and "not tried (time limit)" in result.table()

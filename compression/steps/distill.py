@@ -232,9 +232,12 @@ class _QuantizeFrom:
             self._begin()
 
     def retarget(self, steps: int) -> None:
-        """Training was cut to ``steps``: the quantized share is its last ``share`` of those."""
-        self.start = max(0, steps - int(round(self.share * steps)))
-        if self.step >= self.start and not self.begun:
+        """Training was cut to ``steps``: the quantized share is its last ``share`` of those (or more,
+        when it had begun before a later cut)."""
+        if self.begun:
+            return
+        self.start = max(self.step, steps - int(round(self.share * steps)))
+        if self.step >= self.start:
             self._begin()
 
     def bake(self) -> None:

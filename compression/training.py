@@ -213,11 +213,12 @@ def train_loop(module, arrays: dict[str, np.ndarray], loss_fn: Callable, config:
 
     ``config.time_limit_s``: the first few steps are timed, and when the planned steps would not
     end within the limit the run is cut to as many as fit: the learning rate's cosine then ends
-    at the cut, and ``on_cut(steps)`` tells the caller (quantization-aware training starts its
-    last share earlier). The pace is timed again every 2.5 % of the steps to run, and the run
-    cut further when it slowed (quantization-aware steps cost more; so does a busy machine): a
-    limited 20000-step distillation timed once overran its limit by a third. The stats say how
-    many steps were planned and how many ran.
+    at the cut, and ``on_cut(steps)`` tells the caller (quantization-aware training moves its
+    last share with it). The pace is timed again every 2.5 % of the steps to run, and the count
+    moved to what fits at the pace of the last stretch, never past the planned steps: timed
+    once, a limited 20000-step distillation on the demo data overran its limit by a third on a
+    machine that got busy, and another, timed on its slower first steps, ended with a third of
+    its time unused. The stats say how many steps were planned and how many ran.
     """
     import torch
 
@@ -260,7 +261,7 @@ def train_loop(module, arrays: dict[str, np.ndarray], loss_fn: Callable, config:
         if step + 1 == check:
             now = clock()
             fits = _steps_that_fit(config, step + 1, now - start, (now - mark[1]) / (step + 1 - mark[0]))
-            if fits < total:
+            if fits != total:
                 total = schedule.T_max = fits
                 for group, base in zip(optimiser.param_groups, schedule.base_lrs):  # onto the shorter cosine
                     group["lr"] = base * (1 + math.cos(math.pi * schedule.last_epoch / total)) / 2

@@ -232,8 +232,8 @@ class _QuantizeFrom:
             self._begin()
 
     def retarget(self, steps: int) -> None:
-        """Training was cut to ``steps``: the quantized share is its last ``share`` of those (or more,
-        when it had begun before a later cut)."""
+        """Training now runs ``steps``: the quantized share is its last ``share`` of those. Once begun it
+        stays begun, so a cut after that leaves it a smaller share; the weights end on the grid all the same."""
         if self.begun:
             return
         self.start = max(self.step, steps - int(round(self.share * steps)))

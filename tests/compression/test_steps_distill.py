@@ -236,7 +236,7 @@ def test_a_time_limit_trains_what_fits_and_the_student_still_ends_on_its_4bit_gr
     stats = model.metrics["distillation"]
     ran = stats["steps"]
     assert stats["steps_planned"] == 10**6 and 20 <= ran < 10**6
-    assert 0 < stats["weight_bits"]["from_step"] <= ran - round(0.25 * ran)  # at least the last quarter of what ran
+    assert 0 < stats["weight_bits"]["from_step"] < ran  # about its last quarter: a cut once it began shortens it
     assert any("cut training to" in note for note in model.notes)
     assert on_4bit_grid(model.module)
 

@@ -245,6 +245,22 @@ def test_a_run_that_slows_down_is_cut_again_and_ends_near_its_limit():
     assert now[0] <= 300.0 + 3.0 * 20  # over by at most one check's window of slow steps
 
 
+def test_a_run_timed_on_slow_first_steps_takes_back_the_steps_it_has_time_for():
+    now, seen = [0.0], []
+    config = TrainConfig(steps=4000, lr=1e-2, threads=THREADS, time_limit_s=300.0)
+    gen = train_loop(fresh_net(), arrays(), make_labels_loss(10.0), config, on_cut=seen.append, clock=lambda: now[0])
+    ran = 0
+    try:
+        while True:
+            next(gen)
+            ran += 1
+            now[0] += 3.0 if ran <= 20 else 1.0  # a slow start (loading, warm-up), then the steady pace
+    except StopIteration as done:
+        stats = done.value
+    assert seen[0] < 120 and stats["steps"] == seen[-1] > 200  # timed on the slow start, then given more
+    assert 280 <= now[0] <= 300.0 + 20  # it used its time, and kept to it within a check's window
+
+
 def test_a_time_limit_that_the_planned_steps_fit_in_changes_nothing():
     import torch
 

@@ -100,9 +100,9 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
     hints compete with the output for the student's few channels.
     ``time_limit_s``: the whole step ends within about this many seconds. Reading the slices and
     the teacher's outputs come first; training then takes as many of ``steps`` as fit in what is
-    left, at the pace of its first steps, with the learning rate's schedule and the
-    quantization-aware share fitted to that count (the search gives its student a share of its
-    time limit this way). It fails when nothing is left to train in.
+    left, at the pace it measures as it trains (``TrainConfig.time_limit_s``), with the learning
+    rate's schedule and the quantization-aware share fitted to that count (the search gives its
+    student a share of its time limit this way). It fails when nothing is left to train in.
     """
     from app.core.models import build_network
 
@@ -143,14 +143,15 @@ def distill(model: WorkingModel, data: StepData, *, width: float = 0.5, student:
             make_distillation_loss(temperature, label_weight if use == "both" else 0.0, foreground_weight))
     sampler = (DisagreementSampler(arrays["x"], arrays["teacher"], focus, focus_every, data.device)
                if focus > 0 and "teacher" in arrays else None)
-    quantized = _QuantizeFrom(net, weight_bits, steps - int(round(qat_share * steps)), qat_share) if weight_bits else None
+    quantized = (_QuantizeFrom(net, weight_bits, steps - int(round(qat_share * steps)), qat_share)
+                 if weight_bits else None)
     hints = _Hints(model, net, card.input.channels, hint_weight, data.device) if hint_weight > 0 else None
     try:
         groups = [{"params": list(net.parameters()) + hints.parameters()}] if hints else None
+        on_cut = quantized.retarget if quantized is not None else None
         stats = yield from scaled(train_loop(net, arrays, hints.loss(loss) if hints else loss, config,
                                              param_groups=groups, sampler=sampler, after_step=quantized,
-                                             label="distillation", on_cut=quantized and quantized.retarget),
-                                  0.05, 1.0)
+                                             label="distillation", on_cut=on_cut), 0.05, 1.0)
     finally:
         if quantized is not None:
             quantized.bake()

@@ -200,65 +200,51 @@ def test_distillation_with_focus_reports_what_the_mining_saw():
     assert any(note.startswith("Hard-example mining") for note in model.notes)
 
 
-def test_a_time_limit_cuts_the_steps_to_what_fits_and_ends_the_learning_rate_there():
-    import torch
-
-    now, seen = [0.0], []
-    net = fresh_net()
-    config = TrainConfig(steps=400, lr=1e-2, threads=THREADS, time_limit_s=60.0)
-    lrs = []
-    gen = train_loop(net, arrays(), make_labels_loss(10.0), config, on_cut=seen.append, clock=lambda: now[0],
-                     after_step=lambda _module, lr: lrs.append(lr))
-    ticks = []
+def run_on_a_simulated_clock(config: TrainConfig, seconds_for_step, **hooks):
+    """train_loop on a clock that moves ``seconds_for_step(n)`` when step n's tick arrives: the pace
+    it measures is exactly known. Returns (stats, ticks, the clock at the end, the counts it set)."""
+    now, seen, ticks = [0.0], [], []
+    gen = train_loop(fresh_net(), arrays(), make_labels_loss(10.0), config, on_cut=seen.append,
+                     clock=lambda: now[0], **hooks)
     try:
         while True:
             ticks.append(next(gen))
-            now[0] += 1.0  # each step takes one simulated second, counted when its tick arrives
+            now[0] += seconds_for_step(len(ticks))
     except StopIteration as done:
-        stats = done.value
+        return done.value, ticks, now[0], seen
+
+
+def test_a_time_limit_cuts_the_steps_to_what_fits_and_ends_the_learning_rate_there():
+    lrs = []
+    stats, ticks, end, seen = run_on_a_simulated_clock(
+        TrainConfig(steps=400, lr=1e-2, threads=THREADS, time_limit_s=60.0), lambda _n: 1.0,
+        after_step=lambda _module, lr: lrs.append(lr))
     # The pace is read after 20 steps, of which 19 have been counted: 0.95 s a step, 41 s left, 63
     # steps. Read again at step 40 (39 s): 1 s a step, 21 s left, 61 steps; at step 60 it holds.
     assert seen == [20 + int(41 / 0.95), 40 + 21] == [63, 61] and stats["steps"] == 61
     assert stats["steps_planned"] == 400 and stats["time_limit_s"] == 60.0
     assert len(ticks) == 61 and ticks[-1].fraction == 1.0 and "step 61/61" in ticks[-1].message
-    assert now[0] == 61.0  # the last tick counted: the run ended at its limit
+    assert end == 61.0  # the last tick counted: the run ended at its limit
     # after_step sees the rate each step used: cosine from 1e-2, reaching its floor at the cut, not at 400.
     assert lrs[0] == pytest.approx(1e-2) and all(a >= b for a, b in zip(lrs, lrs[1:]))
     assert lrs[31] == pytest.approx(0.5e-2, rel=0.05) and lrs[-1] < 1e-5
 
 
 def test_a_run_that_slows_down_is_cut_again_and_ends_near_its_limit():
-    now, seen = [0.0], []
-    net = fresh_net()
-    config = TrainConfig(steps=4000, lr=1e-2, threads=THREADS, time_limit_s=300.0)
-    gen = train_loop(net, arrays(), make_labels_loss(10.0), config, on_cut=seen.append, clock=lambda: now[0])
-    ran = 0
-    try:
-        while True:
-            next(gen)
-            ran += 1
-            now[0] += 1.0 if ran <= 100 else 3.0  # from step 101 on, three times slower (as QAT steps are)
-    except StopIteration as done:
-        stats = done.value
+    # from step 101 on, three times slower (a machine that got busy)
+    stats, _ticks, end, seen = run_on_a_simulated_clock(
+        TrainConfig(steps=4000, lr=1e-2, threads=THREADS, time_limit_s=300.0), lambda n: 1.0 if n <= 100 else 3.0)
     # Timed once, the first 20 steps promised about 300; the slowdown is seen at the next checks.
     assert seen[0] > 280 and len(seen) >= 2 and stats["steps"] == seen[-1] < 200
-    assert now[0] <= 300.0 + 3.0 * 20  # over by at most one check's window of slow steps
+    assert end <= 300.0 + 3.0 * 20  # over by at most one check's window of slow steps
 
 
 def test_a_run_timed_on_slow_first_steps_takes_back_the_steps_it_has_time_for():
-    now, seen = [0.0], []
-    config = TrainConfig(steps=4000, lr=1e-2, threads=THREADS, time_limit_s=300.0)
-    gen = train_loop(fresh_net(), arrays(), make_labels_loss(10.0), config, on_cut=seen.append, clock=lambda: now[0])
-    ran = 0
-    try:
-        while True:
-            next(gen)
-            ran += 1
-            now[0] += 3.0 if ran <= 20 else 1.0  # a slow start (loading, warm-up), then the steady pace
-    except StopIteration as done:
-        stats = done.value
+    # a slow start (loading, warm-up), then the steady pace
+    stats, _ticks, end, seen = run_on_a_simulated_clock(
+        TrainConfig(steps=4000, lr=1e-2, threads=THREADS, time_limit_s=300.0), lambda n: 3.0 if n <= 20 else 1.0)
     assert seen[0] < 120 and stats["steps"] == seen[-1] > 200  # timed on the slow start, then given more
-    assert 280 <= now[0] <= 300.0 + 20  # it used its time, and kept to it within a check's window
+    assert 280 <= end <= 300.0 + 20  # it used its time, and kept to it within a check's window
 
 
 def test_a_time_limit_that_the_planned_steps_fit_in_changes_nothing():

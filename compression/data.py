@@ -219,17 +219,21 @@ def cut_slices(cases: Sequence[CaseData], card: ModelCard, *, with_labels: bool,
         if len(missing):
             names = ", ".join(c.case for c in (missing.cases if isinstance(missing, LazyCases) else missing))
             raise DataError(f"labels are needed but these cases have none: {names}")
+    from app.core.inference import pad_to_multiple
+
     images, labels = yield from _prepared_slices(cases, card, max_slices, foreground_fraction, seed, dtype, guide)
     x = _as_input(images, card)
     del images
-    y = _pad_to_divisor(labels, card.input.size_divisor) if with_labels else None
+    y = pad_to_multiple(labels, card.input.size_divisor) if with_labels else None
     return np.ascontiguousarray(x, dtype), y
 
 
 def _as_input(images: np.ndarray, card: ModelCard) -> np.ndarray:
     """Prepared slices (N, y, x), or (N, 2k + 1, y, x) with their neighbours, as the network reads
     them: padded to its size divisor, with its channel axis."""
-    x = _pad_to_divisor(images, card.input.size_divisor)
+    from app.core.inference import pad_to_multiple
+
+    x = pad_to_multiple(images, card.input.size_divisor)
     if not card.input.slice_context:
         x = x[:, None]
         x = np.repeat(x, card.input.channels, axis=1) if card.input.channels > 1 else x
@@ -334,13 +338,6 @@ def _choose_slices(has_fg: np.ndarray, n_fg: int, n_bg: int, rng, substitute: bo
 def _has_lesion(labels: np.ndarray) -> np.ndarray:
     """Per slice of (N, y, x) labels: does it hold any lesion voxel (N may be 0)."""
     return labels.any(axis=(1, 2)) if len(labels) else np.zeros(0, bool)
-
-
-def _pad_to_divisor(array: np.ndarray, divisor: int) -> np.ndarray:
-    """Pad (N, [C,] y, x) at the far edges, as the runners do for whole slices."""
-    from app.core.inference import pad_far
-
-    return pad_far(array, [n + (-n) % max(1, divisor) for n in array.shape[-2:]])
 
 
 def cases_from_arrays(volumes: Sequence[Volume], labels: Sequence[np.ndarray | None], patients=None) -> list[CaseData]:

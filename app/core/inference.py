@@ -381,9 +381,7 @@ class _Runner:
 
     def _predict_slices(self, batch: np.ndarray, patch: tuple[int, int] | None) -> np.ndarray:
         if patch is None:
-            divisor = max(1, self.card.input.size_divisor)
-            logits = crop_far(self._network(pad_far(batch, [n + (-n) % divisor for n in batch.shape[2:]])),
-                              batch.shape[2:])
+            logits = crop_far(self._network(pad_to_multiple(batch, self.card.input.size_divisor)), batch.shape[2:])
         elif tuple(batch.shape[2:]) == tuple(patch):
             logits = self._network(batch)
         else:
@@ -566,6 +564,12 @@ def pad_far(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
     spatial = array.shape[array.ndim - len(size):]
     pads = [(0, 0)] * (array.ndim - len(size)) + [(0, max(0, w - n)) for n, w in zip(spatial, size)]
     return np.pad(array, pads, mode="edge") if any(p for _, p in pads) else array
+
+
+def pad_to_multiple(array: np.ndarray, divisor: int) -> np.ndarray:
+    """(…, y, x) edge-padded at the far edges to a multiple of ``divisor``: whole slices as a
+    network with that many halvings reads them (the runners and the training slices alike)."""
+    return pad_far(array, [n + (-n) % max(1, divisor) for n in array.shape[-2:]])
 
 
 def crop_far(array: np.ndarray, size: Sequence[int]) -> np.ndarray:

@@ -287,7 +287,7 @@ def test_two_class_fast_path_gives_the_full_softmax_and_its_argmax(tmp_path):
 
 
 def test_padding_at_the_far_edges_repeats_the_edge_and_the_crop_undoes_it():
-    from app.core.inference import crop_far, pad_far
+    from app.core.inference import crop_far, pad_far, pad_to_multiple
 
     batch = np.arange(2 * 3 * 5 * 6, dtype=np.float32).reshape(2, 3, 5, 6)
     padded = pad_far(batch, (8, 6))
@@ -297,3 +297,4 @@ def test_padding_at_the_far_edges_repeats_the_edge_and_the_crop_undoes_it():
     assert pad_far(batch, (4, 4)) is batch  # sides already longer stay as they are
     labels = np.ones((4, 7, 7), np.uint8)  # (N, y, x): only the last two axes are spatial
     assert pad_far(labels, (8, 8)).shape == (4, 8, 8)
+    assert pad_to_multiple(labels, 4).shape == (4, 8, 8) and pad_to_multiple(batch, 1) is batch

@@ -18,6 +18,7 @@ Qt-free: the child process imports this module.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -131,8 +132,7 @@ def search_recipes(plan: dict, sensitivity=None) -> list[dict]:
     found = candidate_recipes(plan["search"]["objectives"], sensitivity,
                               finetune_steps=int(plan["search"].get("finetune_steps", 200)),
                               candidate_filter="candidate_filter" in open_model(plan["model"]).files)
-    return [{"name": c.name, "steps": c.steps, "why": c.why, "time_share": c.time_share, "min_seconds": c.min_seconds}
-            for c in found]
+    return [dataclasses.asdict(c) for c in found]  # back into a Candidate with Candidate(**recipe)
 
 
 def source_fingerprint(variant) -> str:
@@ -249,8 +249,7 @@ class Run:
         from compression.search import Candidate, pipeline_runner, search
 
         recipes = self.plan["recipes"]
-        candidates = [Candidate(r["name"], r["steps"], r.get("why", ""), r.get("time_share", 0.0),
-                                r.get("min_seconds", 0.0)) for r in recipes]
+        candidates = [Candidate(**r) for r in recipes]
         runner = pipeline_runner(original, data, eval_cases, out_dir, Budget(**self.plan["budget"]),
                                  device=self.plan["device"], threads=self.plan.get("threads"),
                                  seed=data.seed, latency_rounds=LATENCY_ROUNDS)

@@ -177,10 +177,11 @@ class CompressConfig:
     lost_nodules_only: bool = False  # count only nodules (from 6 mm) the original finds and the variant misses
     device: str = "cpu"
     threads: int | None = None
-    search_minutes: str = "10"
+    # Long enough for the search presets' student to be tried: it starts only with twice its 10
+    # minutes left, after the int8 candidates (search_advice).
+    search_minutes: str = "60"
     output: str = ""
     name: str = ""              # the run's name: the output sub-folder
-    max_train_slices: int | None = 64   # keeps calibration / fine-tuning short on a laptop
     search_finetune_steps: int = 200    # fine-tuning per pruned candidate in a search
 
     def copy(self) -> "CompressConfig":
@@ -219,6 +220,26 @@ def parse_minutes(text: str) -> float:
     if not match or float(match.group(1)) <= 0:
         raise ValueError(f"search time limit: cannot read {text!r} — write minutes, such as 10")
     return float(match.group(1))
+
+
+def search_advice(config: CompressConfig) -> str:
+    """A warning, not a problem: a search preset's time limit too short for its distilled student,
+    which the search starts only with twice its minimum training time left (its share is half)."""
+    from compression.search import STUDENT_MIN_SECONDS, student_candidate
+
+    if config.preset == EXPERT or not preset(config.preset).search_for:
+        return ""
+    try:
+        minutes = parse_minutes(config.search_minutes)
+    except ValueError:
+        return ""   # the Budget page's problems say why
+    needed = STUDENT_MIN_SECONDS / student_candidate().time_share / 60.0
+    if minutes >= needed:
+        return ""
+    return (f"With {minutes:g} minutes the distilled student, the candidate that makes a model far smaller "
+            f"and faster, will not be tried: it starts only with {needed:.0f} minutes or more left, after "
+            f"the int8 candidates. The demo's student trained for about 35 minutes on 2 cores; allow an "
+            f"hour or more.")
 
 
 @dataclass(frozen=True)
@@ -367,7 +388,7 @@ def run_plan(config: CompressConfig) -> dict:
             "sensitivity_first": config.sensitivity_first, "device": config.device,
             "threads": config.threads, "time_limit_s": 60.0 * parse_minutes(config.search_minutes),
             "output": config.output, "run_name": config.name or default_run_name(config),
-            "max_train_slices": config.max_train_slices, "recipe": to_recipe(config)}
+            "recipe": to_recipe(config)}
 
 
 def _data_dict(data: DataChoice) -> dict:

@@ -18,13 +18,14 @@ from PySide6.QtWidgets import (QButtonGroup, QCheckBox, QComboBox, QDoubleSpinBo
                                QVBoxLayout, QWidget, QWizard, QWizardPage)
 
 from app.compress_config import (EXPERT, PRESETS, TECHNIQUES, CompressConfig, CompressConfigModel,
-                                 Parameter, load_recipe, problems, save_recipe)
+                                 Parameter, load_recipe, problems, save_recipe, search_advice)
 from app.core.manifest import SPLITS
 from app.jobs import JobManager
 from app.settings import app_settings
 
 PROBLEM_STYLE = "QLabel { color: #c0392b; font-weight: bold; }"
 WARNING_COLOUR = "#b06000"
+ADVICE_STYLE = f"QLabel {{ color: {WARNING_COLOUR}; }}"
 
 
 def file_size_text(n_bytes: int | None) -> str:
@@ -542,6 +543,10 @@ class BudgetPage(ConfigPage):
         self.threads.setSpecialValueText("all cores")
         self.output, self.run_name = QLineEdit(), QLineEdit()
         self.run_name.setPlaceholderText("(model, preset and time)")
+        self.advice_label = QLabel()   # a warning that does not block Next (search_advice)
+        self.advice_label.setObjectName("advice")
+        self.advice_label.setWordWrap(True)
+        self.advice_label.setStyleSheet(ADVICE_STYLE)
         self._layout()
         self._connect()
 
@@ -555,6 +560,7 @@ class BudgetPage(ConfigPage):
         form.addRow("Target device", self.device)
         form.addRow("Threads", self.threads)
         form.addRow("Search time limit (minutes)", self.minutes)
+        form.addRow("", self.advice_label)
         form.addRow("Save variants under", _browse_row(self.output, "Browse…", self._browse_output))
         form.addRow("Run name", self.run_name)
         hint = QLabel(BUDGET_HINT)
@@ -570,6 +576,7 @@ class BudgetPage(ConfigPage):
         self.lesion_mm.textChanged.connect(lambda text: m.set("lost_lesion_mm", text))
         self.nodules_only.toggled.connect(lambda on: m.set("lost_nodules_only", bool(on)))
         self.minutes.textChanged.connect(lambda text: m.set("search_minutes", text))
+        self.minutes.textChanged.connect(lambda _text: self._show_advice())
         self.device.currentIndexChanged.connect(lambda _i: m.set("device", self.device.currentData() or "cpu"))
         self.threads.valueChanged.connect(lambda n: m.set("threads", int(n) or None))
         self.output.textChanged.connect(lambda text: m.set("output", text.strip()))
@@ -590,6 +597,12 @@ class BudgetPage(ConfigPage):
             edit.setText(text)
         self.nodules_only.setChecked(c.lost_nodules_only)
         self.threads.setValue(c.threads or 0)
+        self._show_advice()
+
+    def _show_advice(self) -> None:
+        advice = search_advice(self.config)
+        self.advice_label.setText(advice)
+        self.advice_label.setVisible(bool(advice))
 
     def page_problems(self) -> list[str]:
         return problems(self.config, "budget") + problems(self.config, "output")

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from app.compress_config import (EXPERT, TECHNIQUES, CompressConfig, DataChoice, from_recipe, load_recipe,
-                                 parse_fraction, parse_mm, problems, run_plan, save_recipe, to_recipe)
+                                 parse_fraction, parse_mm, problems, run_plan, save_recipe, search_advice,
+                                 to_recipe)
 from app.compress_data import survey_data
 from app.core.progress import run_to_end
 
@@ -43,6 +44,16 @@ def test_every_page_has_its_own_messages(tmp_path):
     assert problems(config, "techniques") == ["Add at least one technique to the expert recipe."]
     with pytest.raises(ValueError, match="Choose the model"):
         run_plan(config)
+
+
+def test_a_search_too_short_for_its_student_is_warned_of_not_refused():
+    short = CompressConfig(preset="smallest", search_minutes="10")
+    assert "will not be tried: it starts only with 20 minutes or more left" in search_advice(short)
+    assert problems(short, "budget") == []
+    assert search_advice(CompressConfig(preset="fastest", search_minutes="19")) != ""
+    assert search_advice(CompressConfig(preset="smallest", search_minutes="20")) == ""
+    assert search_advice(CompressConfig(preset="safe-int8", search_minutes="10")) == ""   # no search
+    assert search_advice(CompressConfig(preset="smallest")) == ""   # the default limit lets it start
 
 
 def test_technique_parameters_are_the_steps_own():

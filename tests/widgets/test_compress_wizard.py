@@ -176,6 +176,11 @@ def test_smallest_preset_searches_until_the_time_limit(qtbot, make_wizard, demo_
     wizard.techniques_page.preset_buttons["smallest"].setChecked(True)
     wizard.techniques_page.sensitivity.setChecked(True)
     wizard.next()
+    advice = wizard.budget_page.advice_label   # the limit is too short for the student: said, not refused
+    assert advice.isVisible() and advice.text().startswith("With 0.01 minutes the distilled student")
+    wizard.budget_page.minutes.setText("60")
+    assert not advice.isVisible()
+    wizard.budget_page.minutes.setText("0.01")
     wizard.next()
     run = wizard.run_page
     qtbot.waitUntil(lambda: run.state != "running", timeout=RUN_TIMEOUT_MS)

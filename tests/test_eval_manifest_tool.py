@@ -88,3 +88,16 @@ def test_unlabelled_train_cases_join_train_without_their_labels(tmp_path):
     leaked = _write(tmp_path / "s14", [("CASE001", "P5-2", "train")])  # an eval patient offered as unlabelled train
     with pytest.raises(SystemExit, match="patient P5-2 is also in"):
         _tool().main([str(tmp_path / "b2" / "manifest.csv"), str(base), "--unlabelled-train", str(leaked)])
+
+
+def test_a_repeated_option_adds_its_manifests_instead_of_keeping_the_last(tmp_path):
+    """``--train S9 --train S10`` once kept only S10: a 184-scan set was silently built with 64."""
+    base = _write(tmp_path / "base", [("CASE001", "P5-1", "train"), ("CASE002", "P5-2", "eval")])
+    s9 = _write(tmp_path / "s9", [("CASE001", "P9-1", "eval")])
+    s10 = _write(tmp_path / "s10", [("CASE001", "P10-1", "eval")])
+    s11 = _write(tmp_path / "s11", [("CASE001", "P11-1", "eval")])
+    out = tmp_path / "big" / "manifest.csv"
+    assert _tool().main([str(out), str(base), "--train", str(s9), "--train", str(s10), str(s11)]) == 0
+    assert [(c.case, c.split) for c in read_manifest(out).cases] == [
+        ("ACASE001", "train"), ("ACASE002", "eval"), ("BCASE001", "train"), ("CCASE001", "train"),
+        ("DCASE001", "train")]

@@ -54,9 +54,12 @@ def main(argv=None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("base", type=Path)
     parser.add_argument("extras", type=Path, nargs="*")
-    parser.add_argument("--calib", type=Path, nargs="+", default=[], help="manifests whose cases join the calib split")
-    parser.add_argument("--train", type=Path, nargs="+", default=[], help="manifests whose cases join the train split")
-    parser.add_argument("--unlabelled-train", type=Path, nargs="+", default=[],
+    # "extend": each repeat of an option adds its manifests (the default kept only the last one)
+    parser.add_argument("--calib", type=Path, nargs="+", action="extend", default=[],
+                        help="manifests whose cases join the calib split")
+    parser.add_argument("--train", type=Path, nargs="+", action="extend", default=[],
+                        help="manifests whose cases join the train split")
+    parser.add_argument("--unlabelled-train", type=Path, nargs="+", action="extend", default=[],
                         help="manifests whose cases join the train split without their labels")
     args = parser.parse_args(argv)
     if not (args.extras or args.calib or args.train or args.unlabelled_train):

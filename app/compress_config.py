@@ -224,8 +224,8 @@ def parse_minutes(text: str) -> float:
 
 def search_advice(config: CompressConfig) -> str:
     """A warning, not a problem: a search preset's time limit too short for its distilled student,
-    which the search starts only with twice its minimum training time left (its share is half)."""
-    from compression.search import STUDENT_MIN_SECONDS, student_candidate
+    which the search starts only with ``STUDENT_START_SECONDS`` left (compression.search)."""
+    from compression.search import STUDENT_START_SECONDS
 
     if config.preset == EXPERT or not preset(config.preset).search_for:
         return ""
@@ -233,7 +233,7 @@ def search_advice(config: CompressConfig) -> str:
         minutes = parse_minutes(config.search_minutes)
     except ValueError:
         return ""   # the Budget page's problems say why
-    needed = STUDENT_MIN_SECONDS / student_candidate().time_share / 60.0
+    needed = STUDENT_START_SECONDS / 60.0
     if minutes >= needed:
         return ""
     return (f"With {minutes:g} minutes the distilled student, the candidate that makes a model far smaller "

@@ -37,8 +37,11 @@ OBJECTIVES = {"size": "deployed_bytes", "latency": "latency_ratio", "accuracy": 
 
 # Steps that take a ``time_limit_s`` and train as much as fits in it (compression.steps.distill).
 TIMED_STEPS = frozenset({"distill"})
-# The least time the student's distillation is started with in a time-limited search.
+# The least time the student's distillation is started with in a time-limited search, and its
+# share of the time left when it starts: so it starts only with STUDENT_START_SECONDS left.
 STUDENT_MIN_SECONDS = 600.0
+STUDENT_TIME_SHARE = 0.5
+STUDENT_START_SECONDS = STUDENT_MIN_SECONDS / STUDENT_TIME_SHARE
 
 
 @dataclass
@@ -148,7 +151,7 @@ def candidate_recipes(objectives: Sequence[str] = ("size", "latency"), sensitivi
     return candidates
 
 
-def student_candidate(time_share: float = 0.5, min_seconds: float = STUDENT_MIN_SECONDS) -> Candidate:
+def student_candidate(time_share: float = STUDENT_TIME_SHARE, min_seconds: float = STUDENT_MIN_SECONDS) -> Candidate:
     """The ``smallest`` preset's recipe as a candidate: a 0.35-width student distilled from the
     original (quantization-aware), stored in 4 bits, its output calibrated, its filter in 4 bits."""
     from compression.recipe import load_preset

@@ -81,8 +81,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from monai.networks.nets import UNet
 
+    from app.core.demo_models import UNET_ARGS
+    from app.core.model_card import Architecture
+    from app.core.models import build_network
     from app.core.progress import run_to_end
     from compression.cost import measure_latency, onnx_predictor
 
@@ -91,8 +93,7 @@ def main(argv=None) -> int:
         files = {}
         for label, channels in SHAPES.items():
             torch.manual_seed(0)
-            net = UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=channels, strides=(2, 2, 2, 2),
-                       num_res_units=2, act=("LEAKYRELU", {"negative_slope": 0.1}), norm="BATCH").eval()
+            net = build_network(Architecture("UNet", {**UNET_ARGS, "channels": channels})).eval()
             plain, subpixel = Path(folder) / f"{channels[0]}.onnx", Path(folder) / f"{channels[0]}_subpixel.onnx"
             torch.onnx.export(net, torch.zeros(1, 1, 512, 512), plain, input_names=["input"],
                               output_names=["logits"], opset_version=17, dynamo=False)

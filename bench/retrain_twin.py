@@ -38,8 +38,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
-    from app.core.demo_models import export_onnx, iter_demo_cases, save_weights, train_unet
-    from app.core.model_card import load_card, save_card
+    from app.core.demo_models import iter_demo_cases, train_unet, write_model_folder
+    from app.core.model_card import load_card
     from app.core.models import sha256_file
     from app.core.progress import run_with_bar
 
@@ -51,16 +51,14 @@ def main(argv=None) -> int:
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(ORIGINAL, partial)
-    save_weights(net, partial / "model.pt")
-    diff = export_onnx(net, partial / "model.onnx", (1, 1, 64, 64), dynamic_spatial=True)
     card = load_card(partial / "card.json")
-    card = replace(card, version=f"{card.version}-seed{args.seed}")
-    card = card.with_lineage(weights_sha256=sha256_file(partial / "model.pt"), seed=args.seed,
-                             training_time_s=round(seconds, 1), parent_sha256=sha256_file(Path(args.init)))
-    save_card(card, partial / "card.json")
+    card = replace(card, version=f"{card.version}-seed{args.seed}").with_lineage(
+        seed=args.seed, training_time_s=round(seconds, 1), parent_sha256=sha256_file(Path(args.init)))
+    card = write_model_folder(net, card, partial, (1, 1, 64, 64), dynamic_spatial=True)
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
-    print(f"trained in {seconds:.0f} s; ONNX against torch: max |logit difference| {diff:.1e}; written {folder}")
+    print(f"trained in {seconds:.0f} s; ONNX against torch: max |logit difference| "
+          f"{card.lineage.metrics['onnx_max_abs_logit_diff']:.1e}; written {folder}")
     return 0
 
 
